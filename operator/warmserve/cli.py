@@ -1,0 +1,121 @@
+"""The `warmserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from warmserve.core.forecast import FORECASTER_KINDS
+from warmserve.sim.costs import CostModel
+from warmserve.sim.engine import POLICIES
+from warmserve.sim.scenarios import SCENARIOS
+
+
+def _policies(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    return names
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warmserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser(
+        "simulate",
+        help="replay a real-trace workload against WarmServe and its baselines",
+        description="Trace-driven simulation of WarmServe and the baselines on one workload (the bundled "
+        "Azure 2024 code trace by default); prints a comparison table.",
+    )
+    sim.add_argument("--scenario", choices=sorted(SCENARIOS), default="paper")
+    sim.add_argument("--policies", type=_policies, default=list(POLICIES), help="comma-separated (default: all)")
+    sim.add_argument("--rps", type=_positive(float), help="total requests per second (paper: 15)")
+    sim.add_argument("--alpha", type=float, help="popularity skew: share of model i ∝ (i+1)^-alpha (paper: 0.5)")
+    sim.add_argument("--hours", type=_positive(float), help="replayed hours (default: 2)")
+    sim.add_argument("--start-hour", type=float, help="time of day the replay starts, UTC (default: 16)")
+    sim.add_argument("--cv", type=_positive(float), help="re-draw arrivals with this Gamma CV (default: real)")
+    sim.add_argument("--seed", type=int, help="workload seed (default: 0)")
+    sim.add_argument("--window-s", type=_positive(int), help="forecast window in seconds (default: 300)")
+    sim.add_argument("--forecaster", choices=FORECASTER_KINDS, default="csp")
+    sim.add_argument("--engine-start-s", type=_positive(float), help="cold engine start (default: 10)")
+    sim.add_argument("--load-gbps", type=_positive(float), help="host→GPU load bandwidth (default: 25)")
+    sim.add_argument("--json", type=Path, help="write the results as JSON")
+    sim.add_argument("--plot", type=Path, help="write TTFT CDFs and p99-vs-cost as a PNG")
+    sim.add_argument(
+        "--sensitivity", action="store_true", help="also sweep engine start and load bandwidth (warmserve vs autoscale)"
+    )
+    sim.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from warmserve.sim import report
+
+    scenario = SCENARIOS[args.scenario]()
+    changes = {}
+    if args.rps is not None:
+        changes["rps"] = args.rps
+    if args.alpha is not None:
+        changes["alpha"] = args.alpha
+    if args.hours is not None:
+        changes["replay_s"] = round(args.hours * 3600)
+    if args.start_hour is not None:
+        changes["replay_start_s"] = round(args.start_hour * 3600) % 86400
+    if args.cv is not None:
+        changes["cv"] = args.cv
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    scenario = scenario.with_workload(**changes)
+    if args.window_s is not None:
+        if 86400 % args.window_s:
+            raise SystemExit("warmserve simulate: --window-s must divide a day (86400 s)")
+        scenario = replace(scenario, window_s=args.window_s)
+    costs = CostModel()
+    if args.engine_start_s is not None:
+        costs = replace(costs, engine_start_s=args.engine_start_s)
+    if args.load_gbps is not None:
+        costs = replace(costs, load_bandwidth=args.load_gbps * 1e9)
+
+    progress = None if args.quiet else (lambda policy: report.ProgressBar(policy))
+    comparison = report.compare(scenario, args.policies, costs, args.forecaster, progress)
+    print(report.format_table(comparison))
+    if args.json:
+        report.write_json(comparison, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.write_plot(comparison, args.plot)
+        print(f"wrote {args.plot}")
+    if args.sensitivity:
+        log = None if args.quiet else (lambda text: print(f"  sensitivity: {text}", file=sys.stderr))
+        rows = report.sensitivity(scenario, forecaster=args.forecaster, progress=log)
+        print()
+        print(report.format_sensitivity(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        try:
+            return simulate(args)
+        except ValueError as error:  # invalid workload or scenario parameters
+            print(f"warmserve simulate: {error}", file=sys.stderr)
+            return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

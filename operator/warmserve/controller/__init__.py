@@ -1,0 +1,1 @@
+"""The Kubernetes control plane (kopf operator) around the pure policy core."""

@@ -1,0 +1,292 @@
+"""Evict-aware placement of warm replicas (the paper's prewarm scheduler, with the original's gaps closed).
+
+Each model asks for warm replicas from its forecast:
+
+* ``n_f`` *foundation* replicas: instances the autoscaler will want at the forecast average load, minus the
+  engines already running;
+* ``n_b`` *burst* replicas: the extra instances the forecast peak needs.
+
+Instances are sized the way the autoscaler sizes them (``max_batch × upper`` requests each), so a warm
+replica exists for every engine the autoscaler will start inside the window. Replica ``j`` of a model gets
+the score ``exp(-j / n) × cold × priority`` (foundation) or ``exp(-j / n) × cold × peak/avg × priority``
+(burst), where ``cold`` is the time a cold load of one shard would take. Existing replicas take the first
+score slots of their model; replicas beyond the model's slots get score 0 and are dropped.
+
+All replicas are then visited in descending score. An existing replica is kept where it is. A new replica
+goes to the aligned GPU group (``GpuGroup``) that, in order of preference,
+
+1. fits in free memory without eviction,
+2. lies on GPUs without a running engine (a replica in lent KV space cannot be promoted until that
+   engine retires, and the engine may take the space back),
+3. overlaps no replica of a higher score (promoting it later would destroy nothing more important),
+4. overlaps the smallest total score.
+
+When no group has free memory, the replica may evict *lower-score* replicas (never higher ones), the
+cheapest group first. Unlike the original, which had ``# TODO: consider eviction`` and never dropped a
+replica, this keeps the cluster's warm memory on the replicas that matter now.
+
+Groups are aligned buddy groups, so tensor-parallel replicas nest by construction and the candidate set of
+a size-``tp`` replica is just ``gpus / tp`` groups; the search is vectorised with numpy over padded
+per-node GPU arrays, which keeps a round over 1,024 GPUs and 200 models in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from warmserve.core.cluster import ClusterState
+from warmserve.core.types import Demand, GpuGroup, ModelProfile
+
+BURST_FACTOR_CAP = 10.0  # peak/avg is capped so a model idle on average cannot outrank everything
+
+
+@dataclass(frozen=True)
+class PlacementParams:
+    upper: float = 0.8  # the autoscaler's scale-up threshold: an engine is "full" at max_batch × upper
+    load_bandwidth: float = 25e9  # bytes/s used to rank replicas by the cold load they save
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One warm replica a model asks for, with its score."""
+
+    model: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class NewReplica:
+    model: str
+    group: GpuGroup
+    bytes_per_gpu: int
+    score: float
+
+
+@dataclass
+class PlacementDecision:
+    add: list[NewReplica] = field(default_factory=list)
+    evict: list[int] = field(default_factory=list)  # replica ids
+    kept: dict[int, float] = field(default_factory=dict)  # replica id → score
+    unplaced: list[Slot] = field(default_factory=list)
+
+
+def engines_needed(load: float, profile: ModelProfile, upper: float) -> int:
+    """Engines the autoscaler keeps for ``load`` concurrent requests (0 for no load)."""
+    return math.ceil(load / (profile.max_batch * upper) - 1e-9) if load > 0 else 0
+
+
+def replica_slots(profile: ModelProfile, demand: Demand, running_engines: int, params: PlacementParams) -> list[Slot]:
+    """The warm replicas ``profile`` asks for, highest score first."""
+    need_avg = engines_needed(demand.avg, profile, params.upper)
+    need_peak = engines_needed(demand.peak, profile, params.upper)
+    n_foundation = max(need_avg - running_engines, profile.min_warm, 0)
+    n_burst = max(need_peak - max(running_engines, need_avg) - max(n_foundation - need_avg, 0), 0)
+    total = n_foundation + n_burst
+    if total == 0:
+        return []
+    cold = profile.shard_bytes / params.load_bandwidth * profile.priority
+    burst_factor = min(demand.peak / demand.avg, BURST_FACTOR_CAP) if demand.avg > 0 else BURST_FACTOR_CAP
+    burst_factor = max(burst_factor, 1.0)
+    slots = [Slot(profile.name, j, math.exp(-j / total) * cold) for j in range(n_foundation)]
+    slots += [
+        Slot(profile.name, n_foundation + j, math.exp(-(n_foundation + j) / total) * cold * burst_factor)
+        for j in range(n_burst)
+    ]
+    return slots
+
+
+class _Grid:
+    """Per-round numpy view of the cluster: one padded row of ``width`` GPUs per node."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self.width = 1 << max(node.gpus for node in state.nodes).bit_length() - 1
+        if self.width < max(node.gpus for node in state.nodes):
+            self.width <<= 1
+        self.levels = self.width.bit_length()  # group sizes 1, 2, ..., width
+        total = len(state.nodes) * self.width
+        self.budget = np.full(total, -1, dtype=np.int64)  # padding GPUs can hold nothing
+        self.used = np.zeros(total, dtype=np.int64)
+        self.pending = np.zeros(total, dtype=np.int64)  # bytes of not-yet-visited (lower-score) replicas
+        self.engine = np.zeros(total, dtype=bool)
+        for gpu in state.all_gpus():
+            flat = self.flat(gpu[0], gpu[1])
+            self.budget[flat] = state.budget(gpu)
+            self.used[flat] = state.used(gpu)
+            self.engine[flat] = state.engine_on(gpu) is not None
+        # score sums and kept-replica counts of replicas sitting exactly on each group, per level
+        self.score_sum = [np.zeros(total >> level) for level in range(self.levels)]
+        self.kept_count = [np.zeros(total >> level, dtype=np.int32) for level in range(self.levels)]
+
+    def flat(self, node: int, gpu: int) -> int:
+        return node * self.width + gpu
+
+    def level_index(self, group: GpuGroup) -> tuple[int, int]:
+        level = group.size.bit_length() - 1
+        return level, self.flat(group.node, group.start) >> level
+
+    def span(self, group: GpuGroup) -> slice:
+        start = self.flat(group.node, group.start)
+        return slice(start, start + group.size)
+
+    def group_of(self, level: int, index: int) -> GpuGroup:
+        size = 1 << level
+        flat = index * size
+        return GpuGroup(flat // self.width, flat % self.width, size)
+
+    def overlap(self, level: int, arrays: list[np.ndarray]) -> np.ndarray:
+        """Per size-``2**level`` group, the total of ``arrays`` over every group nested with it."""
+        total = np.zeros(len(self.budget) >> level, dtype=arrays[0].dtype)
+        for other, values in enumerate(arrays):
+            if other <= level:  # groups inside: sum them up
+                total += values.reshape(-1, 1 << (level - other)).sum(axis=1)
+            else:  # groups around: each covers 2**(other-level) of ours
+                total += np.repeat(values, 1 << (other - level))
+        return total
+
+    def add(self, group: GpuGroup, nbytes: int, score: float, kept: bool) -> None:
+        self.used[self.span(group)] += nbytes
+        level, index = self.level_index(group)
+        self.score_sum[level][index] += score
+        if kept:
+            self.kept_count[level][index] += 1
+
+    def remove(self, group: GpuGroup, nbytes: int, score: float) -> None:
+        self.used[self.span(group)] -= nbytes
+        level, index = self.level_index(group)
+        self.score_sum[level][index] -= score
+
+
+def plan_placement(
+    state: ClusterState,
+    profiles: Mapping[str, ModelProfile],
+    demand: Mapping[str, Demand],
+    params: PlacementParams | None = None,
+) -> PlacementDecision:
+    """Decide which warm replicas to keep, drop and add for the coming window. Pure: ``state`` is not changed."""
+    params = params or PlacementParams()
+    decision = PlacementDecision()
+    running = {name: 0 for name in profiles}
+    for instance in state.instances.values():
+        if instance.phase != "draining" and instance.model in running:
+            running[instance.model] += 1
+
+    slots = {
+        name: replica_slots(profile, demand.get(name, Demand(0.0, 0.0)), running[name], params)
+        for name, profile in sorted(profiles.items())
+    }
+    grid = _Grid(state)
+
+    # Existing replicas take their model's first slots (warm before loading); the rest score 0 and go.
+    existing: list[tuple[float, int]] = []  # (score, rid)
+    by_model: dict[str, list] = {}
+    for replica in state.replicas.values():
+        by_model.setdefault(replica.model, []).append(replica)
+    for model, replicas in sorted(by_model.items()):
+        # Promotable replicas first: warm ones, then those not sitting in an engine's lent KV space.
+        replicas.sort(key=lambda r: (not r.warm, state.group_has_engine(r.group), r.rid))
+        model_slots = slots.get(model, [])
+        for position, replica in enumerate(replicas):
+            if position < len(model_slots):
+                score = model_slots[position].score
+                existing.append((score, replica.rid))
+                grid.score_sum[grid.level_index(replica.group)[0]][grid.level_index(replica.group)[1]] += score
+                grid.pending[grid.span(replica.group)] += replica.bytes_per_gpu
+            else:
+                decision.evict.append(replica.rid)
+                grid.used[grid.span(replica.group)] -= replica.bytes_per_gpu
+        if model in slots:
+            slots[model] = model_slots[len(replicas) :]
+
+    # Model → flat GPU indices it already occupies (same-model replicas never share a GPU).
+    occupied: dict[str, list[int]] = {}
+    for instance in state.instances.values():
+        start = grid.flat(instance.group.node, instance.group.start)
+        occupied.setdefault(instance.model, []).extend(range(start, start + instance.group.size))
+    scores: dict[int, float] = {}
+    for score, rid in existing:
+        replica = state.replicas[rid]
+        scores[rid] = score
+        start = grid.flat(replica.group.node, replica.group.start)
+        occupied.setdefault(replica.model, []).extend(range(start, start + replica.group.size))
+
+    queue: list[tuple[float, int, str, int, int]] = [(-s, 0, state.replicas[r].model, r, 0) for s, r in existing]
+    queue += [(-slot.score, 1, slot.model, slot.index, 0) for model_slots in slots.values() for slot in model_slots]
+    queue.sort()
+    pending = dict(scores)  # existing replicas not visited yet (all of a lower score than the visitor)
+
+    for neg_score, is_new, model, key, _ in queue:
+        score = -neg_score
+        if not is_new:
+            if key in pending:  # visited: from now on it is protected from lower-score replicas
+                del pending[key]
+                replica = state.replicas[key]
+                grid.pending[grid.span(replica.group)] -= replica.bytes_per_gpu
+                level, index = grid.level_index(replica.group)
+                grid.kept_count[level][index] += 1
+                decision.kept[key] = score
+            continue
+        profile = profiles[model]
+        placed = _place_one(grid, state, profile, score, occupied.get(model, []), pending, decision)
+        if placed is None:
+            decision.unplaced.append(Slot(model, key, score))
+            continue
+        decision.add.append(NewReplica(model, placed, profile.shard_bytes, score))
+        grid.add(placed, profile.shard_bytes, score, kept=True)
+        start = grid.flat(placed.node, placed.start)
+        occupied.setdefault(model, []).extend(range(start, start + placed.size))
+    return decision
+
+
+def _place_one(
+    grid: _Grid,
+    state: ClusterState,
+    profile: ModelProfile,
+    score: float,
+    occupied: list[int],
+    pending: dict[int, float],
+    decision: PlacementDecision,
+) -> GpuGroup | None:
+    """Choose (and reserve room for) the group of one new replica; evicts lower-score replicas if needed."""
+    size = profile.tp
+    if size > grid.width:
+        return None
+    level = size.bit_length() - 1
+    need = profile.shard_bytes
+    excluded = np.zeros(len(grid.budget), dtype=bool)
+    if occupied:
+        excluded[occupied] = True
+    excluded_group = excluded.reshape(-1, size).any(axis=1)
+    free = grid.budget - grid.used
+    fits = (free.reshape(-1, size).min(axis=1) >= need) & ~excluded_group
+    overlap_sum = grid.overlap(level, grid.score_sum)
+    if fits.any():
+        interferes = grid.overlap(level, grid.kept_count) > 0
+        on_engine = grid.engine.reshape(-1, size).any(axis=1)
+        candidates = np.flatnonzero(fits)
+        order = np.lexsort((candidates, overlap_sum[candidates], interferes[candidates], on_engine[candidates]))
+        return grid.group_of(level, int(candidates[order[0]]))
+    reclaimable = (free + grid.pending).reshape(-1, size).min(axis=1) >= need
+    candidates = np.flatnonzero(reclaimable & ~excluded_group)
+    if not len(candidates):
+        return None
+    best = int(candidates[np.argmin(overlap_sum[candidates] + candidates * 1e-12)])
+    group = grid.group_of(level, best)
+    # Only replicas not visited yet can be victims, and those all score at most ``score``.
+    victims = sorted((pending[r.rid], r.rid) for r in state.replicas_overlapping(group) if r.rid in pending)
+    for victim_score, rid in victims:
+        if (grid.budget - grid.used)[grid.span(group)].min() >= need:
+            break
+        replica = state.replicas[rid]
+        grid.remove(replica.group, replica.bytes_per_gpu, victim_score)
+        grid.pending[grid.span(replica.group)] -= replica.bytes_per_gpu
+        del pending[rid]
+        decision.evict.append(rid)
+    if (grid.budget - grid.used)[grid.span(group)].min() < need:
+        return None
+    return group

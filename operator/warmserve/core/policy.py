@@ -1,0 +1,190 @@
+"""`WarmServePolicy`: the one object both the simulator and the operator drive.
+
+It bundles the pure decisions of one control step so that a simulated run is a prediction of what the
+operator does:
+
+* :meth:`WarmServePolicy.scale` — the reactive autoscaler per model;
+* :meth:`WarmServePolicy.choose_group` — where a new engine goes: a group holding a warm replica of the
+  model (hit), else one still loading it, else the group whose eviction destroys the least score;
+* :meth:`WarmServePolicy.place` — which warm replicas to keep, drop and add (evict-aware placement, or
+  the round-robin ablation);
+* :meth:`WarmServePolicy.lend` — how much KV space each running engine lends to prewarming (proactive
+  prewarming), and which lent replicas must go when an engine needs its space back.
+
+Callers own time: every method takes ``now`` or nothing and never reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from warmserve.core.autoscaler import AutoscalerParams, EngineView, ScaleDecision, decide_scale
+from warmserve.core.cluster import ClusterState, Gpu
+from warmserve.core.placement import (
+    NewReplica,
+    PlacementDecision,
+    PlacementParams,
+    plan_placement,
+    replica_slots,
+)
+from warmserve.core.reservation import kv_lendable
+from warmserve.core.types import Demand, GpuGroup, ModelProfile
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    placement: PlacementParams = field(default_factory=PlacementParams)
+    autoscaler: AutoscalerParams = field(default_factory=AutoscalerParams)
+    prewarm: bool = True  # False: no warm replicas at all (reactive autoscaling with cold loads)
+    evict_aware: bool = True  # False: round-robin first-fit placement (the paper's ablation)
+    proactive: bool = True  # lend idle KV space of running engines to prewarming
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """KV usage of one running engine, per GPU of its group."""
+
+    in_flight: int
+    kv_in_use: int  # bytes per GPU
+
+
+@dataclass
+class LendDecision:
+    lent: dict[Gpu, int] = field(default_factory=dict)
+    evict: list[int] = field(default_factory=list)
+
+
+class WarmServePolicy:
+    def __init__(self, profiles: Mapping[str, ModelProfile], params: PolicyParams | None = None) -> None:
+        self.profiles = dict(profiles)
+        self.params = params or PolicyParams()
+        self.scores: dict[int, float] = {}  # replica id → score from the last placement round
+
+    # ------------------------------------------------------------- autoscaling
+    def scale(
+        self,
+        now: float,
+        model: str,
+        load: float,
+        engines: list[EngineView],
+        min_replicas: int = 0,
+        max_replicas: int | None = None,
+    ) -> ScaleDecision:
+        profile = self.profiles[model]
+        return decide_scale(now, load, engines, profile.max_batch, self.params.autoscaler, min_replicas, max_replicas)
+
+    # --------------------------------------------------------------- promotion
+    def choose_group(self, state: ClusterState, model: str) -> tuple[GpuGroup, str] | None:
+        """Group for a new engine of ``model`` and where its weights come from ("hit", "loading", "cold")."""
+        profile = self.profiles[model]
+        best: tuple[tuple, GpuGroup, str] | None = None
+        for replica in state.replicas_of(model):
+            if state.group_has_engine(replica.group):
+                continue
+            source = "hit" if replica.warm else "loading"
+            key = (0 if replica.warm else 1, self._eviction_cost(state, replica.group, replica.rid), replica.rid)
+            if best is None or key < best[0]:
+                best = (key, replica.group, source)
+        if best is not None:
+            return best[1], best[2]
+        for group in state.groups(profile.tp):
+            if state.group_has_engine(group):
+                continue
+            key = (2, self._eviction_cost(state, group), group)
+            if best is None or key < best[0]:
+                best = (key, group, "cold")
+        return None if best is None else (best[1], best[2])
+
+    def _eviction_cost(self, state: ClusterState, group: GpuGroup, keep: int | None = None) -> float:
+        """Score destroyed by claiming ``group`` (plus a tiny term that prefers emptier GPUs)."""
+        cost = 0.0
+        for replica in state.replicas_overlapping(group):
+            if replica.rid != keep:
+                cost += self.scores.get(replica.rid, 0.0) + 1e-9 * replica.bytes_per_gpu
+        return cost
+
+    # --------------------------------------------------------------- placement
+    def place(self, state: ClusterState, demand: Mapping[str, Demand]) -> PlacementDecision:
+        if not self.params.prewarm:
+            return PlacementDecision()
+        if self.params.evict_aware:
+            decision = plan_placement(state, self.profiles, demand, self.params.placement)
+        else:
+            decision = plan_round_robin(state, self.profiles, demand, self.params.placement)
+        self.scores = dict(decision.kept)
+        return decision
+
+    def record_added(self, rid: int, score: float) -> None:
+        """Remember the score of a replica the caller created from a placement decision."""
+        self.scores[rid] = score
+
+    # ------------------------------------------------------- proactive prewarm
+    def lend(self, state: ClusterState, loads: Mapping[int, EngineLoad]) -> LendDecision:
+        """KV bytes each engine GPU lends, and lent replicas to evict when an engine takes space back."""
+        decision = LendDecision()
+        evicted: set[int] = set()
+        for iid, instance in sorted(state.instances.items()):
+            profile = self.profiles[instance.model]
+            load = loads.get(iid, EngineLoad(0, 0))
+            for gpu in state.gpus_of(instance.group):
+                capacity = state.capacity(gpu) - instance.weight_bytes_per_gpu
+                lendable = 0
+                if self.params.proactive and instance.phase != "starting":
+                    lendable = kv_lendable(capacity, load.in_flight, profile.max_batch, load.kv_in_use)
+                held = [r for r in state.replicas_on(gpu) if r.rid not in evicted]
+                used = sum(r.bytes_per_gpu for r in held)
+                # Take space back from the lowest-score lent replicas first.
+                for replica in sorted(held, key=lambda r: (self.scores.get(r.rid, 0.0), r.rid)):
+                    if used <= lendable:
+                        break
+                    evicted.add(replica.rid)
+                    decision.evict.append(replica.rid)
+                    used -= replica.bytes_per_gpu
+                decision.lent[gpu] = lendable
+        return decision
+
+
+def plan_round_robin(
+    state: ClusterState,
+    profiles: Mapping[str, ModelProfile],
+    demand: Mapping[str, Demand],
+    params: PlacementParams,
+) -> PlacementDecision:
+    """The "w/o placement" ablation: models take turns, each replica goes to the first group with room.
+
+    It asks for the same number of replicas as the evict-aware placement but ignores scores: it never
+    evicts, never drops, and happily stacks replicas whose promotions destroy each other.
+    """
+    running = {name: 0 for name in profiles}
+    for instance in state.instances.values():
+        if instance.phase != "draining" and instance.model in running:
+            running[instance.model] += 1
+    wanted = {}
+    for name, profile in sorted(profiles.items()):
+        slots = replica_slots(profile, demand.get(name, Demand(0.0, 0.0)), running[name], params)
+        wanted[name] = max(len(slots) - len(state.replicas_of(name)), 0)
+    decision = PlacementDecision(kept={r.rid: 1.0 for r in state.replicas.values()})
+    free = {gpu: state.free(gpu) for gpu in state.all_gpus()}
+    taken = {name: {g for r in state.replicas_of(name) for g in state.gpus_of(r.group)} for name in profiles}
+    for instance in state.instances.values():
+        taken.setdefault(instance.model, set()).update(state.gpus_of(instance.group))
+    progress = True
+    while progress:
+        progress = False
+        for name in sorted(wanted):
+            if wanted[name] <= 0:
+                continue
+            profile = profiles[name]
+            for group in state.groups(profile.tp):
+                gpus = state.gpus_of(group)
+                if any(g in taken[name] for g in gpus) or min(free[g] for g in gpus) < profile.shard_bytes:
+                    continue
+                for g in gpus:
+                    free[g] -= profile.shard_bytes
+                taken[name].update(gpus)
+                decision.add.append(NewReplica(name, group, profile.shard_bytes, 1.0))
+                wanted[name] -= 1
+                progress = True
+                break
+    return decision

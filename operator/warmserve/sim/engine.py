@@ -1,0 +1,570 @@
+"""Discrete-event, trace-driven simulation of one serving policy on one scenario.
+
+The dynamic policies drive the very objects the operator uses (`WarmServePolicy`, `ClusterState`, the
+forecasters): the simulator only adds time, a router and a cost model.
+
+Model of the serving path (kept deliberately simple and written down):
+
+* **Router.** One FIFO queue per model; requests are held, never rejected, while no engine has a free
+  batch slot (no 503). A request goes to the least-loaded serving engine with fewer than its batch limit.
+* **Engine.** Continuous batching up to ``max_batch`` requests. Prefills are compute-bound, so an
+  engine runs them one after another: a request's first token comes when its prefill finishes, after
+  the prefills dispatched before it. It then holds its slot for output × decode. Decode steps do not
+  slow prefills down (no further batch interference is modelled).
+* **Loads.** Each GPU has one host→device link of ``load_bandwidth``; loads to a GPU queue on its link and
+  a TP replica loads its shards in parallel. Eviction is a free of pages: instantaneous.
+* **Control.** Every ``tick_s`` the autoscaler sees each model's concurrency (in flight + queued) averaged
+  over the last ``scale_window_s`` and engines lend idle KV space (proactive prewarming); every
+  ``placement_s`` the placement runs on the forecast of the current and the next window; at each window
+  boundary the window's offered load is appended to the forecaster's history.
+* **Start.** Every policy starts as a running system would be: engines for the load of the window just
+  before the replay are serving at t = 0 and WarmServe's first placement is already loaded.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from warmserve.core.autoscaler import EngineView
+from warmserve.core.cluster import ClusterState, Gpu
+from warmserve.core.forecast import make_forecaster
+from warmserve.core.load import offered_concurrency, window_load
+from warmserve.core.placement import engines_needed
+from warmserve.core.policy import EngineLoad, PolicyParams, WarmServePolicy
+from warmserve.core.types import Demand, GpuGroup, ModelProfile
+from warmserve.sim.costs import CostModel
+from warmserve.sim.scenarios import Scenario
+from warmserve.workload.build import Workload
+
+POLICIES: tuple[str, ...] = (
+    "warmserve",
+    "warmserve-noproactive",
+    "warmserve-noplacement",
+    "autoscale",
+    "gpu-share",
+    "dedicated",
+)
+
+_ARRIVAL, _READY, _DONE, _LOADED, _TICK = range(5)
+
+
+def policy_params(name: str) -> PolicyParams:
+    """`PolicyParams` of a dynamic policy (the static baselines have none)."""
+    if name == "warmserve":
+        return PolicyParams()
+    if name == "warmserve-noproactive":
+        return PolicyParams(proactive=False)
+    if name == "warmserve-noplacement":
+        return PolicyParams(evict_aware=False)
+    if name == "autoscale":
+        return PolicyParams(prewarm=False, proactive=False)
+    raise ValueError(f"{name!r} is not a dynamic policy")
+
+
+@dataclass
+class _Engine:
+    iid: int
+    model: int
+    ready_at: float
+    gpus: tuple[Gpu, ...]
+    batch_limit: int
+    phase: str = "starting"
+    in_flight: int = 0
+    kv_in_use: int = 0  # bytes per GPU
+    prefill_free_at: float = 0.0  # prefills are compute-bound and run one after another
+    recent: deque = field(default_factory=lambda: deque(maxlen=10))  # (in flight, KV) per tick
+    neighbours: tuple[int, ...] = ()  # co-located engines (GPU sharing)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    ttft: np.ndarray  # per request, seconds (unserved requests: time until the simulation ended)
+    model_idx: np.ndarray
+    unserved: int
+    gpu_seconds: float
+    starts: dict[str, int]
+    prewarm_loaded_bytes: float
+    wasted_prewarm_bytes: float
+    evictions: dict[str, int]
+    duration_s: float
+
+    def summary(self, slo_s: float) -> dict:
+        ttft = self.ttft
+        promotions = sum(self.starts.values())
+        return {
+            "requests": int(ttft.size),
+            "unserved": self.unserved,
+            "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p95_s": float(np.percentile(ttft, 95)),
+            "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "ttft_mean_s": float(ttft.mean()),
+            "ttft_under_100ms": float(np.mean(ttft < 0.1)),
+            "slo_attainment": float(np.mean(ttft <= slo_s)),
+            "gpu_hours": self.gpu_seconds / 3600.0,
+            "engine_starts": dict(self.starts),
+            "prewarm_hit_rate": (self.starts.get("hit", 0) / promotions) if promotions else 0.0,
+            "prewarm_loaded_gb": self.prewarm_loaded_bytes / 1e9,
+            "wasted_prewarm_gb": self.wasted_prewarm_bytes / 1e9,
+            "evictions": dict(self.evictions),
+        }
+
+
+@dataclass
+class _Loading:
+    rid: int
+    start: float
+    end: float
+    nbytes: int  # over the whole group
+
+
+@dataclass
+class Simulation:
+    scenario: Scenario
+    workload: Workload
+    policy: str
+    costs: CostModel = field(default_factory=CostModel)
+    forecaster: str = "csp"
+    tick_s: float = 0.5
+    placement_s: float = 5.0
+    scale_window_s: float = 5.0
+    drain_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        self.profiles: list[ModelProfile] = list(self.scenario.models)
+        if len(self.profiles) != self.workload.spec.n_models:
+            raise ValueError("the workload and the scenario disagree on the number of models")
+        self.names = [p.name for p in self.profiles]
+        self._prepare_load_history()
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare_load_history(self) -> None:
+        """Per model, (avg, peak) offered concurrency per window over the history and the replay."""
+        wl = self.workload
+        mean_in = float(wl.input_tokens.mean()) if wl.input_tokens.size else 0.0
+        mean_out = float(wl.output_tokens.mean()) if wl.output_tokens.size else 0.0
+        replay_s = wl.spec.replay_s
+        offset = wl.history_offset_s
+        counts = np.zeros((len(self.profiles), replay_s))
+        seconds = np.minimum(wl.arrival_s.astype(np.int64), replay_s - 1)
+        np.add.at(counts, (wl.model_idx, seconds), 1.0)
+        self.window_s = self.scenario.window_s
+        self.first_window = offset // self.window_s
+        self.avg_hist, self.peak_hist = [], []
+        for m, profile in enumerate(self.profiles):
+            rate = np.concatenate([wl.history_rate[m, :offset], counts[m]])
+            conc = offered_concurrency(rate, profile.service_time(round(mean_in), round(mean_out)))
+            avg, peak = window_load(conc, self.window_s)
+            self.avg_hist.append(avg)
+            self.peak_hist.append(peak)
+        self.period = 86400 // self.window_s
+
+    def _forecast(self, model: int, window: int, known: int) -> Demand:
+        """Forecast of ``window`` using only windows before ``known``."""
+        avg = self.avg_hist[model][:known].copy()
+        peak = self.peak_hist[model][:known].copy()
+        pad = window + 1 - known
+        if pad > 0:
+            avg = np.concatenate([avg, np.full(pad, np.nan)])
+            peak = np.concatenate([peak, np.full(pad, np.nan)])
+        return Demand(
+            max(self._predictor.predict(avg, window, self.period), 0.0),
+            max(self._predictor.predict(peak, window, self.period), 0.0),
+        )
+
+    # --------------------------------------------------------------------- run
+    def run(self, progress: Callable[[float], None] | None = None) -> SimResult:
+        self._predictor = make_forecaster(self.forecaster)
+        wl = self.workload
+        self.now = 0.0
+        self._seq = 0
+        self._events: list = []
+        self._queues: list[deque[int]] = [deque() for _ in self.profiles]
+        self._engines: dict[int, _Engine] = {}
+        self._ttft = np.full(wl.arrival_s.size, np.nan)
+        self._samples: list[deque[float]] = [
+            deque(maxlen=max(1, round(self.scale_window_s / self.tick_s))) for _ in self.profiles
+        ]
+        self._starts: dict[str, int] = {"hit": 0, "loading": 0, "cold": 0}
+        self._gpu_seconds = 0.0
+        self._last_account = 0.0
+        self._loaded_bytes = 0.0
+        self._wasted_bytes = 0.0
+        self._loading: dict[int, _Loading] = {}
+        self._evictions: dict[str, int] = {}
+        self._prewarmed: set[int] = set()  # replicas that prewarming loaded (not left by stopped engines)
+        self._link_free: dict[Gpu, float] = {}
+        self._end_of_replay = float(wl.spec.replay_s)
+
+        dynamic = self.policy in ("warmserve", "warmserve-noproactive", "warmserve-noplacement", "autoscale")
+        if dynamic:
+            self.state = ClusterState(self.scenario.nodes)
+            self.core = WarmServePolicy({p.name: p for p in self.profiles}, policy_params(self.policy))
+            self._start_running_system()
+            self._push(self.tick_s, _TICK, None)
+        elif self.policy == "dedicated":
+            self._start_dedicated()
+        else:
+            self._start_gpu_share()
+
+        arrivals = wl.arrival_s
+        n = arrivals.size
+        i = 0
+        next_progress = 0.0
+        horizon = self._end_of_replay + self.drain_s
+        while True:
+            t_event = self._events[0][0] if self._events else math.inf
+            t_arrival = float(arrivals[i]) if i < n else math.inf
+            if t_arrival <= t_event:
+                if t_arrival == math.inf:
+                    break
+                self._advance(t_arrival)
+                m = int(wl.model_idx[i])
+                self._queues[m].append(i)
+                i += 1
+                self._dispatch(m)
+            else:
+                if t_event > horizon:
+                    break
+                _, _, kind, payload = heapq.heappop(self._events)
+                self._advance(t_event)
+                self._handle(kind, payload, dynamic, i >= n)
+            if progress is not None and self.now >= next_progress:
+                progress(min(self.now / self._end_of_replay, 1.0))
+                next_progress += self._end_of_replay / 100
+        if progress is not None:
+            progress(1.0)
+        unserved = np.isnan(self._ttft)
+        self._ttft[unserved] = horizon - arrivals[unserved]
+        return SimResult(
+            policy=self.policy,
+            ttft=self._ttft,
+            model_idx=wl.model_idx.copy(),
+            unserved=int(unserved.sum()),
+            gpu_seconds=self._gpu_seconds,
+            starts=self._starts,
+            prewarm_loaded_bytes=self._loaded_bytes,
+            wasted_prewarm_bytes=self._wasted_bytes,
+            evictions=dict(self._evictions),
+            duration_s=self._end_of_replay,
+        )
+
+    def _push(self, when: float, kind: int, payload) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (when, self._seq, kind, payload))
+
+    def _advance(self, when: float) -> None:
+        """Move the clock, charging GPU time for engines held during the replay span."""
+        start, end = self._last_account, min(when, self._end_of_replay)
+        if end > start:
+            held = len({g for e in self._engines.values() for g in e.gpus})  # co-located engines share GPUs
+            self._gpu_seconds += held * (end - start)
+            self._last_account = end
+        self.now = when
+
+    def _handle(self, kind: int, payload, dynamic: bool, arrivals_done: bool) -> None:
+        if kind == _DONE:
+            iid, kv = payload
+            engine = self._engines.get(iid)
+            if engine is None:
+                return
+            engine.in_flight -= 1
+            engine.kv_in_use -= kv
+            if engine.phase == "draining" and engine.in_flight == 0:
+                self._stop(engine)
+            else:
+                self._dispatch(engine.model)
+        elif kind == _READY:
+            engine = self._engines.get(payload)
+            if engine is not None and engine.phase == "starting":
+                engine.phase = "serving"
+                if dynamic:
+                    self.state.instances[engine.iid].phase = "serving"
+                self._dispatch(engine.model)
+        elif kind == _LOADED:
+            loading = self._loading.pop(payload, None)
+            if loading is not None and payload in self.state.replicas:
+                self.state.mark_warm(payload)
+        elif kind == _TICK:
+            self._control()
+            idle = arrivals_done and not any(self._queues) and not any(e.in_flight for e in self._engines.values())
+            if not idle:
+                self._push(self.now + self.tick_s, _TICK, None)
+
+    # ----------------------------------------------------------------- routing
+    def _dispatch(self, m: int) -> None:
+        queue = self._queues[m]
+        if not queue:
+            return
+        profile = self.profiles[m]
+        serving = [e for e in self._engines.values() if e.model == m and e.phase == "serving"]
+        wl = self.workload
+        while queue and serving:
+            engine = min(serving, key=lambda e: (e.in_flight, e.iid))
+            if engine.in_flight >= engine.batch_limit:
+                return
+            r = queue.popleft()
+            slowdown = self._slowdown(engine)
+            tokens_in, tokens_out = int(wl.input_tokens[r]), int(wl.output_tokens[r])
+            first_token = max(self.now, engine.prefill_free_at) + profile.prefill_time(tokens_in) * slowdown
+            engine.prefill_free_at = first_token
+            self._ttft[r] = first_token - float(wl.arrival_s[r])
+            kv = (tokens_in + tokens_out) * profile.kv_bytes_per_token // profile.tp
+            engine.in_flight += 1
+            engine.kv_in_use += kv
+            done = first_token + tokens_out * profile.decode_s_per_token * slowdown
+            self._push(done, _DONE, (engine.iid, kv))
+
+    def _slowdown(self, engine: _Engine) -> float:
+        busy = sum(1 for n in engine.neighbours if self._engines[n].in_flight > 0)
+        return 1.0 + self.costs.share_contention * busy
+
+    # ----------------------------------------------------------- control loop
+    def _control(self) -> None:
+        for m in range(len(self.profiles)):
+            in_flight = sum(e.in_flight for e in self._engines.values() if e.model == m)
+            self._samples[m].append(in_flight + len(self._queues[m]))
+        window = self.first_window + int(self.now // self.window_s)
+        if self.policy.startswith("warmserve"):
+            self._lend()
+            if self.now % self.placement_s < self.tick_s / 2:
+                self._place(window)
+        for m, profile in enumerate(self.profiles):
+            load = sum(self._samples[m]) / len(self._samples[m])
+            views = [
+                EngineView(e.iid, e.ready_at, e.in_flight)
+                for e in self._engines.values()
+                if e.model == m and e.phase != "draining"
+            ]
+            decision = self.core.scale(self.now, profile.name, load, views)
+            for iid in decision.stop:
+                engine = self._engines[iid]
+                engine.phase = "draining"
+                self.state.instances[iid].phase = "draining"
+                if engine.in_flight == 0:
+                    self._stop(engine)
+            for _ in range(decision.start):
+                if not self._start(m):
+                    break
+
+    def _demand(self, window: int) -> dict[str, Demand]:
+        """Forecast of the current window and the next (prewarming must be ready before a burst)."""
+        demand = {}
+        for m, name in enumerate(self.names):
+            now = self._forecast(m, window, window)
+            ahead = self._forecast(m, window + 1, window)
+            demand[name] = Demand(max(now.avg, ahead.avg), max(now.peak, ahead.peak))
+        return demand
+
+    def _place(self, window: int) -> None:
+        decision = self.core.place(self.state, self._demand(window))
+        for rid in decision.evict:
+            self._evict(rid, reason="placement")
+        for new in decision.add:
+            replica = self.state.add_replica(new.model, new.group, new.bytes_per_gpu)
+            self.core.record_added(replica.rid, new.score)
+            self._begin_load(replica.rid, new.group, new.bytes_per_gpu)
+
+    def _lend(self) -> None:
+        """Lend idle KV space, sized on each engine's peak over the autoscaler window so it does not flap."""
+        loads = {}
+        for e in self._engines.values():
+            e.recent.append((e.in_flight, e.kv_in_use))
+            loads[e.iid] = EngineLoad(max(q for q, _ in e.recent), max(kv for _, kv in e.recent))
+        decision = self.core.lend(self.state, loads)
+        for rid in decision.evict:
+            self._evict(rid, reason="kv-reclaim")
+        for gpu, lent in decision.lent.items():
+            self.state.set_lent(gpu, lent)
+
+    # ------------------------------------------------------ loads and engines
+    def _begin_load(self, rid: int, group: GpuGroup, bytes_per_gpu: int) -> float:
+        gpus = self.state.gpus_of(group)
+        start = max([self.now] + [self._link_free.get(g, 0.0) for g in gpus])
+        end = start + bytes_per_gpu / self.costs.load_bandwidth
+        for g in gpus:
+            self._link_free[g] = end
+        self._loading[rid] = _Loading(rid, start, end, bytes_per_gpu * group.size)
+        self._prewarmed.add(rid)
+        self._loaded_bytes += bytes_per_gpu * group.size
+        self._push(end, _LOADED, rid)
+        return end
+
+    def _evict(self, rid: int, reason: str) -> None:
+        """Drop a replica that was never promoted; the bytes prewarming had loaded into it were wasted.
+
+        Weights left behind by a stopped engine cost no prewarm load, so dropping them wastes nothing.
+        """
+        replica = self.state.replicas.get(rid)
+        if replica is None:
+            return
+        prewarmed = rid in self._prewarmed
+        self._prewarmed.discard(rid)
+        total = replica.bytes_per_gpu * replica.group.size
+        loaded = float(total)
+        loading = self._loading.pop(rid, None)
+        if loading is not None:  # cancel an unfinished load: its link is free again
+            span = max(loading.end - loading.start, 1e-12)
+            loaded = total * min(max((self.now - loading.start) / span, 0.0), 1.0)
+            self._loaded_bytes -= total - loaded
+            for g in self.state.gpus_of(replica.group):
+                if self._link_free.get(g) == loading.end:
+                    self._link_free[g] = self.now
+        if prewarmed:
+            self._wasted_bytes += loaded
+        self._evictions[reason] = self._evictions.get(reason, 0) + 1
+        self.state.evict(rid)
+
+    def _start(self, m: int) -> bool:
+        profile = self.profiles[m]
+        choice = self.core.choose_group(self.state, profile.name)
+        if choice is None:
+            return False
+        group, source = choice
+        gpus = self.state.gpus_of(group)
+        for r in self.state.replicas_overlapping(group):
+            if not (r.model == profile.name and r.group == group):
+                self._evict(r.rid, reason="promotion")
+        if source == "cold":  # an engine's load goes first: every prewarm load on these links was evicted
+            end = self.now + profile.shard_bytes / self.costs.load_bandwidth
+            for g in gpus:
+                self._link_free[g] = end
+            overhead = self.costs.engine_start_s if self.policy == "autoscale" else self.costs.promote_s
+            ready = end + overhead
+        else:  # a hit, or a replica still loading: its load keeps running into the engine
+            rid = next(r.rid for r in self.state.replicas_of(profile.name) if r.group == group)
+            self._prewarmed.discard(rid)
+            loading = self._loading.pop(rid, None)
+            ready = max(self.now, loading.end if loading else self.now) + self.costs.promote_s
+        promotion = self.state.start_instance(profile.name, group, profile.shard_bytes, self.now)
+        self._starts[source] += 1
+        engine = _Engine(promotion.instance.iid, m, ready, tuple(gpus), profile.max_batch)
+        self._engines[engine.iid] = engine
+        self._push(ready, _READY, engine.iid)
+        return True
+
+    def _stop(self, engine: _Engine) -> None:
+        del self._engines[engine.iid]
+        if self.policy in ("dedicated", "gpu-share"):
+            return
+        replica = self.state.stop_instance(engine.iid)
+        if self.policy == "autoscale":  # no prewarming: the GPU is released
+            self.state.evict(replica.rid)
+
+    def _start_running_system(self) -> None:
+        """Engines for the load just before the replay, and (WarmServe) a first placement already loaded."""
+        before = self.first_window - 1
+        for m, profile in enumerate(self.profiles):
+            load = float(np.nan_to_num(self.avg_hist[m][before]))
+            for _ in range(engines_needed(load, profile, self.core.params.autoscaler.upper)):
+                if not self._start(m):
+                    break
+        self._starts = {"hit": 0, "loading": 0, "cold": 0}
+        for engine in self._engines.values():
+            engine.phase = "serving"
+            engine.ready_at = -self.core.params.autoscaler.protection_s
+            self.state.instances[engine.iid].phase = "serving"
+        self._link_free.clear()
+        self._loaded_bytes = 0.0
+        if self.core.params.prewarm:
+            self._lend()
+            self._place(self.first_window)
+            for rid in list(self._loading):
+                self.state.mark_warm(rid)
+            self._loading.clear()
+            self._link_free.clear()
+        self._events.clear()
+
+    # -------------------------------------------------------- static policies
+    def _peak_engines(self) -> list[int]:
+        """Engines per model for the highest peak seen in the history (static peak provisioning)."""
+        upper = 0.8
+        history_windows = self.first_window
+        return [
+            max(1, engines_needed(float(np.nanmax(self.peak_hist[m][:history_windows])), p, upper))
+            for m, p in enumerate(self.profiles)
+        ]
+
+    def _start_dedicated(self) -> None:
+        wanted = self._peak_engines()
+        free = {n: list(range(node.gpus)) for n, node in enumerate(self.scenario.nodes)}
+        for m in sorted(range(len(self.profiles)), key=lambda k: -self.profiles[k].tp):
+            profile = self.profiles[m]
+            for _ in range(wanted[m]):
+                group = self._first_free_group(free, profile.tp)
+                if group is None:
+                    break
+                self._add_static_engine(m, group, profile.max_batch)
+
+    @staticmethod
+    def _first_free_group(free: dict[int, list[int]], size: int) -> tuple[Gpu, ...] | None:
+        for node, gpus in free.items():
+            for start in range(0, max(gpus, default=-1) + 1, size):
+                block = list(range(start, start + size))
+                if all(g in gpus for g in block):
+                    for g in block:
+                        gpus.remove(g)
+                    return tuple((node, g) for g in block)
+        return None
+
+    def _add_static_engine(self, m: int, gpus: tuple[Gpu, ...], batch_limit: int) -> _Engine:
+        engine = _Engine(len(self._engines) + 1, m, 0.0, gpus, batch_limit, phase="serving")
+        self._engines[engine.iid] = engine
+        return engine
+
+    def _start_gpu_share(self) -> None:
+        """MuxServe-like static co-location, tiled over the cluster.
+
+        One engine of every model is packed onto the smallest aligned mesh of GPUs that holds all their
+        weights while leaving ``share_min_kv_fraction`` of each GPU for KV cache (largest models first,
+        each on its least-loaded group); the cluster is tiled with copies of that mesh. Each GPU's KV space
+        is split between the engines sharing it in proportion to their model's popularity, which caps their
+        batch, and a request on an engine slows down by ``share_contention`` per busy co-located engine.
+        """
+        nodes = self.scenario.nodes
+        per_node = nodes[0].gpus
+        capacity = nodes[0].gpu_bytes
+        order = sorted(range(len(self.profiles)), key=lambda k: (-self.profiles[k].weight_bytes, k))
+        gpus_total = per_node * len(nodes)
+        mesh = max(p.tp for p in self.profiles)
+        while True:
+            weights = [0] * mesh
+            layout: dict[int, range] = {}
+            for m in order:
+                tp = self.profiles[m].tp
+                best = min(range(0, mesh, tp), key=lambda s, tp=tp: (max(weights[s : s + tp]), s))
+                layout[m] = range(best, best + tp)
+                for g in layout[m]:
+                    weights[g] += self.profiles[m].shard_bytes
+            if max(weights) <= (1 - self.costs.share_min_kv_fraction) * capacity or mesh >= gpus_total:
+                break
+            mesh *= 2
+        shares = self.workload.shares
+        mean_tokens = float(self.workload.input_tokens.mean() + self.workload.output_tokens.mean())
+        batch = {}
+        for m, gpus in layout.items():
+            profile = self.profiles[m]
+            kv = min(
+                max(capacity - weights[g], 0) * shares[m] / sum(shares[k] for k, r in layout.items() if g in r)
+                for g in gpus
+            )
+            per_request = mean_tokens * profile.kv_bytes_per_token / profile.tp
+            batch[m] = max(1, int(min(profile.max_batch, kv // max(per_request, 1))))
+        self.share_batch = batch
+        for tile in range(gpus_total // mesh):
+            engines = {
+                m: self._add_static_engine(m, tuple(divmod(tile * mesh + g, per_node) for g in gpus), batch[m])
+                for m, gpus in layout.items()
+            }
+            for m, engine in engines.items():
+                engine.neighbours = tuple(
+                    other.iid for k, other in engines.items() if k != m and set(other.gpus) & set(engine.gpus)
+                )

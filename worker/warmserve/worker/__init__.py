@@ -1,0 +1,1 @@
+"""GPU-pod sidecar worker: weight arena, prewarming, eviction and promotion into vLLM."""
