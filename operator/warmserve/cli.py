@@ -9,7 +9,7 @@ from pathlib import Path
 
 from warmserve.core.forecast import FORECASTER_KINDS
 from warmserve.sim.costs import CostModel
-from warmserve.sim.engine import POLICIES
+from warmserve.sim.engine import INITIAL_STATES, POLICIES
 from warmserve.sim.scenarios import SCENARIOS
 
 
@@ -44,8 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policies", type=_policies, default=list(POLICIES), help="comma-separated (default: all)")
     sim.add_argument("--rps", type=_positive(float), help="total requests per second (paper: 15)")
     sim.add_argument("--alpha", type=float, help="popularity skew: share of model i ∝ (i+1)^-alpha (paper: 0.5)")
-    sim.add_argument("--hours", type=_positive(float), help="replayed hours (default: 2)")
-    sim.add_argument("--start-hour", type=float, help="time of day the replay starts, UTC (default: 16)")
+    sim.add_argument("--hours", type=_positive(float), help="replayed hours (paper: 1/3, the first 20 minutes)")
+    sim.add_argument("--start-hour", type=float, help="time of day the replay starts, UTC (paper: 0)")
+    sim.add_argument(
+        "--initial",
+        choices=INITIAL_STATES,
+        default="empty",
+        help="state at t=0: 'empty' (no engine, the paper's protocol) or 'steady' (engines for the load before)",
+    )
     sim.add_argument("--cv", type=_positive(float), help="re-draw arrivals with this Gamma CV (default: real)")
     sim.add_argument("--seed", type=int, help="workload seed (default: 0)")
     sim.add_argument("--window-s", type=_positive(int), help="forecast window in seconds (default: 300)")
@@ -90,7 +96,7 @@ def simulate(args: argparse.Namespace) -> int:
         costs = replace(costs, load_bandwidth=args.load_gbps * 1e9)
 
     progress = None if args.quiet else (lambda policy: report.ProgressBar(policy))
-    comparison = report.compare(scenario, args.policies, costs, args.forecaster, progress)
+    comparison = report.compare(scenario, args.policies, costs, args.forecaster, progress, args.initial)
     print(report.format_table(comparison))
     if args.json:
         report.write_json(comparison, args.json)
@@ -100,7 +106,7 @@ def simulate(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     if args.sensitivity:
         log = None if args.quiet else (lambda text: print(f"  sensitivity: {text}", file=sys.stderr))
-        rows = report.sensitivity(scenario, forecaster=args.forecaster, progress=log)
+        rows = report.sensitivity(scenario, forecaster=args.forecaster, progress=log, initial=args.initial)
         print()
         print(report.format_sensitivity(rows))
     return 0

@@ -51,6 +51,8 @@ POLICIES: tuple[str, ...] = (
     "dedicated",
 )
 
+INITIAL_STATES: tuple[str, ...] = ("empty", "steady")
+
 _ARRIVAL, _READY, _DONE, _LOADED, _TICK = range(5)
 
 
@@ -104,6 +106,7 @@ class SimResult:
             "ttft_p50_s": float(np.percentile(ttft, 50)),
             "ttft_p95_s": float(np.percentile(ttft, 95)),
             "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "ttft_p999_s": float(np.percentile(ttft, 99.9)),
             "ttft_mean_s": float(ttft.mean()),
             "ttft_under_100ms": float(np.mean(ttft < 0.1)),
             "slo_attainment": float(np.mean(ttft <= slo_s)),
@@ -135,8 +138,12 @@ class Simulation:
     placement_s: float = 5.0
     scale_window_s: float = 5.0
     drain_s: float = 600.0
+    check_invariants: bool = False  # re-verify the cluster ledger on every control tick (tests)
+    initial: str = "empty"  # "empty": no engine at t = 0 (the paper's protocol); "steady": a running system
 
     def __post_init__(self) -> None:
+        if self.initial not in INITIAL_STATES:
+            raise ValueError(f"unknown initial state {self.initial!r}; choose from {', '.join(INITIAL_STATES)}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
         self.profiles: list[ModelProfile] = list(self.scenario.models)
@@ -329,6 +336,8 @@ class Simulation:
 
     # ----------------------------------------------------------- control loop
     def _control(self) -> None:
+        if self.check_invariants:
+            self.state.check_invariants()
         for m in range(len(self.profiles)):
             in_flight = sum(e.in_flight for e in self._engines.values() if e.model == m)
             self._samples[m].append(in_flight + len(self._queues[m]))
@@ -460,20 +469,25 @@ class Simulation:
             self.state.evict(replica.rid)
 
     def _start_running_system(self) -> None:
-        """Engines for the load just before the replay, and (WarmServe) a first placement already loaded."""
-        before = self.first_window - 1
-        for m, profile in enumerate(self.profiles):
-            load = float(np.nan_to_num(self.avg_hist[m][before]))
-            for _ in range(engines_needed(load, profile, self.core.params.autoscaler.upper)):
-                if not self._start(m):
-                    break
+        """The dynamic policies' state at t = 0.
+
+        ``empty`` (the paper's protocol): no engine runs; WarmServe's placement for the first window is
+        already loaded, since the forecast is known ahead of time. ``steady``: engines for the load of the
+        window before the replay are serving too, as in a system that has been running for a while.
+        """
+        if self.initial == "steady":
+            before = self.first_window - 1
+            for m, profile in enumerate(self.profiles):
+                load = float(np.nan_to_num(self.avg_hist[m][before]))
+                for _ in range(engines_needed(load, profile, self.core.params.autoscaler.upper)):
+                    if not self._start(m):
+                        break
+            for engine in self._engines.values():
+                engine.phase = "serving"
+                engine.ready_at = -self.core.params.autoscaler.protection_s
+                self.state.instances[engine.iid].phase = "serving"
         self._starts = {"hit": 0, "loading": 0, "cold": 0}
-        for engine in self._engines.values():
-            engine.phase = "serving"
-            engine.ready_at = -self.core.params.autoscaler.protection_s
-            self.state.instances[engine.iid].phase = "serving"
         self._link_free.clear()
-        self._loaded_bytes = 0.0
         if self.core.params.prewarm:
             self._lend()
             self._place(self.first_window)
@@ -494,15 +508,23 @@ class Simulation:
         ]
 
     def _start_dedicated(self) -> None:
+        """Peak provisioning: engines for each model's history peak; when the cluster is too small, models
+        take turns (largest need first) so each gets as close to its share as the GPUs allow."""
         wanted = self._peak_engines()
         free = {n: list(range(node.gpus)) for n, node in enumerate(self.scenario.nodes)}
-        for m in sorted(range(len(self.profiles)), key=lambda k: -self.profiles[k].tp):
-            profile = self.profiles[m]
-            for _ in range(wanted[m]):
-                group = self._first_free_group(free, profile.tp)
-                if group is None:
+        granted = [0] * len(self.profiles)
+        progress = True
+        while progress:
+            progress = False
+            for m in sorted(range(len(self.profiles)), key=lambda k: (granted[k] - wanted[k], -self.profiles[k].tp)):
+                if granted[m] >= wanted[m]:
+                    continue
+                group = self._first_free_group(free, self.profiles[m].tp)
+                if group is not None:
+                    self._add_static_engine(m, group, self.profiles[m].max_batch)
+                    granted[m] += 1
+                    progress = True
                     break
-                self._add_static_engine(m, group, profile.max_batch)
 
     @staticmethod
     def _first_free_group(free: dict[int, list[int]], size: int) -> tuple[Gpu, ...] | None:
@@ -521,13 +543,14 @@ class Simulation:
         return engine
 
     def _start_gpu_share(self) -> None:
-        """MuxServe-like static co-location, tiled over the cluster.
+        """MuxServe-like static co-location over the whole cluster.
 
         One engine of every model is packed onto the smallest aligned mesh of GPUs that holds all their
         weights while leaving ``share_min_kv_fraction`` of each GPU for KV cache (largest models first,
-        each on its least-loaded group); the cluster is tiled with copies of that mesh. Each GPU's KV space
-        is split between the engines sharing it in proportion to their model's popularity, which caps their
-        batch, and a request on an engine slows down by ``share_contention`` per busy co-located engine.
+        each on its least-loaded group), and the cluster is tiled with copies of that mesh, so the baseline
+        gets the same GPUs as the others. Each GPU's KV space is split between the engines sharing it in
+        proportion to their model's popularity, which caps their batch, and a request on an engine slows
+        down by ``share_contention`` per busy co-located engine.
         """
         nodes = self.scenario.nodes
         per_node = nodes[0].gpus

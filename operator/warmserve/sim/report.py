@@ -23,6 +23,7 @@ class Comparison:
     costs: CostModel
     forecaster: str
     results: dict[str, SimResult]
+    initial: str = "empty"
 
     def to_json(self) -> dict:
         wl = self.scenario.workload
@@ -35,6 +36,7 @@ class Comparison:
                 "window_s": self.scenario.window_s,
                 "ttft_slo_s": self.scenario.ttft_slo_s,
                 "forecaster": self.forecaster,
+                "initial": self.initial,
                 "costs": asdict(self.costs),
                 "notes": dict(self.scenario.notes),
             },
@@ -70,15 +72,16 @@ def compare(
     costs: CostModel | None = None,
     forecaster: str = "csp",
     progress: Callable[[str], Callable[[float], None] | None] | None = None,
+    initial: str = "empty",
 ) -> Comparison:
     """Simulate every policy on the same workload (built once, so the comparison is paired)."""
     costs = costs or CostModel()
     workload = build_workload(scenario.workload)
     results = {}
     for policy in policies:
-        simulation = Simulation(scenario, workload, policy, costs=costs, forecaster=forecaster)
+        simulation = Simulation(scenario, workload, policy, costs=costs, forecaster=forecaster, initial=initial)
         results[policy] = simulation.run(progress(policy) if progress else None)
-    return Comparison(scenario, costs, forecaster, results)
+    return Comparison(scenario, costs, forecaster, results, initial)
 
 
 COLUMNS = (
@@ -86,6 +89,7 @@ COLUMNS = (
     ("TTFT p50", "{:.3f}", "ttft_p50_s"),
     ("p95", "{:.3f}", "ttft_p95_s"),
     ("p99", "{:.3f}", "ttft_p99_s"),
+    ("p99.9", "{:.3f}", "ttft_p999_s"),
     ("<100ms", "{:.1%}", "ttft_under_100ms"),
     ("SLO", "{:.1%}", "slo_attainment"),
     ("GPU-h", "{:.1f}", "gpu_hours"),
@@ -156,11 +160,12 @@ def write_plot(comparison: Comparison, path: Path) -> None:
 
 def sensitivity(
     scenario: Scenario,
-    engine_start_s: Iterable[float] = (1.0, 3.0, 10.0, 30.0),
+    engine_start_s: Iterable[float] = (1.0, 3.0, 10.0, 20.0, 30.0),
     load_gbps: Iterable[float] = (12.5, 25.0, 50.0),
     policies: tuple[str, ...] = ("warmserve", "autoscale"),
     forecaster: str = "csp",
     progress: Callable[[str], None] | None = None,
+    initial: str = "empty",
 ) -> list[dict]:
     """p99 TTFT of ``policies`` over a grid of the two cost parameters the result depends on most."""
     workload = build_workload(scenario.workload)
@@ -170,7 +175,8 @@ def sensitivity(
             costs = replace(CostModel(), engine_start_s=start, load_bandwidth=gbps * 1e9)
             row = {"engine_start_s": start, "load_gbps": gbps}
             for policy in policies:
-                result = Simulation(scenario, workload, policy, costs=costs, forecaster=forecaster).run()
+                simulation = Simulation(scenario, workload, policy, costs=costs, forecaster=forecaster, initial=initial)
+                result = simulation.run()
                 row[policy] = result.summary(scenario.ttft_slo_s)
             rows.append(row)
             if progress:
@@ -180,11 +186,18 @@ def sensitivity(
 
 def format_sensitivity(rows: list[dict], policies: tuple[str, str] = ("warmserve", "autoscale")) -> str:
     a, b = policies
-    header = f"{'engine start (s)':>16} {'load (GB/s)':>11} {a + ' p99':>14} {b + ' p99':>14} {'ratio':>7}"
+    header = (
+        f"{'engine start (s)':>16} {'load (GB/s)':>11} {a + ' p99':>14} {b + ' p99':>14} {'ratio':>7}"
+        f" {a + ' p99.9':>16} {b + ' p99.9':>16} {'ratio':>7}"
+    )
     out = [header, "-" * len(header)]
     for row in rows:
         pa, pb = row[a]["ttft_p99_s"], row[b]["ttft_p99_s"]
-        out.append(f"{row['engine_start_s']:>16g} {row['load_gbps']:>11g} {pa:>14.3f} {pb:>14.3f} {pb / pa:>6.1f}×")
+        qa, qb = row[a]["ttft_p999_s"], row[b]["ttft_p999_s"]
+        out.append(
+            f"{row['engine_start_s']:>16g} {row['load_gbps']:>11g} {pa:>14.3f} {pb:>14.3f} {pb / pa:>6.1f}×"
+            f" {qa:>16.3f} {qb:>16.3f} {qb / qa:>6.1f}×"
+        )
     return "\n".join(out)
 
 

@@ -1,0 +1,169 @@
+"""The simulator: determinism, accounting and the behaviour each policy must show."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from warmserve.cli import main
+from warmserve.core.policy import WarmServePolicy
+from warmserve.sim.costs import COST_SOURCES, CostModel
+from warmserve.sim.engine import POLICIES, Simulation
+from warmserve.sim.report import compare, format_table
+from warmserve.sim.scenarios import paper
+from warmserve.workload.build import build_workload
+
+SHORT = dict(replay_s=1800, replay_start_s=17 * 3600)
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return paper().with_workload(**SHORT)
+
+
+@pytest.fixture(scope="module")
+def workload(scenario):
+    return build_workload(scenario.workload)
+
+
+@pytest.fixture(scope="module")
+def results(scenario, workload):
+    return {p: Simulation(scenario, workload, p, check_invariants=True).run() for p in POLICIES}
+
+
+def test_every_request_is_served_and_ttft_covers_prefill(scenario, workload, results):
+    prefill = np.array(
+        [
+            scenario.models[m].prefill_time(int(t))
+            for m, t in zip(workload.model_idx, workload.input_tokens, strict=True)
+        ]
+    )
+    for policy, result in results.items():
+        assert result.unserved == 0, policy
+        assert result.ttft.size == workload.arrival_s.size
+        assert np.all(result.ttft >= prefill - 1e-9), policy
+
+
+def test_same_seed_gives_identical_runs(scenario, workload, results):
+    again = Simulation(scenario, build_workload(scenario.workload), "warmserve").run()
+    assert np.array_equal(again.ttft, results["warmserve"].ttft)
+    assert again.starts == results["warmserve"].starts
+    assert again.wasted_prewarm_bytes == results["warmserve"].wasted_prewarm_bytes
+
+
+def test_other_seed_gives_other_workload(scenario, results):
+    other = scenario.with_workload(seed=1)
+    result = Simulation(other, build_workload(other.workload), "warmserve").run()
+    assert result.ttft.size != results["warmserve"].ttft.size or not np.array_equal(
+        result.ttft, results["warmserve"].ttft
+    )
+
+
+def test_warmserve_promotes_prewarmed_replicas_and_autoscale_loads_cold(results):
+    warm, cold = results["warmserve"], results["autoscale"]
+    assert warm.starts["hit"] > 0
+    assert warm.starts["hit"] / sum(warm.starts.values()) > 0.5
+    assert cold.starts["hit"] == cold.starts["loading"] == 0
+    assert cold.starts["cold"] > 0
+    assert cold.prewarm_loaded_bytes == 0
+
+
+def test_prewarming_cuts_the_tail_under_slow_cold_starts(scenario, workload):
+    costs = CostModel(engine_start_s=30.0)
+    warm = Simulation(scenario, workload, "warmserve", costs=costs).run()
+    cold = Simulation(scenario, workload, "autoscale", costs=costs).run()
+    assert np.percentile(cold.ttft, 99.9) > 5 * np.percentile(warm.ttft, 99.9)
+
+
+def test_static_policies_never_start_engines_and_hold_fixed_gpus(scenario, results):
+    hours = scenario.workload.replay_s / 3600
+    for policy in ("gpu-share", "dedicated"):
+        assert sum(results[policy].starts.values()) == 0
+        gpus = results[policy].gpu_seconds / 3600 / hours
+        assert gpus == pytest.approx(round(gpus))
+    assert results["gpu-share"].gpu_seconds / 3600 == pytest.approx(16 * hours)
+
+
+def test_no_proactive_ablation_never_lends_kv(results):
+    assert "kv-reclaim" not in results["warmserve-noproactive"].evictions
+
+
+def test_simulation_drives_the_operator_policy_object(scenario, workload):
+    simulation = Simulation(scenario, workload, "warmserve")
+    simulation.run()
+    assert type(simulation.core) is WarmServePolicy
+    simulation.state.check_invariants()
+
+
+def test_unknown_policy_is_refused(scenario, workload):
+    with pytest.raises(ValueError, match="unknown policy"):
+        Simulation(scenario, workload, "magic")
+
+
+def test_summary_has_the_acceptance_keys(scenario, results):
+    summary = results["warmserve"].summary(scenario.ttft_slo_s)
+    for key in (
+        "ttft_p50_s",
+        "ttft_p95_s",
+        "ttft_p99_s",
+        "ttft_under_100ms",
+        "gpu_hours",
+        "prewarm_hit_rate",
+        "requests",
+    ):
+        assert key in summary
+    assert 0 <= summary["ttft_under_100ms"] <= 1
+
+
+def test_table_lists_every_policy(scenario):
+    comparison = compare(scenario.with_workload(replay_s=600), ["warmserve", "dedicated"])
+    table = format_table(comparison)
+    assert "warmserve" in table and "dedicated" in table and "p99" in table
+
+
+def test_every_cost_parameter_has_a_source():
+    assert set(COST_SOURCES) == set(CostModel.__dataclass_fields__)
+    assert all(len(text) > 30 for text in COST_SOURCES.values())
+
+
+def test_cli_writes_json_in_the_documented_shape(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    plot = tmp_path / "out.png"
+    code = main(
+        [
+            "simulate",
+            "--hours",
+            "0.2",
+            "--policies",
+            "warmserve,autoscale",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"scenario", "policies"}
+    assert set(data["policies"]) == {"warmserve", "autoscale"}
+    assert data["scenario"]["workload"]["replay_s"] == 720
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "warmserve" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["simulate", "--policies", "nope"], ["simulate", "--rps", "-3"], ["simulate", "--window-s", "0"]],
+)
+def test_cli_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+
+
+def test_cli_reports_invalid_workload_without_traceback(capsys):
+    assert main(["simulate", "--alpha", "-1", "--quiet"]) == 2
+    assert "alpha" in capsys.readouterr().err
