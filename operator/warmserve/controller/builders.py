@@ -1,0 +1,275 @@
+"""Pure manifest builders: (CR, spec) → Kubernetes objects as plain dicts.
+
+No API calls here: `k8s.py` sends what these return, `handlers.py` adopts it with `kopf.adopt`, and the tests
+validate every output with kubernetes-validate (strict). Names, labels and selectors are derived only from
+the owning WarmPool's name, so a restarted operator rebuilds byte-identical children and never duplicates.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from warmserve.controller.protocol import POOL_LABEL
+from warmserve.controller.settings import OPERATOR_NAME
+from warmserve.controller.spec import PoolSpec
+
+APP_NAME = "warmserve"
+WORKER_COMPONENT = "worker"
+WORKER_CONTAINER = "worker"
+HISTORY_KEY = "history.json.z"
+STATE_DIR = "/var/run/warmserve"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _short(text: str, limit: int) -> str:
+    """`text` if it fits, else a prefix plus a hash suffix (distinct long names stay distinct)."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{text[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def pool_label_value(pool_name: str) -> str:
+    """Label values are limited to 63 characters; pool names may have 253."""
+    return _short(pool_name, 63)
+
+
+def worker_workload_name(pool_name: str) -> str:
+    """DaemonSet name; pod names add a 6-character suffix, so stay within 57 characters."""
+    return _short(f"{pool_name}-worker", 57)
+
+
+def history_configmap_name(pool_name: str) -> str:
+    return _short(f"{pool_name}-load-history", 253)
+
+
+def selector_labels(pool_name: str) -> dict[str, str]:
+    """Labels that select a pool's worker pods (immutable in a DaemonSet: never add to them)."""
+    return {
+        "app.kubernetes.io/name": APP_NAME,
+        "app.kubernetes.io/component": WORKER_COMPONENT,
+        POOL_LABEL: pool_label_value(pool_name),
+    }
+
+
+def common_labels(pool_name: str) -> dict[str, str]:
+    return {
+        **selector_labels(pool_name),
+        "app.kubernetes.io/instance": pool_label_value(pool_name),
+        "app.kubernetes.io/part-of": APP_NAME,
+        "app.kubernetes.io/managed-by": OPERATOR_NAME,
+    }
+
+
+def _tolerations(pool: PoolSpec) -> list[dict[str, Any]]:
+    result = [dict(t) for t in pool.tolerations]
+    if pool.gpu.count > 0 and not any(t.get("key") == GPU_TOLERATION["key"] for t in result):
+        result.append(dict(GPU_TOLERATION))
+    return result
+
+
+def _gpu_match_expressions(pool: PoolSpec) -> list[dict[str, Any]]:
+    """Node affinity on GPU feature discovery labels (NVIDIA/k8s-device-plugin GFD)."""
+    if pool.gpu.count == 0:
+        return []
+    exprs: list[dict[str, Any]] = [
+        {"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]},
+        {"key": "nvidia.com/gpu.count", "operator": "Gt", "values": [str(pool.gpu.count - 1)]},
+        {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": [str(pool.gpu.memory_mib - 1)]},
+    ]
+    if pool.gpu.product:
+        exprs.append({"key": "nvidia.com/gpu.product", "operator": "In", "values": list(pool.gpu.product)})
+    return exprs
+
+
+def _affinity(pool: PoolSpec) -> dict[str, Any] | None:
+    """The user's affinity with our GPU expressions ANDed into every required node selector term."""
+    affinity: dict[str, Any] = copy.deepcopy(dict(pool.affinity))
+    exprs = _gpu_match_expressions(pool)
+    if not exprs:
+        return affinity or None
+    node = affinity.setdefault("nodeAffinity", {})
+    required = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({})
+    for term in terms:
+        term["matchExpressions"] = list(term.get("matchExpressions") or []) + copy.deepcopy(exprs)
+    return affinity
+
+
+def _model_cache_volume(pool: PoolSpec) -> dict[str, Any]:
+    cache = pool.model_cache
+    if cache.persistent_volume_claim_name:
+        return {
+            "name": "model-cache",
+            "persistentVolumeClaim": {"claimName": cache.persistent_volume_claim_name, "readOnly": True},
+        }
+    if cache.host_path:
+        return {"name": "model-cache", "hostPath": {"path": cache.host_path, "type": "Directory"}}
+    return {"name": "model-cache", "emptyDir": {"sizeLimit": cache.size_limit}}
+
+
+def _env(pool_name: str) -> list[dict[str, Any]]:
+    """Downward API: the agent finds its own pod (POD_NAMESPACE/POD_NAME) to watch its plan."""
+
+    def field_ref(name: str, path: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+    return [
+        field_ref("POD_NAME", "metadata.name"),
+        field_ref("POD_NAMESPACE", "metadata.namespace"),
+        field_ref("NODE_NAME", "spec.nodeName"),
+        field_ref("POD_IP", "status.podIP"),
+        {"name": "WARMSERVE_POOL", "value": pool_name},
+        {"name": "WARMSERVE_LOG_LEVEL", "value": "info"},
+    ]
+
+
+def worker_args(pool: PoolSpec) -> list[str]:
+    """Command-line of `python -m warmserve.worker` (worker/warmserve/worker/__main__.py) for this pool."""
+    w = pool.worker
+    args = [
+        "--page-size",
+        str(w.page_size_bytes),
+        "--http-port",
+        str(w.port),
+        "--engine-port",
+        str(w.engine_port_base),
+        "--state-dir",
+        STATE_DIR,
+        "--shm-dir",
+        "/dev/shm",
+    ]
+    if pool.gpu.count > 0:
+        args += ["--device", "cuda", "--memory-fraction", repr(w.arena_fraction)]
+    else:
+        arena = int(pool.gpu.memory_mib * (1 << 20) * w.arena_fraction)
+        args += ["--device", "cpu", "--cpu-devices", "1", "--arena-bytes", str(arena)]
+    return args
+
+
+def build_worker_container(pool_name: str, pool: PoolSpec) -> dict[str, Any]:
+    """The sidecar worker: holds the GPUs, the arena, and launches the engines of promoted replicas."""
+    w = pool.worker
+    limits: dict[str, str] = {"cpu": w.cpu, "memory": w.memory}
+    if pool.gpu.count > 0:
+        limits[pool.gpu.resource_name] = str(pool.gpu.count)  # quantities are strings
+    probe = {"httpGet": {"path": "/healthz", "port": "metrics"}}
+    return {
+        "name": WORKER_CONTAINER,
+        "image": w.image,
+        "imagePullPolicy": w.image_pull_policy,
+        "command": ["python", "-m", "warmserve.worker"],
+        "args": worker_args(pool),
+        "env": [*_env(pool_name)[:5], {"name": "WARMSERVE_LOG_LEVEL", "value": w.log_level}],
+        "ports": [{"name": "metrics", "containerPort": w.port, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": w.cpu, "memory": w.memory}, "limits": limits},
+        "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 60},
+        "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "model-cache", "mountPath": pool.model_cache.mount_path, "readOnly": True},
+            {"name": "podinfo", "mountPath": "/etc/podinfo", "readOnly": True},
+            {"name": "state", "mountPath": STATE_DIR},
+        ],
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+
+
+def build_worker_daemonset(pool_name: str, namespace: str, pool: PoolSpec) -> dict[str, Any]:
+    """One worker pod per matching GPU node (a DaemonSet), holding all of that node's GPUs.
+
+    Rolling updates replace one worker at a time: a worker that restarts loses its warm replicas, so the
+    pool should never lose more than one node's prewarmed weights at once.
+    """
+    labels = common_labels(pool_name)
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": pool.worker.service_account_name,
+        "terminationGracePeriodSeconds": 60,
+        "containers": [build_worker_container(pool_name, pool)],
+        "volumes": [
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pool.worker.shm_size}},
+            _model_cache_volume(pool),
+            # ledger and engine records: survive a container restart, so the agent re-adopts its engines
+            {"name": "state", "emptyDir": {}},
+            {
+                "name": "podinfo",
+                "downwardAPI": {
+                    "items": [
+                        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+                    ]
+                },
+            },
+        ],
+        "nodeSelector": {"kubernetes.io/os": "linux", **dict(pool.node_selector)},
+    }
+    tolerations = _tolerations(pool)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    affinity = _affinity(pool)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if pool.gpu.runtime_class_name:
+        pod_spec["runtimeClassName"] = pool.gpu.runtime_class_name
+    if pool.priority_class_name:
+        pod_spec["priorityClassName"] = pool.priority_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": worker_workload_name(pool_name), "namespace": namespace, "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": selector_labels(pool_name)},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {"kubectl.kubernetes.io/default-container": WORKER_CONTAINER},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_history_configmap(pool_name: str, namespace: str, payload_b64: str) -> dict[str, Any]:
+    """The ConfigMap that keeps a pool's per-window load history across operator restarts."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": history_configmap_name(pool_name),
+            "namespace": namespace,
+            "labels": common_labels(pool_name) | {"app.kubernetes.io/component": "load-history"},
+        },
+        "binaryData": {HISTORY_KEY: payload_b64},
+    }
+
+
+def drift_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A merge patch bringing `current`'s labels and spec to `desired`, or None when nothing drifted.
+
+    Only fields the operator owns are compared (metadata.labels, spec); the API server's defaults inside
+    spec make a deep comparison noisy, so the spec is compared on the keys we set.
+    """
+    patch: dict[str, Any] = {}
+    labels = (current.get("metadata") or {}).get("labels") or {}
+    want_labels = (desired.get("metadata") or {}).get("labels") or {}
+    if any(labels.get(k) != v for k, v in want_labels.items()):
+        patch["metadata"] = {"labels": dict(want_labels)}
+    if not _subset(desired.get("spec") or {}, current.get("spec") or {}):
+        patch["spec"] = copy.deepcopy(dict(desired.get("spec") or {}))
+    return patch or None
+
+
+def _subset(want: Any, have: Any) -> bool:
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(_subset(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(map(_subset, want, have))
+    return want == have

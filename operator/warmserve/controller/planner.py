@@ -1,0 +1,273 @@
+"""One planning round of the control loop, pure: observed workers + models + load → worker plans.
+
+This is the seam between Kubernetes and the policy core. The operator's desired state is the set of plans
+on the worker pods, so each round rebuilds a `warmserve.core.ClusterState` from those plans (read back from
+the pods, so a restarted operator resumes exactly where it was) and from the phases the workers report,
+then drives the very same `WarmServePolicy` object the simulator drives, in the order of one simulator
+control step (`warmserve.sim.engine`, `_control`):
+
+1. proactive prewarming: the KV space each engine lends, evicting lent replicas when it needs space back;
+2. evict-aware placement of warm replicas for the forecast demand (max of this window and the next);
+3. autoscale every model on its measured load (stops keep their weights as warm replicas; starts go to
+   the group `choose_group` picks: a warm hit, then a loading replica, then the cheapest eviction).
+
+It then renders the cluster state as one `Plan` per worker pod.
+
+Rebuilding must not change any decision compared with keeping the state in memory, as the simulator does:
+the policy breaks ties by replica/engine id and ranks replicas by the scores of the last placement. So a
+`PlannerMemory` carries, between rounds, each entity's creation order (ids are re-issued in that order),
+its score and its engine start time, keyed by what identifies it in a plan: (pod, GPUs, uid, role).
+`tests/controller/test_controller_equivalence.py` checks round-by-round equality with a persistent state.
+After an operator restart the memory is empty: ids follow plan order and the first placement recomputes
+scores, which can only change tie-breaks.
+
+Nothing here does I/O or reads a clock, so `bench/operator_loop.py` times exactly this.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from warmserve.controller.protocol import Plan, PlanGroup, PlanReplica, WorkerState
+from warmserve.core.autoscaler import EngineView
+from warmserve.core.cluster import ClusterState, PlanError
+from warmserve.core.policy import EngineLoad, WarmServePolicy
+from warmserve.core.types import Demand, GpuGroup, ModelProfile, NodeSpec
+
+EntityKey = tuple[str, tuple[int, ...], str, str]  # (pod, gpus, uid, role)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A valid ModelDeployment of the pool, as the policy sees it (keyed by uid, unique and stable)."""
+
+    uid: str
+    served_name: str
+    source: str
+    profile: ModelProfile  # profile.name == uid
+    min_replicas: int = 0
+    max_replicas: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """One worker pod: its devices, the plan on it and what it reports."""
+
+    pod: str
+    gpus: int
+    gpu_bytes: int
+    plan: Plan | None = None
+    state: WorkerState | None = None
+
+
+@dataclass
+class PlannerMemory:
+    """What a persistent ClusterState would remember and a plan does not say."""
+
+    seq: dict[EntityKey, int] = field(default_factory=dict)  # creation order
+    scores: dict[EntityKey, float] = field(default_factory=dict)  # last placement score of warm replicas
+    started_at: dict[EntityKey, float] = field(default_factory=dict)  # engine start time
+    ready_at: dict[EntityKey, float] = field(default_factory=dict)  # first round the engine was serving
+    next_seq: int = 0
+
+
+@dataclass(frozen=True)
+class RoundInput:
+    now: float
+    workers: Sequence[WorkerSnapshot]
+    models: Sequence[ModelEntry]
+    load: Mapping[str, float]  # uid → in-flight requests (autoscaler window mean)
+    demand: Mapping[str, Demand]  # uid → forecast (max of the current and the next window)
+    memory: PlannerMemory = field(default_factory=PlannerMemory)
+    lend_load: Mapping[str, float] | None = None  # uid → recent peak in-flight (KV lending); None = load
+
+
+@dataclass
+class RoundOutput:
+    plans: dict[str, Plan]  # pod → desired plan (generation 0: the writer numbers it)
+    memory: PlannerMemory = field(default_factory=PlannerMemory)
+    promotions: list[tuple[str, str]] = field(default_factory=list)  # (uid, "hit" | "loading" | "cold")
+    stops: list[str] = field(default_factory=list)  # uids whose engine stopped
+    state: ClusterState | None = None
+
+
+def _reported(worker: WorkerSnapshot) -> dict[tuple[str, tuple[int, ...]], str]:
+    if worker.state is None:
+        return {}
+    return {(r.uid, tuple(sorted(r.gpus))): r.phase for r in worker.state.replicas}
+
+
+def rebuild_state(
+    workers: Sequence[WorkerSnapshot], models: Sequence[ModelEntry], memory: PlannerMemory
+) -> tuple[ClusterState, dict[int, EntityKey]]:
+    """ClusterState from the plans on the pods, entities re-created in their original order.
+
+    Replicas of unknown (deleted or invalid) models are dropped. A warm replica counts as loaded only when
+    its worker reports it `warm`; an engine counts as serving only when reported `serving` (a starting
+    engine lends no KV space). Returns the state and the entity key of every replica and engine id.
+    """
+    known = {m.uid: m for m in models}
+    state = ClusterState(NodeSpec(w.pod, w.gpus, w.gpu_bytes) for w in workers)
+    entities = []
+    for n, w in enumerate(workers):
+        if w.plan is None:
+            continue
+        reported = _reported(w)
+        for g in w.plan.groups:
+            if not g.gpus:
+                continue
+            for r in g.replicas:
+                if r.uid not in known:
+                    continue
+                key: EntityKey = (w.pod, tuple(g.gpus), r.uid, r.role)
+                # unknown order (after a restart): engines first, then by location (stable)
+                order = memory.seq.get(key, math.inf)
+                entities.append((order, 0 if r.role == "serve" else 1, n, key, r, reported.get((r.uid, tuple(g.gpus)))))
+    entities.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
+    ids: dict[int, EntityKey] = {}
+    for _, _, n, key, r, phase in entities:
+        _pod, gpus, uid, role = key
+        group = GpuGroup(n, min(gpus), len(gpus))
+        shard = known[uid].profile.shard_bytes
+        try:
+            if role == "serve":
+                promo = state.start_instance(uid, group, shard, memory.started_at.get(key, -math.inf))
+                promo.instance.phase = "serving" if phase == "serving" else "starting"
+                for gpu in state.gpus_of(group):
+                    state.set_lent(gpu, max(0, min(r.kv_lend, state.capacity(gpu) - shard)))
+                ids[promo.instance.iid] = key
+            else:
+                replica = state.add_replica(uid, group, shard, "warm" if phase == "warm" else "loading")
+                ids[replica.rid] = key
+        except PlanError:
+            continue  # the pool shrank or the plan is stale: the policy re-plans it
+    return state, ids
+
+
+def render_plans(state: ClusterState, pods: Sequence[str], models: Mapping[str, ModelEntry]) -> dict[str, Plan]:
+    """One Plan per pod from the cluster state (engines → `serve`, warm replicas → `warm`)."""
+    groups: dict[tuple[int, tuple[int, ...]], list[PlanReplica]] = {}
+    for inst in state.instances.values():
+        m = models[inst.model]
+        lend = min((state.lent(g) for g in state.gpus_of(inst.group)), default=0)
+        key = (inst.group.node, tuple(inst.group.gpus))
+        groups.setdefault(key, []).append(PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, "serve", lend))
+    for rep in state.replicas.values():
+        m = models[rep.model]
+        key = (rep.group.node, tuple(rep.group.gpus))
+        groups.setdefault(key, []).append(PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, "warm", 0))
+    per_pod: dict[int, list[PlanGroup]] = {}
+    for (node, gpus), replicas in groups.items():
+        per_pod.setdefault(node, []).append(PlanGroup(gpus, tuple(replicas)))
+    return {pod: Plan.build(0, per_pod.get(n, [])) for n, pod in enumerate(pods)}
+
+
+def _remember(
+    state: ClusterState,
+    pods: Sequence[str],
+    ids: Mapping[int, EntityKey],
+    policy: WarmServePolicy,
+    previous: PlannerMemory,
+) -> PlannerMemory:
+    """Memory for the next round: creation order (old entities keep theirs), scores, start times."""
+    memory = PlannerMemory(next_seq=previous.next_seq)
+    entities: list[tuple[int, EntityKey, float | None, float | None]] = []
+    for inst in state.instances.values():
+        key = (pods[inst.group.node], tuple(inst.group.gpus), inst.model, "serve")
+        entities.append((inst.iid, key, None, inst.started_at))
+    for rep in state.replicas.values():
+        key = (pods[rep.group.node], tuple(rep.group.gpus), rep.model, "warm")
+        entities.append((rep.rid, key, policy.scores.get(rep.rid), None))
+    for ident, key, score, started in sorted(entities):
+        old = ids.get(ident)
+        if old is not None and old == key and key in previous.seq:
+            memory.seq[key] = previous.seq[key]
+        else:
+            memory.seq[key] = memory.next_seq
+            memory.next_seq += 1
+        if score is not None:
+            memory.scores[key] = score
+        if started is not None:
+            memory.started_at[key] = started
+            if key in previous.ready_at:
+                memory.ready_at[key] = previous.ready_at[key]
+    return memory
+
+
+def _instances_by_model(state: ClusterState) -> dict[str, list]:
+    """`state.instances_of` for every model at once (in id order, as `instances_of` returns them)."""
+    by_model: dict[str, list] = {}
+    for inst in state.instances.values():
+        by_model.setdefault(inst.model, []).append(inst)
+    return by_model
+
+
+def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) -> RoundOutput:
+    """Lend, place, autoscale (the simulator's control-step order); then render plans.
+
+    `place=False` skips the placement (the simulator places every `placement_s`, autoscales every tick).
+    """
+    models = {m.uid: m for m in inp.models}
+    if not inp.workers:
+        return RoundOutput(plans={})
+    pods = [w.pod for w in inp.workers]
+    state, ids = rebuild_state(inp.workers, inp.models, inp.memory)
+    policy.scores = {i: inp.memory.scores[k] for i, k in ids.items() if k in inp.memory.scores}
+    ready_at = dict(inp.memory.ready_at)
+    for iid, inst in state.instances.items():
+        if inst.phase == "serving":
+            ready_at.setdefault(ids[iid], inp.now)
+    out = RoundOutput(plans={}, state=state)
+
+    # 1. proactive prewarming: KV space each engine lends (taken back first when an engine needs it)
+    loads: dict[int, EngineLoad] = {}
+    lend_load = inp.lend_load if inp.lend_load is not None else inp.load
+    by_model = _instances_by_model(state)
+    for m in inp.models:
+        engines = by_model.get(m.uid, [])
+        for inst in engines:
+            loads[inst.iid] = EngineLoad(math.ceil(float(lend_load.get(m.uid, 0.0)) / len(engines)), 0)
+    lend = policy.lend(state, loads)
+    for rid in lend.evict:
+        if rid in state.replicas:
+            state.evict(rid)
+    for gpu, nbytes in lend.lent.items():
+        state.set_lent(gpu, nbytes)
+
+    # 2. evict-aware placement of warm replicas for the forecast demand
+    if place:
+        placement = policy.place(state, {uid: inp.demand.get(uid, Demand(0.0, 0.0)) for uid in models})
+        for rid in placement.evict:
+            if rid in state.replicas:
+                state.evict(rid)
+        for new in placement.add:
+            replica = state.add_replica(new.model, new.group, new.bytes_per_gpu)
+            policy.record_added(replica.rid, new.score)
+
+    # 3. reactive autoscaling on the measured load (stops keep their weights as warm replicas)
+    by_model = _instances_by_model(state)  # a model's starts and stops never touch another model's engines
+    for m in inp.models:
+        load = float(inp.load.get(m.uid, 0.0))
+        engines = [i for i in by_model.get(m.uid, []) if i.phase != "draining"]
+        share = load / len(engines) if engines else 0.0
+        # protection runs from readiness, as in the simulator; an engine not serving yet is protected
+        views = [EngineView(i.iid, ready_at.get(ids.get(i.iid), inp.now), round(share)) for i in engines]
+        decision = policy.scale(inp.now, m.uid, load, views, m.min_replicas, m.max_replicas)
+        for iid in decision.stop:
+            state.stop_instance(iid)
+            out.stops.append(m.uid)
+        for _ in range(decision.start):
+            choice = policy.choose_group(state, m.uid)
+            if choice is None:
+                break
+            group, _source = choice
+            promo = state.start_instance(m.uid, group, m.profile.shard_bytes, inp.now)
+            out.promotions.append((m.uid, promo.source))
+
+    out.memory = _remember(
+        state, pods, ids, policy, PlannerMemory(inp.memory.seq, {}, {}, ready_at, inp.memory.next_seq)
+    )
+    out.plans = render_plans(state, pods, models)
+    return out

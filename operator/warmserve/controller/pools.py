@@ -1,0 +1,72 @@
+"""WarmPool reconcile (worker workload) and the control-loop daemon (called by handlers.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import kopf
+
+from warmserve.controller import builders, conditions, loop
+from warmserve.controller.k8s import DAEMONSETS, ApiError
+from warmserve.controller.runtime import Runtime
+from warmserve.controller.spec import parse_pool_spec
+
+
+async def ensure_worker_workload(runtime: Runtime, body: kopf.Body, logger: Any) -> str:
+    """Create the worker DaemonSet, or patch it back when it drifted; returns what was done."""
+    api = runtime.require_api()
+    meta = body["metadata"]
+    desired = builders.build_worker_daemonset(meta["name"], meta["namespace"], parse_pool_spec(body.get("spec")))
+    kopf.adopt(desired, owner=body)
+    current, created = await api.create(DAEMONSETS, meta["namespace"], desired)
+    if created:
+        logger.info(f"created DaemonSet {desired['metadata']['name']}")
+        return "created"
+    drift = builders.drift_patch(current, desired)
+    if drift is None:
+        return "unchanged"
+    await api.patch(DAEMONSETS, meta["namespace"], desired["metadata"]["name"], drift)
+    logger.info(f"patched DaemonSet {desired['metadata']['name']} back to the pool's spec")
+    return "patched"
+
+
+async def reconcile_pool(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, logger: Any) -> None:
+    started = time.perf_counter()
+    try:
+        uid = body["metadata"].get("uid", "")
+        try:
+            await ensure_worker_workload(runtime, body, logger)
+            runtime.workload_problems.pop(uid, None)
+        except ApiError as exc:
+            if exc.status in (400, 403, 422):  # the API refuses what we built: say so, retry slowly
+                message = f"{exc.status} {exc.reason}: {exc.message}"[:1000]
+                runtime.workload_problems[uid] = ("WorkloadRejected", message)
+                cond = conditions.Condition(conditions.READY, conditions.FALSE, "WorkloadRejected", message)
+                patch.status["conditions"] = conditions.merge_conditions(
+                    (body.get("status") or {}).get("conditions"),
+                    [cond],
+                    now=conditions.now_rfc3339(),
+                    generation=body["metadata"].get("generation"),
+                )
+                raise kopf.TemporaryError(f"worker workload rejected: {exc}", delay=30) from exc
+            raise kopf.TemporaryError(f"worker workload: {exc}", delay=2) from exc
+        name = builders.worker_workload_name(body["metadata"]["name"])
+        status = body.get("status") or {}
+        wanted = {"observedGeneration": body["metadata"].get("generation"), "workload": f"DaemonSet/{name}"}
+        if not status.get("conditions"):
+            cond = conditions.Condition(conditions.READY, conditions.UNKNOWN, "WaitingForWorkers", "workload created")
+            wanted["conditions"] = conditions.merge_conditions(
+                None, [cond], now=conditions.now_rfc3339(), generation=body["metadata"].get("generation")
+            )
+        if any(status.get(k) != v for k, v in wanted.items()):
+            patch.status.update(wanted)
+    except Exception:
+        runtime.metrics.reconcile_errors.labels("WarmPool", "reconcile").inc()
+        raise
+    finally:
+        runtime.metrics.reconcile_seconds.labels("WarmPool", "reconcile").observe(time.perf_counter() - started)
+
+
+async def run_loop(runtime: Runtime, body: kopf.Body, stopped: Any, logger: Any) -> None:
+    await loop.run(runtime, body, stopped, logger)

@@ -1,0 +1,341 @@
+"""Integration: the real `kopf.operator()` with our handlers against kmock's emulator over HTTP.
+
+Each test starts a fresh emulator and operator; the emulator stamps uid/resourceVersion/generation
+(conftest.StampingEmulator). Worker pods are plain pods the test creates (the emulator has no kubelet),
+and `SimulatedWorkers` answers plans with states, as the sidecar would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from conftest import (
+    MIB,
+    NS,
+    FakeClock,
+    FakeScraper,
+    SimulatedWorkers,
+    first_n,
+    get_obj,
+    make_runtime,
+    model_body,
+    pool_body,
+    running_operator,
+    wait_for,
+    worker_pod,
+)
+
+from warmserve.controller.k8s import CONFIGMAPS, MODELDEPLOYMENTS, PODS, WARMPOOLS
+from warmserve.controller.protocol import PLAN_ANNOTATION, plan_of_pod
+
+POOLS = "warmserve.io/v1alpha1/warmpools"
+MDS = "warmserve.io/v1alpha1/modeldeployments"
+GPU_BYTES = int(1024 * MIB * 0.9)
+
+
+def cond(obj, type_):
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return None
+
+
+def no_kopf_keys(obj):
+    meta = obj["metadata"]
+    keys = list(meta.get("annotations") or {}) + list(meta.get("finalizers") or []) + list(obj.get("status") or {})
+    return [k for k in keys if "kopf.zalando.org" in k or k == "kopf"]
+
+
+def plans(em, pool="pool1", count=2):
+    out = {}
+    for i in range(count):
+        pod = get_obj(em, "v1/pods", f"{pool}-worker-{i}")
+        out[f"{pool}-worker-{i}"] = plan_of_pod(pod) if pod else None
+    return out
+
+
+async def test_pool_creates_worker_workload_and_status(emulator, client):
+    runtime = make_runtime()
+    async with running_operator(emulator, runtime):
+        await client.create(WARMPOOLS, NS, pool_body(gpus=8, memory_mib=81920))
+        ds = await wait_for(lambda: get_obj(emulator, "apps/v1/daemonsets", "pool1-worker"), what="DaemonSet")
+        pool = await wait_for(
+            lambda: (p := get_obj(emulator, POOLS, "pool1")) and cond(p, "Ready") and p, what="pool status"
+        )
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    owner = ds["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("WarmPool", "pool1", True)
+    assert pool["status"]["observedGeneration"] == 1
+    assert pool["status"]["workload"] == "DaemonSet/pool1-worker"
+    assert cond(pool, "Ready")["status"] in ("False", "Unknown") and cond(pool, "Ready")["reason"]
+    assert pool["metadata"]["finalizers"] == ["operator.warmserve.io/finalizer"]
+    assert no_kopf_keys(pool) == [], "kopf bookkeeping must use our prefix, and nothing lands in status"
+
+
+async def test_model_gets_conditions_and_observed_generation(emulator, client):
+    runtime = make_runtime()
+    async with running_operator(emulator, runtime):
+        await client.create(MODELDEPLOYMENTS, NS, model_body("orphan", pool="missing"))
+        await client.create(WARMPOOLS, NS, pool_body(gpus=8, memory_mib=81920))
+        await client.create(MODELDEPLOYMENTS, NS, model_body("m1", weight=13_000_000_000))
+        md = await wait_for(
+            lambda: (m := get_obj(emulator, MDS, "m1")) and cond(m, "Valid") and m, what="m1 conditions"
+        )
+        assert md["status"]["observedGeneration"] == 1 and cond(md, "Valid")["status"] == "True"
+        assert {c["type"] for c in md["status"]["conditions"]} == {"Valid", "Ready", "Prewarmed", "Degraded"}
+        orphan = await wait_for(lambda: (m := get_obj(emulator, MDS, "orphan")) and cond(m, "Valid") and m)
+        assert cond(orphan, "Valid")["reason"] == "PoolNotFound" and cond(orphan, "Ready")["status"] == "False"
+        valid_since = cond(md, "Valid")["lastTransitionTime"]
+
+        # A spec the schema allows but the pool cannot serve: a condition with a reason, no crash loop.
+        await client.patch(MODELDEPLOYMENTS, NS, "m1", {"spec": {"model": {"tensorParallelSize": 16}}})
+        md = await wait_for(
+            lambda: (m := get_obj(emulator, MDS, "m1")) and m["status"].get("observedGeneration") == 2 and m,
+            what="observedGeneration 2",
+        )
+        assert cond(md, "Valid")["status"] == "False"
+        assert cond(md, "Valid")["reason"] == "TensorParallelDoesNotDividePool"
+        assert cond(md, "Degraded")["status"] == "True"
+
+        await client.patch(MODELDEPLOYMENTS, NS, "m1", {"spec": {"model": {"tensorParallelSize": 2}}})
+        md = await wait_for(
+            lambda: (m := get_obj(emulator, MDS, "m1")) and m["status"].get("observedGeneration") == 3 and m
+        )
+        assert cond(md, "Valid")["status"] == "True"
+        assert cond(md, "Valid")["lastTransitionTime"] >= valid_since
+        assert no_kopf_keys(md) == []
+
+
+async def test_simulated_workers_reporting_state_drive_status(emulator, client):
+    runtime = make_runtime()
+    workers = SimulatedWorkers(client, "pool1", GPU_BYTES)
+    async with running_operator(emulator, runtime):
+        for i in range(2):
+            await client.create(PODS, NS, worker_pod("pool1", i))
+        await client.create(WARMPOOLS, NS, pool_body())
+        await client.create(MODELDEPLOYMENTS, NS, model_body("warm-one", prewarm={"minWarmReplicas": 1}))
+        await client.create(MODELDEPLOYMENTS, NS, model_body("always-on", scaling={"minReplicas": 1}))
+        workers.start()
+        try:
+            warm = await wait_for(
+                lambda: (
+                    (m := get_obj(emulator, MDS, "warm-one"))
+                    and (cond(m, "Prewarmed") or {}).get("status") == "True"
+                    and m
+                ),
+                what="warm-one Prewarmed",
+            )
+            serving = await wait_for(
+                lambda: (
+                    (m := get_obj(emulator, MDS, "always-on"))
+                    and (cond(m, "Ready") or {}).get("status") == "True"
+                    and m["status"].get("endpoints")
+                    and m
+                ),
+                what="always-on Ready",
+            )
+            pool = await wait_for(
+                lambda: (p := get_obj(emulator, POOLS, "pool1")) and p["status"].get("readyWorkers") == 2 and p,
+                what="pool readyWorkers",
+            )
+        finally:
+            await workers.stop()
+    assert warm["status"]["warmReplicas"]["prewarmed"] == 1 and warm["status"]["replicas"]["ready"] == 0
+    assert serving["status"]["replicas"]["ready"] == 1 and serving["status"]["endpoints"][0].startswith("10.0.0.")
+    states = {d["state"] for w in pool["status"]["workers"] for d in w.get("devices", [])}
+    assert "dedicated" in states and "universal" in states
+    assert pool["status"]["totalFreeBytes"] > 0 and pool["status"]["planGeneration"] >= 1
+    assert cond(pool, "Ready")["status"] == "True"
+
+
+def seasonal_history(uids, window_start, burst_model, days=5, period=24, burst_hours=(9, 10, 11)):
+    """Previous days' load per hour: `burst_model` rises to a burst at `burst_hours`, others stay idle."""
+    from warmserve.controller.history import LoadHistory
+
+    history = LoadHistory(3600, capacity=days * period)
+    day0 = window_start - window_start % period
+    shape = {burst_hours[0] - 1: 4.0, burst_hours[0]: 12.0, burst_hours[1]: 20.0, burst_hours[2]: 12.0}
+    for d in range(days, 0, -1):
+        for h in range(period):
+            w = day0 - d * period + h
+            for uid in uids:
+                value = shape.get(h, 0.0) if uid == burst_model else 0.0
+                history.record(uid, w, value, value * 1.2)
+    return history
+
+
+async def test_rising_load_history_prewarms_then_promotes_the_right_model(emulator, client):
+    """Seasons say model A bursts at 10:00. At 09:00 (no load yet) A is prewarmed, B is not; when the
+    burst arrives the autoscaler promotes A onto the GPUs that hold its warm replicas (hits)."""
+    from warmserve.controller.builders import build_history_configmap
+
+    clock, scraper = FakeClock(), FakeScraper()
+    day = 86400 * 20000
+    clock.now = day + 8 * 3600 + 1  # 08:00:01 of some day
+    runtime = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper)
+    workers = SimulatedWorkers(client, "pool1", GPU_BYTES)
+    a = (await client.create(MODELDEPLOYMENTS, NS, model_body("model-a")))[0]
+    b = (await client.create(MODELDEPLOYMENTS, NS, model_body("model-b")))[0]
+    ua, ub = a["metadata"]["uid"], b["metadata"]["uid"]
+    history = seasonal_history([ua, ub], int(clock.now // 3600), ua)
+    await client.create(CONFIGMAPS, NS, build_history_configmap("pool1", NS, history.encode()))
+    for i in range(2):
+        await client.create(PODS, NS, worker_pod("pool1", i))
+    async with running_operator(emulator, runtime):
+        await client.create(WARMPOOLS, NS, pool_body())
+        workers.start()
+        try:
+            # 08:00, the forecast of the next window (09:00, load 4 → 1 engine) asks for a warm replica of A.
+            def warm_a():
+                p = plans(emulator)
+                replicas = [r for plan in p.values() if plan for g in plan.groups for r in g.replicas]
+                return replicas and all(r.uid == ua and r.role == "warm" for r in replicas) and replicas
+
+            await wait_for(warm_a, what="A prewarmed")
+            await wait_for(
+                lambda: (
+                    ((get_obj(emulator, MDS, "model-a") or {}).get("status") or {})
+                    .get("warmReplicas", {})
+                    .get("prewarmed", 0)
+                    >= 1
+                ),
+                what="A reported warm",
+            )
+            # 10:00 the burst arrives: 20 in flight, 8 per engine at 0.8 → 4 engines of A
+            clock.now = day + 10 * 3600 + 1
+            scraper.load = {"model-a": 20.0}
+
+            def promoted():
+                p = plans(emulator)
+                serve = [
+                    (pod, g.gpus)
+                    for pod, plan in p.items()
+                    if plan
+                    for g in plan.groups
+                    for r in g.replicas
+                    if r.role == "serve" and r.uid == ua
+                ]
+                return len(serve) >= 1 and serve
+
+            serve = await wait_for(promoted, what="A promoted")
+            metric = runtime.metrics.promotions.labels
+            await wait_for(
+                lambda: sum(metric("pool1", ua, s)._value.get() for s in ("hit", "loading", "cold")),
+                what="promotion counted",
+            )
+        finally:
+            await workers.stop()
+        assert not any(
+            r.uid == ub for plan in plans(emulator).values() if plan for g in plan.groups for r in g.replicas
+        )
+        hits = runtime.metrics.promotions.labels("pool1", ua, "hit")._value.get()
+        colds = runtime.metrics.promotions.labels("pool1", ua, "cold")._value.get()
+        assert hits >= 1, f"promotions should hit warm replicas (hit={hits}, cold={colds}, serve={serve})"
+        md = get_obj(emulator, MDS, "model-a")
+        assert md["status"]["forecast"]["peak"] > 0 and md["status"]["forecast"]["windowSeconds"] == 3600
+
+
+async def test_restart_creates_no_duplicates_and_keeps_forecast_history(emulator, client):
+    clock, scraper = FakeClock(), FakeScraper()
+    clock.now = 86400 * 20000 + 3600 * 5 + 1
+    scraper.load = {"m1": 3.0}
+    for i in range(2):
+        await client.create(PODS, NS, worker_pod("pool1", i))
+    first = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper)
+    async with running_operator(emulator, first):
+        await client.create(WARMPOOLS, NS, pool_body())
+        md = (await client.create(MODELDEPLOYMENTS, NS, model_body("m1", prewarm={"minWarmReplicas": 1})))[0]
+        uid = md["metadata"]["uid"]
+        await wait_for(lambda: any(plans(emulator).values()), what="first plan")
+        await wait_for(lambda: first.loops and next(iter(first.loops.values())).rounds >= 2)
+        clock.now += 3600  # close the window: history recorded and saved
+        await wait_for(lambda: get_obj(emulator, "v1/configmaps", "pool1-load-history"), what="history ConfigMap")
+        await wait_for(lambda: (m := get_obj(emulator, MDS, "m1")) and m["status"].get("observedLoad"))
+        before_plans = {k: v.generation for k, v in plans(emulator).items() if v}
+        before_history = dict(next(iter(first.loops.values())).history.series[uid]["avg"])
+        before_forecast = get_obj(emulator, MDS, "m1")["status"]["forecast"]
+    ds_posts_before = len(list(emulator["post", emulator.resource("apps/v1/daemonsets")]))
+
+    second = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper)
+    async with running_operator(emulator, second):
+        await wait_for(lambda: second.loops and next(iter(second.loops.values())).rounds >= 3, what="second loop")
+        loop = next(iter(second.loops.values()))
+        assert dict(loop.history.series[uid]["avg"]) == before_history, "history restored from the ConfigMap"
+        assert before_history and next(iter(before_history.values())) == 3.0
+        after_plans = {k: v.generation for k, v in plans(emulator).items() if v}
+        forecast = get_obj(emulator, MDS, "m1")["status"]["forecast"]
+    assert after_plans == before_plans, "unchanged plans are not rewritten (no generation bump)"
+    assert forecast == before_forecast
+    daemonsets = [k for k in emulator.objects if "daemonsets" in str(k[0]) and not emulator.objects[k].deleted]
+    assert len(daemonsets) == 1
+    ds_posts_after = len(list(emulator["post", emulator.resource("apps/v1/daemonsets")]))
+    assert ds_posts_after - ds_posts_before <= 1, "at most one ensure-create attempt, answered 409"
+    configmaps = [k for k in emulator.objects if "configmaps" in str(k[0])]
+    assert len(configmaps) == 1
+
+
+async def test_api_errors_are_retried_or_surfaced_never_crash(emulator, client):
+    runtime = make_runtime()
+    server_errors, conflicts = [0], [0]
+    emulator["post", emulator.resource("apps/v1/daemonsets"), first_n(2, counter=server_errors)] << 500
+    emulator["patch", emulator.resource("warmserve.io/v1alpha1/modeldeployments"), first_n(1)] << 500
+    async with running_operator(emulator, runtime) as task:
+        await client.create(WARMPOOLS, NS, pool_body(gpus=8, memory_mib=81920))
+        await wait_for(lambda: get_obj(emulator, "apps/v1/daemonsets", "pool1-worker"), what="DaemonSet after 500s")
+        await client.create(MODELDEPLOYMENTS, NS, model_body("m1"))
+        await wait_for(lambda: cond(get_obj(emulator, MDS, "m1"), "Valid"), what="status after a 500 on patch")
+        assert server_errors[0] == 2
+
+        # 409 on create: the emulator stores the object anyway (kmock pitfall 4); the operator must
+        # treat the conflict as "exists" and carry on.
+        emulator["post", emulator.resource("apps/v1/daemonsets"), first_n(1, counter=conflicts)] << 409
+        await client.create(WARMPOOLS, NS, pool_body("pool2", gpus=8, memory_mib=81920))
+        await wait_for(lambda: (p := get_obj(emulator, POOLS, "pool2")) and (p.get("status") or {}).get("workload"))
+        assert conflicts[0] == 1
+
+        # 422 (the API refuses our object): surfaced as a condition, retried slowly, operator alive.
+        def pool3(request):
+            return ((request.data or {}).get("metadata") or {}).get("name") == "pool3-worker"
+
+        emulator["post", emulator.resource("apps/v1/daemonsets"), pool3] << 422
+        await client.create(WARMPOOLS, NS, pool_body("pool3", gpus=8, memory_mib=81920))
+        rejected = await wait_for(
+            lambda: (c := cond(get_obj(emulator, POOLS, "pool3"), "Ready")) and c["reason"] == "WorkloadRejected" and c,
+            what="WorkloadRejected",
+        )
+        assert rejected["status"] == "False"
+        assert not task.done()
+    assert runtime.metrics.reconcile_errors.labels("WarmPool", "reconcile")._value.get() >= 1
+
+
+async def test_deleting_a_model_removes_it_from_every_plan(emulator, client):
+    runtime = make_runtime()
+    workers = SimulatedWorkers(client, "pool1", GPU_BYTES)
+    for i in range(2):
+        await client.create(PODS, NS, worker_pod("pool1", i))
+    async with running_operator(emulator, runtime):
+        await client.create(WARMPOOLS, NS, pool_body())
+        gone = (await client.create(MODELDEPLOYMENTS, NS, model_body("gone", prewarm={"minWarmReplicas": 2})))[0]
+        await client.create(MODELDEPLOYMENTS, NS, model_body("kept", prewarm={"minWarmReplicas": 1}))
+        workers.start()
+        try:
+            uid = gone["metadata"]["uid"]
+
+            def both_pods_hold_gone():
+                p = plans(emulator)
+                return all(plan and uid in plan.uids() for plan in p.values())
+
+            await wait_for(both_pods_hold_gone, what="'gone' placed on both workers")
+            await client.delete(MODELDEPLOYMENTS, NS, "gone")
+            await wait_for(lambda: get_obj(emulator, MDS, "gone") is None, what="finalizer released")
+            current = plans(emulator)
+            assert all(plan is not None and uid not in plan.uids() for plan in current.values())
+            assert any(plan.models() == {"kept"} for plan in current.values())
+            await asyncio.sleep(1.2)  # a few more loop rounds must not bring it back
+            assert all(uid not in plan.uids() for plan in plans(emulator).values())
+        finally:
+            await workers.stop()
+    raw = get_obj(emulator, "v1/pods", "pool1-worker-0")["metadata"]["annotations"][PLAN_ANNOTATION]
+    assert json.loads(raw)["generation"] >= 2
