@@ -1,0 +1,179 @@
+"""Memory backends behind the arena: host shared memory (CPU) and CUDA (GPU).
+
+A backend owns the one big allocation of a device and knows two things the
+ledger does not: how to write bytes at an offset, and how another process (the
+vLLM engine) can map the same memory. Everything else (pages, owners) is the
+ledger's business.
+
+* :class:`ShmBackend` — a file under ``/dev/shm`` mapped with ``MAP_SHARED``.
+  The engine re-opens the file by path and maps it, so promotion is zero copy.
+  Because the file outlives the agent process, a restarted agent can re-open
+  it and adopt the pages (no leak, no reload).
+* :class:`CudaBackend` — one ``torch.uint8`` tensor on a GPU; the engine rebuilds
+  it from a single CUDA IPC handle (``torch.multiprocessing.reductions``), then
+  takes views by offset. One handle per arena is what lets *many* models share a
+  GPU (vLLM's own ``ipc_cache`` daemon ships one handle per tensor of one
+  model). Imported lazily; not exercised on this CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class MemoryBackend(ABC):
+    """One device allocation that pages are carved from."""
+
+    kind: str = "abstract"
+    #: True when ``direct_buffer`` can be filled by ``readinto`` (host memory).
+    host_addressable: bool = False
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    def write(self, offset: int, data: memoryview) -> None:
+        """Copy ``data`` into the arena at byte ``offset``."""
+
+    def direct_buffer(self, offset: int, nbytes: int) -> memoryview:
+        """A writable view of arena bytes (host backends only)."""
+        raise NotImplementedError(f"{self.kind} memory is not host addressable")
+
+    @abstractmethod
+    def handle(self) -> dict[str, Any]:
+        """What an engine process needs to map the arena (JSON-serialisable)."""
+
+    def release_pages(self, offset: int, nbytes: int) -> None:  # noqa: B027 - optional hook
+        """Hint that a byte range is no longer used (optional)."""
+
+    @abstractmethod
+    def close(self, unlink: bool = True) -> None: ...
+
+
+class ShmBackend(MemoryBackend):
+    """Host shared memory: a ``/dev/shm`` file, pre-faulted so copies run at memory speed."""
+
+    kind = "shm"
+    host_addressable = True
+
+    def __init__(self, path: str, size: int, *, reuse: bool = False, populate: bool = True):
+        self.path = path
+        self._size = size
+        exists = os.path.exists(path)
+        if reuse and exists and os.path.getsize(path) == size:
+            fd = os.open(path, os.O_RDWR)
+        else:
+            if exists:
+                # Never truncate in place: an engine may still map the old file
+                # (SIGBUS). Unlinking keeps its inode alive until that engine exits.
+                os.unlink(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                os.close(fd)
+                os.unlink(path)
+                raise MemoryError(f"cannot reserve {size} B of shared memory at {path}: {exc}") from exc
+        self._fd = fd
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        self._mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._view = memoryview(self._mm)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._view[offset:offset + len(data)] = data
+
+    def direct_buffer(self, offset: int, nbytes: int) -> memoryview:
+        return self._view[offset:offset + nbytes]
+
+    def handle(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "size": self._size}
+
+    def close(self, unlink: bool = True) -> None:
+        if self._mm is None:
+            return
+        self._view.release()
+        # BufferError: a caller still holds a view; the mapping goes away with the process
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+        os.close(self._fd)
+        self._mm = None
+        if unlink and os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+class CudaBackend(MemoryBackend):
+    """One ``uint8`` CUDA tensor per GPU, shared with engines through one IPC handle.
+
+    Written for real GPUs; needs ``torch`` with CUDA. ``write`` copies from host
+    memory on a dedicated stream. TP ranks of a replica live on different GPUs,
+    so each GPU has its own backend and the engine for rank *r* opens the
+    handle of GPU *r*.
+    """
+
+    kind = "cuda"
+
+    def __init__(self, device_index: int, size: int):
+        import torch  # lazy: the CPU path must not need CUDA
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        self.device_index = device_index
+        self._torch = torch
+        self._tensor = torch.empty(size, dtype=torch.uint8, device=f"cuda:{device_index}")
+        self._stream = torch.cuda.Stream(device=device_index, priority=-1)
+
+    @property
+    def size(self) -> int:
+        return int(self._tensor.numel())
+
+    def write(self, offset: int, data: memoryview) -> None:
+        torch = self._torch
+        src = torch.frombuffer(data, dtype=torch.uint8)
+        with torch.cuda.stream(self._stream):
+            self._tensor[offset:offset + len(data)].copy_(src, non_blocking=False)
+        self._stream.synchronize()
+
+    def handle(self) -> dict[str, Any]:
+        return {"kind": self.kind, "device": self.device_index, "ipc": encode_cuda_ipc(self._tensor)}
+
+    def close(self, unlink: bool = True) -> None:
+        self._tensor = None
+        self._torch.cuda.empty_cache()
+
+
+def encode_cuda_ipc(tensor: Any) -> str:
+    """Serialise a CUDA tensor's IPC handle (torch's reducer) as hex-pickled text."""
+    import pickle
+
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    rebuild, args = reduce_tensor(tensor)
+    return pickle.dumps((rebuild, args)).hex()
+
+
+def decode_cuda_ipc(text: str, device_index: int) -> Any:
+    """Rebuild the arena tensor in another process (the engine) from its handle."""
+    import pickle
+
+    rebuild, args = pickle.loads(bytes.fromhex(text))
+    args = list(args)
+    args[6] = device_index  # torch's rebuild_cuda_tensor: storage_device
+    return rebuild(*args)
+
+
+def open_backend(spec: dict[str, Any]) -> MemoryBackend:
+    """Create the backend named by a device spec (``{"kind": "shm"|"cuda", ...}``)."""
+    if spec["kind"] == "shm":
+        return ShmBackend(spec["path"], int(spec["size"]), reuse=bool(spec.get("reuse", False)))
+    if spec["kind"] == "cuda":
+        return CudaBackend(int(spec["device"]), int(spec["size"]))
+    raise ValueError(f"unknown memory backend {spec['kind']!r}")

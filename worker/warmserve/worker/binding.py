@@ -1,0 +1,150 @@
+"""Bind a model's parameters to tensors that already sit in an arena (torch only, no vLLM).
+
+Given a manifest (tensor name → dtype/shape/byte offset in the arena) and the
+arena as one flat ``uint8`` tensor (a shared-memory mapping on CPU, a CUDA IPC
+rebuild on GPU), every parameter of the freshly built model is pointed at a
+*view* of the arena: ``param.data = arena[off:off+n].view(dtype).view(shape)``.
+Nothing is copied. A fused parameter (``qkv_proj`` = q|k|v stacked on dim 0)
+maps when its parts are adjacent in the arena, which the weight store
+guarantees for TP-rank shards. Anything that cannot be viewed (a dtype cast,
+a different layout) is returned to the caller, which copies it from the arena
+through the model's own ``load_weights`` (memory → memory, still no file read).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+_MAPPINGS: list[Any] = []  # keep host mappings alive for the life of the process
+
+
+def open_arena_tensor(handle: dict[str, Any], device_index: int = 0) -> torch.Tensor:
+    """The whole arena as one flat uint8 tensor in *this* process."""
+    if handle["kind"] == "shm":
+        fd = os.open(handle["path"], os.O_RDONLY)
+        try:
+            # MAP_PRIVATE + PROT_WRITE: reads share the arena's pages (zero copy); a
+            # stray in-place write by the engine copies one page privately instead of
+            # corrupting the warm replica other engines may map later.
+            mm = mmap.mmap(fd, int(handle["size"]), flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        _MAPPINGS.append(mm)
+        return torch.frombuffer(mm, dtype=torch.uint8)
+    if handle["kind"] == "cuda":
+        from warmserve.worker.backends import decode_cuda_ipc
+
+        return decode_cuda_ipc(handle["ipc"], device_index)
+    raise ValueError(f"unknown arena kind {handle['kind']!r}")
+
+
+def slot_view(arena: torch.Tensor, slot: dict[str, Any]) -> torch.Tensor:
+    dtype = TORCH_DTYPES[slot["dtype"]]
+    raw = arena[int(slot["offset"]):int(slot["offset"]) + int(slot["nbytes"])]
+    return raw.view(dtype).view(tuple(slot["shape"]))
+
+
+@dataclass
+class BindReport:
+    mapped: list[str] = field(default_factory=list)        # params now viewing the arena
+    mapped_bytes: int = 0
+    unmapped: list[str] = field(default_factory=list)      # params the caller must fill
+    sources_for_unmapped: list[str] = field(default_factory=list)  # checkpoint tensors to copy
+
+
+def fused_members(param_name: str, packed: dict[str, list[str]]) -> list[str] | None:
+    """Checkpoint names that make up a fused parameter, e.g. ``...qkv_proj.weight`` → q/k/v."""
+    for group, members in packed.items():
+        token = f".{group}."
+        if token in param_name:
+            return [param_name.replace(token, f".{m}.") for m in members]
+    return None
+
+
+def bind_parameters(model: torch.nn.Module, manifest: dict[str, Any], arena: torch.Tensor) -> BindReport:
+    """Point every parameter we can at its arena bytes; report the rest."""
+    tensors: dict[str, dict[str, Any]] = manifest["tensors"]
+    packed: dict[str, list[str]] = manifest.get("packed", {})
+    report = BindReport()
+    used_sources: set[str] = set()
+    for name, param in model.named_parameters():
+        view = None
+        if name in tensors:
+            sources = [name]
+            view = _compatible(slot_view(arena, tensors[name]), param)
+        else:
+            sources = fused_members(name, packed) or []
+            if sources and all(s in tensors for s in sources):
+                view = _fused_view(arena, [tensors[s] for s in sources], param)
+        if view is not None:
+            param.data = view
+            report.mapped.append(name)
+            report.mapped_bytes += view.numel() * view.element_size()
+            used_sources.update(sources)
+        else:
+            report.unmapped.append(name)
+    report.sources_for_unmapped = sorted(set(tensors) - used_sources)
+    return report
+
+
+def iter_arena_tensors(manifest: dict[str, Any], arena: torch.Tensor, names: list[str]) -> Iterator[
+        tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs straight from the arena, for a model's ``load_weights``."""
+    for name in names:
+        yield name, slot_view(arena, manifest["tensors"][name])
+
+
+def _compatible(view: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
+    if view.dtype != param.dtype or tuple(view.shape) != tuple(param.shape):
+        return None
+    return view
+
+
+def _fused_view(arena: torch.Tensor, slots: list[dict[str, Any]], param: torch.Tensor) -> torch.Tensor | None:
+    """View of adjacent slots stacked along dim 0, if layout, dtype and shape allow it."""
+    dtypes = {s["dtype"] for s in slots}
+    if len(dtypes) != 1 or TORCH_DTYPES[dtypes.pop()] != param.dtype:
+        return None
+    for a, b in itertools.pairwise(slots):
+        if int(a["offset"]) + int(a["nbytes"]) != int(b["offset"]) or list(a["shape"][1:]) != list(b["shape"][1:]):
+            return None
+    rows = sum(int(s["shape"][0]) for s in slots)
+    shape = (rows, *slots[0]["shape"][1:])
+    if tuple(shape) != tuple(param.shape):
+        return None
+    merged = {"dtype": slots[0]["dtype"], "shape": list(shape), "offset": slots[0]["offset"],
+              "nbytes": sum(int(s["nbytes"]) for s in slots)}
+    if merged["nbytes"] != math.prod(shape) * param.element_size():
+        return None
+    return slot_view(arena, merged)
+
+
+def arena_span(arena: torch.Tensor) -> tuple[int, int]:
+    start = arena.data_ptr()
+    return start, start + arena.numel()
+
+
+def count_arena_views(model: torch.nn.Module, arena: torch.Tensor) -> tuple[int, int]:
+    """(number, bytes) of parameters whose storage lies inside the arena mapping."""
+    lo, hi = arena_span(arena)
+    count = nbytes = 0
+    for _, p in model.named_parameters():
+        if p.numel() and lo <= p.data_ptr() < hi:
+            count += 1
+            nbytes += p.numel() * p.element_size()
+    return count, nbytes

@@ -1,0 +1,77 @@
+"""Device inventory and arena creation: NVML/CUDA on GPU nodes, shared memory elsewhere.
+
+Everything GPU-specific is imported lazily, so this module (and the agent)
+runs on CPU-only machines; :func:`gpu_inventory` returns ``[]`` there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from warmserve.worker.arena import DEFAULT_PAGE_SIZE, Arena
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    total: int
+    free: int
+
+
+def gpu_inventory(nvml=None) -> list[GpuInfo]:
+    """Visible GPUs via NVML (``nvidia-ml-py``); ``[]`` when NVML or a driver is absent.
+
+    ``nvml`` is injectable so the logic is unit-tested without a GPU.
+    """
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return []
+    try:
+        nvml.nvmlInit()
+    except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded
+        return []
+    try:
+        out = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            mem = nvml.nvmlDeviceGetMemoryInfo(h)
+            name = nvml.nvmlDeviceGetName(h)
+            uuid = nvml.nvmlDeviceGetUUID(h)
+            out.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else name,
+                               uuid.decode() if isinstance(uuid, bytes) else uuid, int(mem.total), int(mem.free)))
+        return out
+    finally:
+        nvml.nvmlShutdown()
+
+
+def arena_bytes_for(free: int, fraction: float, page_size: int) -> int:
+    """Arena size: ``fraction`` of free memory, whole pages only."""
+    if not 0 < fraction <= 1:
+        raise ValueError("memory fraction must be in (0, 1]")
+    return int(free * fraction) // page_size * page_size
+
+
+def build_arenas(device: str, *, state_dir: str, shm_dir: str = "/dev/shm", cpu_devices: int = 1,
+                 arena_bytes: int | None = None, memory_fraction: float = 0.9,
+                 page_size: int = DEFAULT_PAGE_SIZE, nvml=None) -> dict[str, Arena]:
+    """One arena per device, named by GPU index ("0", "1", ...) as in the plan's ``gpus``."""
+    gpus = gpu_inventory(nvml) if device in ("auto", "cuda") else []
+    if device == "cuda" and not gpus:
+        raise RuntimeError("--device cuda but NVML reports no GPU")
+    if gpus:
+        from warmserve.worker.backends import CudaBackend
+
+        return {str(g.index): Arena(str(g.index), CudaBackend(g.index, arena_bytes_for(g.free, memory_fraction,
+                                                                                          page_size)), page_size)
+                for g in gpus}
+    size = arena_bytes or GiB
+    tag = os.path.basename(os.path.normpath(state_dir)) or "worker"
+    return {str(i): Arena.host(str(i), os.path.join(shm_dir, f"warmserve-{tag}-arena{i}"), size, page_size)
+            for i in range(cpu_devices)}

@@ -1,0 +1,97 @@
+"""The operator → worker plan (annotation ``warmserve.io/plan``): parsing and validation.
+
+Contract (DESIGN.md §5, written down in docs/worker.md)::
+
+    {"generation": 7,
+     "groups": [{"gpus": [0, 1],
+                 "replicas": [{"model": "llama-8b", "uid": "<ModelDeployment uid>",
+                               "source": "file:///models/llama-8b", "tp": 2,
+                               "role": "warm" | "serve", "kvLend": 0}]}]}
+
+Pure functions only; a malformed plan raises :class:`PlanError` with a message
+that goes into the state annotation instead of crashing the agent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PLAN_ANNOTATION = "warmserve.io/plan"
+STATE_ANNOTATION = "warmserve.io/state"
+ROLES = ("warm", "serve")
+
+
+class PlanError(ValueError):
+    """The plan cannot be used as a whole."""
+
+
+@dataclass(frozen=True)
+class PlannedReplica:
+    uid: str
+    model: str
+    source: str
+    tp: int
+    role: str
+    kv_lend: int
+    gpus: tuple[int, ...]
+
+    def device_of_rank(self, rank: int) -> str:
+        return str(self.gpus[rank])
+
+    @property
+    def path(self) -> str:
+        return source_path(self.source)
+
+
+@dataclass(frozen=True)
+class Plan:
+    generation: int
+    replicas: dict[str, PlannedReplica]
+
+
+def source_path(source: str) -> str:
+    """Local path of a model source; only ``file://`` (or a bare absolute path) is local."""
+    if source.startswith("file://"):
+        return source[len("file://"):]
+    if source.startswith("/"):
+        return source
+    raise PlanError(f"unsupported model source {source!r}: the worker reads file:// paths "
+                    "(pvc:// and hf:// are resolved by the operator into a mounted file:// path)")
+
+
+def parse_plan(data: Any) -> Plan:
+    if not isinstance(data, dict):
+        raise PlanError("plan must be a JSON object")
+    try:
+        generation = int(data["generation"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlanError("plan.generation must be an integer") from exc
+    replicas: dict[str, PlannedReplica] = {}
+    for gi, group in enumerate(data.get("groups") or []):
+        gpus = group.get("gpus")
+        if not isinstance(gpus, list) or not gpus or not all(isinstance(g, int) and g >= 0 for g in gpus):
+            raise PlanError(f"groups[{gi}].gpus must be a non-empty list of GPU indices")
+        if len(set(gpus)) != len(gpus):
+            raise PlanError(f"groups[{gi}].gpus has duplicates")
+        serving = 0
+        for ri, rep in enumerate(group.get("replicas") or []):
+            where = f"groups[{gi}].replicas[{ri}]"
+            try:
+                uid, model, source = str(rep["uid"]), str(rep["model"]), str(rep["source"])
+            except (KeyError, TypeError) as exc:
+                raise PlanError(f"{where}: model, uid and source are required") from exc
+            tp = int(rep.get("tp", 1))
+            role = rep.get("role", "warm")
+            if role not in ROLES:
+                raise PlanError(f"{where}: role must be one of {ROLES}")
+            if tp < 1 or tp > len(gpus):
+                raise PlanError(f"{where}: tp={tp} does not fit a group of {len(gpus)} GPUs")
+            if uid in replicas:
+                raise PlanError(f"{where}: duplicate uid {uid}")
+            serving += role == "serve"
+            replicas[uid] = PlannedReplica(uid, model, source, tp, role, int(rep.get("kvLend", 0) or 0),
+                                           tuple(gpus[:tp]))
+        if serving > 1:
+            raise PlanError(f"groups[{gi}]: at most one replica per group may be served")
+    return Plan(generation, replicas)
