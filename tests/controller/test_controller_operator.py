@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import (
+from controller_support import (
     MIB,
     NS,
     FakeClock,

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-from conftest import CRD_DIR, EXAMPLES, crd, load_yaml_docs
+from controller_support import CRD_DIR, EXAMPLES, crd, load_yaml_docs
 
 from warmserve.controller import builders
 from warmserve.controller.spec import (

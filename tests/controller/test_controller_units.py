@@ -109,13 +109,14 @@ def test_state_parses_and_rejects_unknown_phase():
                 },
                 {"model": "n", "uid": "v", "gpus": [0], "phase": "loading", "progress": 0.5, "endpoint": None},
             ],
-            "errors": ["disk full", {"uid": "v", "error": "x"}],
+            "errors": [{"reason": "plan rejected: x"}, {"uid": "v", "gpus": [0], "reason": "disk full"}],
             "timings": {"lastPrewarmSeconds": 1.5},
         }
     )
     assert state.observed_generation == 3 and state.free_bytes == 60
     assert state.replicas[0].serving and state.replicas[0].dedicated and not state.replicas[1].dedicated
-    assert state.errors[1].startswith("{")
+    assert [str(e) for e in state.errors] == ["plan rejected: x", "v on GPUs [0]: disk full"]
+    assert (state.errors[1].uid, state.errors[1].gpus) == ("v", (0,))
     with pytest.raises(ProtocolError):
         parse_state({"observedGeneration": 1, "replicas": [{"model": "m", "uid": "u", "gpus": [0], "phase": "zombie"}]})
 

@@ -136,6 +136,11 @@ def _phases(state):
     return {r["uid"]: r["phase"] for r in state["replicas"]}
 
 
+def _errors(state):
+    """Per-replica errors by uid, plan errors under None (DESIGN.md §5: ``{"reason", "uid", "gpus"}``)."""
+    return {e.get("uid"): e["reason"] for e in state["errors"]}
+
+
 class _Running:
     def __init__(self, agent, api):
         self.pod = KubePod(NS, POD, api=api, read_timeout=0.5)
@@ -171,21 +176,23 @@ async def test_worker_kmock_plan_drives_prewarm_promote_evict_in_order(kmock, po
         a, b, c = (tiny_models[k] for k in ("alpha", "beta", "gamma"))
         await _set_plan(pod_api, _plan(1, [_rep("a", a), _rep("b", b), _rep("c", c)]))
         s1 = await _state(kmock, lambda s: s["observedGeneration"] == 1 and set(_phases(s).values()) == {"warm"})
-        assert s1["devices"][0]["bytesUsed"] > 0 and s1["timings"]["prewarm"]["bytes"] > 0
+        assert s1["devices"][0]["usedBytes"] > 0 and s1["timings"]["prewarm"]["bytes"] > 0
         ops.clear()
         await _set_plan(pod_api, _plan(2, [_rep("a", a, role="serve")]))
         s2 = await _state(kmock, lambda s: _phases(s) == {"a": "serving"})
-        assert [op for op, _ in ops] == ["evict", "evict", "promote"], ops
-        assert s2["replicas"][0]["endpoint"]["ready"] is True
-        assert s2["engines"][0]["endpoint"].startswith("127.0.0.1:")
+        assert ops == [("evict", "b@0"), ("evict", "c@0"), ("promote", "a@0")], ops
+        (served,) = s2["replicas"]
+        assert served["ready"] is True and served["endpoint"] == s2["engines"][0]["endpoint"]
+        assert served["endpoint"].startswith("127.0.0.1:") and served["gpus"] == [0]
         assert s2["timings"]["evict"]["seconds"] < 0.1 and s2["errors"] == []
-        used_a = arena.ledger.get("a/rank0").extent.count * arena.page_size
-        assert s2["devices"][0]["bytesUsed"] == used_a
+        used_a = arena.ledger.get("a@0/rank0").extent.count * arena.page_size
+        assert s2["devices"][0]["usedBytes"] == used_a
         # demote: serve → warm stops the engine, keeps the weights
         ops.clear()
         await _set_plan(pod_api, _plan(3, [_rep("a", a)]))
         s3 = await _state(kmock, lambda s: _phases(s) == {"a": "warm"} and not s["engines"])
-        assert ops == [("stop", "a")] and s3["devices"][0]["bytesUsed"] == used_a
+        assert ops == [("stop", "a@0")] and s3["devices"][0]["usedBytes"] == used_a
+        assert s3["replicas"][0]["endpoint"] is None and s3["replicas"][0]["ready"] is False
     finally:
         running.close()
         arena.close()
@@ -201,21 +208,23 @@ async def test_worker_kmock_bad_plans_become_errors_not_crashes(kmock, pod_api, 
                                            {**_rep("hf", "x"), "source": "hf://org/model"}]))
         s = await _state(kmock, lambda s: s["observedGeneration"] == 1
                          and _phases(s).get("ok") == "warm" and len(s["errors"]) == 3)
-        by = {r["uid"]: r for r in s["replicas"]}
-        assert by["ghost"]["phase"] == "failed" and "no such model directory" in by["ghost"]["error"]
-        assert by["big"]["phase"] == "failed" and "contiguous pages" in by["big"]["error"]
-        assert by["hf"]["phase"] == "failed" and "unsupported model source" in by["hf"]["error"]
+        # failed replicas hold nothing: they are errors (uid, gpus, reason), not replicas with a phase
+        assert _phases(s) == {"ok": "warm"}
+        errors = _errors(s)
+        assert "no such model directory" in errors["ghost"] and "contiguous pages" in errors["big"]
+        assert "unsupported model source" in errors["hf"]
+        assert all(e["gpus"] == [0] for e in s["errors"])
         # malformed plan: rejected as a whole, previous plan kept, agent alive
         await _set_plan(pod_api, "{not json")
-        s = await _state(kmock, lambda s: any("plan rejected" in e for e in s["errors"]))
+        s = await _state(kmock, lambda s: "plan rejected" in _errors(s).get(None, ""))
         assert s["observedGeneration"] == 1 and _phases(s)["ok"] == "warm"
         await _set_plan(pod_api, json.dumps({"generation": 2, "groups": [{"gpus": [0, 0], "replicas": []}]}))
-        s = await _state(kmock, lambda s: any("duplicates" in e for e in s["errors"]))
+        s = await _state(kmock, lambda s: "duplicates" in _errors(s).get(None, ""))
         # a GPU this worker does not have
         await _set_plan(pod_api, json.dumps({"generation": 3, "groups": [
             {"gpus": [7], "replicas": [_rep("g7", tiny_models["alpha"])]}]}))
         s = await _state(kmock, lambda s: s["observedGeneration"] == 3 and s["errors"])
-        assert "not managed by this worker" in s["errors"][0]
+        assert "not managed by this worker" in _errors(s)["g7"] and s["errors"][0]["gpus"] == [7]
         assert arena.ledger.used_pages == 0  # gen 3 dropped "ok": its pages are back
         assert running.thread.is_alive()
     finally:

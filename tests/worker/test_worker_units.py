@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from warmserve.worker.devices import arena_bytes_for, build_arenas, gpu_inventory
-from warmserve.worker.plan import PlanError, parse_plan, source_path
+from warmserve.worker.plan import PlanError, parse_plan, parse_replica_id, replica_id, source_path
 
 
 def test_plan_parses_contract_example():
@@ -19,9 +19,30 @@ def test_plan_parses_contract_example():
             {"model": "m70", "uid": "u1", "source": "file:///models/m70", "tp": 2, "role": "serve", "kvLend": 5},
             {"model": "m8", "uid": "u2", "source": "/models/m8", "tp": 1, "role": "warm", "kvLend": 0}]}]})
     assert plan.generation == 3
-    assert plan.replicas["u1"].gpus == (2, 3) and plan.replicas["u1"].device_of_rank(1) == "3"
-    assert plan.replicas["u2"].gpus == (2,) and plan.replicas["u2"].path == "/models/m8"
-    assert plan.replicas["u1"].kv_lend == 5
+    assert sorted(plan.replicas) == [("u1", (2, 3)), ("u2", (2,))]  # keyed by (uid, gpus occupied)
+    u1, u2 = plan.replicas[("u1", (2, 3))], plan.replicas[("u2", (2,))]
+    assert u1.device_of_rank(1) == "3" and u1.kv_lend == 5 and u1.id == "u1@2-3"
+    assert u2.path == "/models/m8"
+
+
+def test_plan_accepts_two_replicas_of_one_model_on_different_gpus():
+    rep = {"model": "m", "uid": "u", "source": "/m", "tp": 1, "role": "serve"}
+    plan = parse_plan({"generation": 1, "groups": [{"gpus": [0], "replicas": [rep]},
+                                                   {"gpus": [1], "replicas": [rep]}]})
+    assert sorted(plan.replicas) == [("u", (0,)), ("u", (1,))]
+    with pytest.raises(PlanError, match="duplicate replica"):
+        parse_plan({"generation": 1, "groups": [{"gpus": [0], "replicas": [rep]},
+                                                {"gpus": [0, 1], "replicas": [{**rep, "role": "warm"}]}]})
+
+
+@pytest.mark.parametrize("key", [("u", (0,)), ("9f1c-uid@x", (1, 2, 3))])
+def test_replica_id_round_trips(key):
+    assert parse_replica_id(replica_id(key)) == key
+
+
+@pytest.mark.parametrize("text", ["u", "u/rank0", "@0", "u@", "u@a"])
+def test_parse_replica_id_rejects_other_strings(text):
+    assert parse_replica_id(text) is None
 
 
 @pytest.mark.parametrize("bad, msg", [
@@ -121,7 +142,7 @@ def test_cli_help_and_local_once(tmp_path, tiny_models):
     assert out.returncode == 0, out.stderr
     state = json.loads(state_file.read_text())
     assert state["observedGeneration"] == 4 and state["replicas"][0]["uid"] == "a"
-    assert state["devices"][0]["bytesTotal"] == 8 << 20
+    assert state["devices"][0]["totalBytes"] == 8 << 20 and state["devices"][0]["index"] == 0
 
 
 def test_plugin_register_is_idempotent_and_safe():

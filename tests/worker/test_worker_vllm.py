@@ -81,7 +81,7 @@ def scenario(tiny_models, tmp_path_factory):
         json.dump({"generation": 1, "groups": [group]}, fh)
     result["warm_state"] = step_until(runner, lambda s: set(phases(s).values()) == {"warm"}, 60)
     result["pages_all_warm"] = arena.ledger.used_pages
-    result["pages_alpha"] = arena.ledger.get("uid-alpha/rank0").extent.count
+    result["pages_alpha"] = arena.ledger.get("uid-alpha@0/rank0").extent.count
     # 3. make every weight file unreadable (root ignores chmod, so move them away)
     hidden = []
     for path in tiny_models.values():
@@ -94,12 +94,12 @@ def scenario(tiny_models, tmp_path_factory):
         t0 = time.monotonic()
         result["serving_state"] = step_until(runner, lambda s: phases(s) == {"uid-alpha": "serving"}, 300)
         result["promote_s"] = time.monotonic() - t0
-        rec = engines.engines["uid-alpha"]
+        rec = engines.engines["uid-alpha@0"]
         result["warm_texts"] = [complete(rec.port, "alpha", p) for p in PROMPTS]
         result["pages_after_evict"] = arena.ledger.used_pages
         result["free_extents"] = arena.ledger.free_extents()
         result["page_count"] = arena.ledger.page_count
-        with open(os.path.join(state_dir, "load-report-uid-alpha.json")) as fh:
+        with open(os.path.join(state_dir, "load-report-uid-alpha_0.json")) as fh:
             result["report"] = json.load(fh)
         result["engine_pid"] = rec.pid
         # 4. the agent dies and restarts: same arena file, same engine, no duplicates
@@ -111,7 +111,7 @@ def scenario(tiny_models, tmp_path_factory):
         result["restart_state"] = step_until(runner2, lambda s: phases(s) == {"uid-alpha": "serving"}, 30)
         result["restart_engines"] = dict(engines2.engines)
         result["restart_pages"] = arena2.ledger.used_pages
-        result["restart_text"] = complete(engines2.engines["uid-alpha"].port, "alpha", PROMPTS[0])
+        result["restart_text"] = complete(engines2.engines["uid-alpha@0"].port, "alpha", PROMPTS[0])
         # 5. plan drops everything: engine stopped, pages freed
         with open(plan_path, "w") as fh:
             json.dump({"generation": 3, "groups": []}, fh)
@@ -133,7 +133,7 @@ def test_worker_three_models_prewarmed_in_one_arena(scenario):
     assert sorted(r["uid"] for r in state["replicas"]) == ["uid-alpha", "uid-beta", "uid-gamma"]
     assert all(r["progress"] == 1.0 for r in state["replicas"])
     dev = state["devices"][0]
-    assert dev["bytesUsed"] == scenario["pages_all_warm"] * dev["pageSize"] > 0
+    assert dev["usedBytes"] == scenario["pages_all_warm"] * dev["pageSize"] > 0 and dev["index"] == 0
     assert state["observedGeneration"] == 1
 
 
@@ -152,8 +152,17 @@ def test_worker_promotion_mapped_all_weights_without_files(scenario):
     assert isinstance(report["postprocess_rss_anon_growth_bytes"], int) and report["postprocess_s"] >= 0
     state = scenario["serving_state"]
     (alpha,) = state["replicas"]
-    assert alpha["endpoint"]["ready"] is True
+    assert alpha["ready"] is True and alpha["endpoint"] == state["engines"][0]["endpoint"]
     assert state["engines"][0]["model"] == "alpha"
+
+
+def test_worker_state_of_a_real_engine_parses_with_the_operators_parser(scenario):
+    protocol = pytest.importorskip("warmserve.controller.protocol")
+    parsed = protocol.parse_state(json.dumps(scenario["serving_state"]))
+    (alpha,) = parsed.replicas
+    assert (alpha.uid, alpha.gpus, alpha.phase, alpha.ready) == ("uid-alpha", (0,), "serving", True)
+    assert alpha.endpoint == scenario["serving_state"]["engines"][0]["endpoint"]
+    assert parsed.observed_generation == 2 and parsed.errors == ()
 
 
 def test_worker_other_replicas_evicted_pages_back_in_free_list(scenario):
@@ -165,7 +174,7 @@ def test_worker_other_replicas_evicted_pages_back_in_free_list(scenario):
 
 def test_worker_restart_adopts_engine_and_arena(scenario):
     engines = scenario["restart_engines"]
-    assert list(engines) == ["uid-alpha"] and engines["uid-alpha"].pid == scenario["engine_pid"]
+    assert list(engines) == ["uid-alpha@0"] and engines["uid-alpha@0"].pid == scenario["engine_pid"]
     assert scenario["restart_pages"] == scenario["pages_alpha"]
     assert scenario["restart_text"] == scenario["cold_texts"][0]
     assert not scenario["engine_alive_after_stop"]

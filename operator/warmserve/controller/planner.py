@@ -124,7 +124,9 @@ def rebuild_state(
                 key: EntityKey = (w.pod, tuple(g.gpus), r.uid, r.role)
                 # unknown order (after a restart): engines first, then by location (stable)
                 order = memory.seq.get(key, math.inf)
-                entities.append((order, 0 if r.role == "serve" else 1, n, key, r, reported.get((r.uid, tuple(g.gpus)))))
+                # the worker reports a replica on the GPUs it occupies: the first `tp` of its group
+                phase = reported.get((r.uid, tuple(g.gpus[: r.tp])))
+                entities.append((order, 0 if r.role == "serve" else 1, n, key, r, phase))
     entities.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
     ids: dict[int, EntityKey] = {}
     for _, _, n, key, r, phase in entities:

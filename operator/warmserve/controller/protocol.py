@@ -12,13 +12,18 @@ Plan::
                  "replicas": [{"model": str, "uid": str, "source": str, "tp": int,
                                "role": "warm" | "serve", "kvLend": int}]}]}
 
-State::
+State (written by worker/warmserve/worker/agent.py, `Agent.state`)::
 
-    {"observedGeneration": int,
+    {"observedGeneration": int,            # 0 before the worker has applied any plan
      "devices": [{"index": int, "totalBytes": int, "usedBytes": int, "freeBytes": int}],
      "replicas": [{"model", "uid", "gpus", "phase": "loading|warm|starting|serving|evicting",
                    "progress": float, "endpoint": "host:port" | null, "ready": bool}],
-     "errors": [...], "timings": {...}}
+     "errors": [{"reason": str, "uid": str, "gpus": [int]}],   # uid/gpus only for a replica's failure
+     "timings": {...}}
+
+A replica is identified by `(uid, gpus)`: `gpus` are the GPUs it occupies (the first `tp` of its plan group),
+so two replicas of one model on one worker are distinct. Extra fields the worker writes (documented in
+docs/worker.md) are ignored here.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ STATE_ANNOTATION = "warmserve.io/state"
 POOL_LABEL = "warmserve.io/pool"
 
 ROLES = ("warm", "serve")
-PHASES = ("loading", "warm", "starting", "serving", "evicting", "failed")  # failed: the worker's addition
+PHASES = ("loading", "warm", "starting", "serving", "evicting")
 
 
 class ProtocolError(ValueError):
@@ -194,13 +199,25 @@ class ReplicaState:
 
 
 @dataclass(frozen=True)
+class WorkerError:
+    """One error a worker reports: a rejected plan (no uid) or a replica it could not hold."""
+
+    reason: str
+    uid: str = ""
+    gpus: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.uid} on GPUs {list(self.gpus)}: {self.reason}" if self.uid else self.reason
+
+
+@dataclass(frozen=True)
 class WorkerState:
     """Everything a worker writes into `warmserve.io/state`."""
 
     observed_generation: int
     devices: tuple[DeviceState, ...] = ()
     replicas: tuple[ReplicaState, ...] = ()
-    errors: tuple[str, ...] = ()
+    errors: tuple[WorkerError, ...] = ()
     timings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -208,88 +225,67 @@ class WorkerState:
         return sum(d.free_bytes for d in self.devices)
 
 
-def _first(d: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        if key in d and d[key] is not None:
-            return d[key]
-    return default
+def _gpus(raw: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(raw, list):
+        raise ProtocolError(f"{what} must be a list of GPU indices")
+    return tuple(_int(i, f"{what}[]") for i in raw)
 
 
-def _device_index(d: Mapping[str, Any], position: int) -> int:
-    raw = _first(d, "index", "gpu", default=position)
-    if isinstance(raw, str):
-        digits = raw.rsplit(":", 1)[-1]
-        return int(digits) if digits.isdigit() else position
-    return _int(raw, "devices[].index")
-
-
-def _endpoint(raw: Any) -> tuple[str | None, bool | None]:
-    """ "host:port" or {"host", "port", "ready"} → ("host:port", ready or None)."""
-    if raw is None:
-        return None, None
-    if isinstance(raw, Mapping):
-        host, port = raw.get("host"), raw.get("port")
-        text = f"{host}:{port}" if host and port else None
-        return text, None if raw.get("ready") is None else bool(raw["ready"])
-    return str(raw), None
+def _objects(data: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    items = data.get(key) or []
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+        raise ProtocolError(f"state.{key} must be a list of objects")
+    return items
 
 
 def parse_state(text: str | Mapping[str, Any]) -> WorkerState:
-    """Parse a `warmserve.io/state` annotation.
+    """Parse a `warmserve.io/state` annotation: exactly the shape of DESIGN.md §5 (module docstring).
 
-    The contract is DESIGN.md §5 (`index`, `totalBytes`/`usedBytes`/`freeBytes`, `endpoint: "host:port"`,
-    `ready`). The parser also reads the shape the worker agent writes today (`gpu`, `bytesTotal`/...,
-    `endpoint: {host, port, ready}`, phase `failed`, `observedGeneration: null`) so that either side can
-    move to the contract without breaking the other. Anything else is a `ProtocolError`.
+    Anything else (a missing required field, a wrong type, an unknown phase) is a `ProtocolError`.
     """
     data = _load(text, "state")
-    observed_raw = data.get("observedGeneration")
-    observed = 0 if observed_raw is None else _int(observed_raw, "state.observedGeneration")
-    devices = []
-    for position, d in enumerate(data.get("devices") or []):
-        if not isinstance(d, Mapping):
-            raise ProtocolError("state.devices[] must be objects")
-        try:
-            devices.append(
-                DeviceState(
-                    index=_device_index(d, position),
-                    total_bytes=_int(_first(d, "totalBytes", "bytesTotal", default=0), "totalBytes"),
-                    used_bytes=_int(_first(d, "usedBytes", "bytesUsed", default=0), "usedBytes"),
-                    free_bytes=_int(_first(d, "freeBytes", "bytesFree", default=0), "freeBytes"),
-                )
+    observed = _int(data.get("observedGeneration"), "state.observedGeneration")
+    try:
+        devices = tuple(
+            DeviceState(
+                index=_int(d["index"], "devices[].index"),
+                total_bytes=_int(d["totalBytes"], "devices[].totalBytes"),
+                used_bytes=_int(d["usedBytes"], "devices[].usedBytes"),
+                free_bytes=_int(d["freeBytes"], "devices[].freeBytes"),
             )
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ProtocolError):
-                raise
-            raise ProtocolError(f"state device malformed: {exc}") from exc
-    replicas = []
-    for r in data.get("replicas") or []:
-        if not isinstance(r, Mapping):
-            raise ProtocolError("state.replicas[] must be objects")
-        try:
+            for d in _objects(data, "devices")
+        )
+        replicas = []
+        for r in _objects(data, "replicas"):
             phase = str(r["phase"])
             if phase not in PHASES:
                 raise ProtocolError(f"state replica phase {phase!r} is not one of {PHASES}")
-            endpoint, endpoint_ready = _endpoint(r.get("endpoint"))
-            ready = r.get("ready")
+            endpoint = r.get("endpoint")
+            if endpoint is not None and not isinstance(endpoint, str):
+                raise ProtocolError(f'state replica endpoint must be "host:port" or null, got {endpoint!r}')
             replicas.append(
                 ReplicaState(
                     model=str(r["model"]),
-                    uid=str(r.get("uid", "")),
-                    gpus=tuple(_int(i, "replicas[].gpus[]") for i in r.get("gpus") or []),
+                    uid=str(r["uid"]),
+                    gpus=_gpus(r["gpus"], "replicas[].gpus"),
                     phase=phase,
                     progress=float(r.get("progress") or 0.0),
                     endpoint=endpoint,
-                    ready=bool(ready) if ready is not None else bool(endpoint_ready),
+                    ready=r.get("ready") is True,
                 )
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ProtocolError):
-                raise
-            raise ProtocolError(f"state replica malformed: {exc}") from exc
-    errors = tuple(e if isinstance(e, str) else json.dumps(e, sort_keys=True) for e in data.get("errors") or [])
+        errors = tuple(
+            WorkerError(str(e["reason"]), str(e.get("uid") or ""), _gpus(e.get("gpus") or [], "errors[].gpus"))
+            for e in _objects(data, "errors")
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError(f"state malformed: missing or invalid {exc}") from exc
     timings = data.get("timings") or {}
-    return WorkerState(observed, tuple(devices), tuple(replicas), errors, dict(timings))
+    if not isinstance(timings, Mapping):
+        raise ProtocolError("state.timings must be an object")
+    return WorkerState(observed, devices, tuple(replicas), errors, dict(timings))
 
 
 def plan_of_pod(pod: Mapping[str, Any]) -> Plan | None:

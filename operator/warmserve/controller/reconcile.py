@@ -155,7 +155,7 @@ def pool_status(
         if w.state is not None:
             reporting += 1
             entry["observedGeneration"] = w.state.observed_generation
-            entry["errors"] = list(w.state.errors)[:20]
+            entry["errors"] = [str(e) for e in w.state.errors][:20]
             errors.extend(f"{w.pod}: {e}" for e in w.state.errors)
             devices = []
             for d in w.state.devices:
@@ -241,9 +241,8 @@ def observe_models(workers: Sequence[WorkerView]) -> dict[str, ModelObservation]
             elif r.phase == "loading":
                 o.prewarming += 1
         for e in w.state.errors:
-            for uid in obs:
-                if uid and uid in e:
-                    obs[uid].errors.append(f"{w.pod}: {e}")
+            if e.uid in obs:
+                obs[e.uid].errors.append(f"{w.pod}: {e}")
     for o in obs.values():
         o.endpoints.sort()
     return obs

@@ -34,7 +34,7 @@ COST_SOURCES: dict[str, str] = {
     "promotion maps prewarmed weights without copying, so a wake that copies weights back bounds it from above.",
     "engine_start_s": "cold engine start excluding weight loading. A full vLLM reload of a 0.6 B model (weights "
     "< 1 s) takes 37.6 s on A100 (vLLM blog); NVIDIA Dynamo's snapshot restore brings a cold start to ≈ 10 s, "
-    "the fastest public figure, used here in the baseline's favour. Swept from 0.5 s to 40 s.",
+    "the fastest public figure, used here in the baseline's favour. Swept from 1 s to 30 s.",
     "share_contention": "assumption: MPS spatial sharing recovers about half of the time-slicing slow-down "
     "(MuxServe reports up to 1.8× throughput from multiplexing, ICML'24).",
     "share_min_kv_fraction": "assumption: keep ≥ 30 % of each shared GPU for KV cache when packing models.",

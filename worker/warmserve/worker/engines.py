@@ -2,8 +2,11 @@
 
 Every engine is a process group started from :mod:`warmserve.worker.engine_shell`
 (``start_new_session``), so stopping it kills vLLM's engine-core and worker
-children too. Each running engine is recorded in ``<state_dir>/engines/<uid>.json``
-(pid, port, model); a restarted agent adopts live records whose process is
+children too. Engines are keyed by an opaque string ``uid`` chosen by the caller:
+the agent passes the replica id ``"<ModelDeployment uid>@<gpus>"``
+(:func:`warmserve.worker.plan.replica_id`), so two engines of one model on
+different GPUs of one worker are distinct. Each running engine is recorded in
+``<state_dir>/engines/<uid>.json`` (pid, port, model); a restarted agent adopts live records whose process is
 still an engine shell and deletes stale ones, so engines are never duplicated
 or orphaned.
 """

@@ -6,7 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-PHASES = ("loading", "warm", "starting", "serving", "evicting", "failed")
+#: Replica phases of the state contract (DESIGN.md §5); failures are counted from ``errors``.
+PHASES = ("loading", "warm", "starting", "serving", "evicting")
 
 
 class WorkerMetrics:
@@ -16,6 +17,8 @@ class WorkerMetrics:
                                  ["gpu", "kind"], registry=self.registry)
         self.replicas = Gauge("warmserve_worker_replicas", "Replicas held, by phase", ["phase"],
                               registry=self.registry)
+        self.errors = Gauge("warmserve_worker_errors", "Errors in the published state (plan and per-replica)",
+                            registry=self.registry)
         self.generation = Gauge("warmserve_worker_observed_generation", "Plan generation applied",
                                 registry=self.registry)
         self.ops = Counter("warmserve_worker_operations", "Operations by kind and outcome", ["op", "outcome"],
@@ -32,15 +35,15 @@ class WorkerMetrics:
 
     def observe_state(self, state: dict[str, Any]) -> None:
         for dev in state["devices"]:
-            for kind, key in (("total", "bytesTotal"), ("used", "bytesUsed"), ("free", "bytesFree")):
-                self.arena_bytes.labels(dev["gpu"], kind).set(dev[key])
+            for kind, key in (("total", "totalBytes"), ("used", "usedBytes"), ("free", "freeBytes")):
+                self.arena_bytes.labels(str(dev["index"]), kind).set(dev[key])
         counts = dict.fromkeys(PHASES, 0)
         for rep in state["replicas"]:
             counts[rep["phase"]] = counts.get(rep["phase"], 0) + 1
         for phase, n in counts.items():
             self.replicas.labels(phase).set(n)
-        if state.get("observedGeneration") is not None:
-            self.generation.set(state["observedGeneration"])
+        self.errors.set(len(state["errors"]))
+        self.generation.set(state["observedGeneration"])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

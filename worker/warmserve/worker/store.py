@@ -1,6 +1,9 @@
 """Weight store: stream safetensors shards straight into arena pages.
 
-One replica = one TP-rank shard of one model on one device. Prewarming a
+One replica = one TP-rank shard of one model on one device. The store is keyed
+by an opaque string ``uid`` chosen by the caller; the agent passes the replica id
+``"<ModelDeployment uid>@<gpus>"`` (:func:`warmserve.worker.plan.replica_id`), so
+two replicas of one model on different GPUs are different keys. Prewarming a
 replica: parse the headers, allocate one contiguous page run for all its
 tensors (fails cleanly with :class:`ArenaFullError` when it cannot fit), then
 stream the bytes in. Two data paths:
