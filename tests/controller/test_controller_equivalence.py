@@ -1,7 +1,8 @@
 """The operator loop decides exactly what a persistent policy state decides, round after round.
 
-The simulator keeps one `ClusterState` in memory and drives `WarmServePolicy` each control step in the
-order lend → place → autoscale (`warmserve.sim.engine`, `_control`). The operator cannot keep that object:
+The simulator keeps one `ClusterState` in memory and calls `WarmServePolicy.step` (lend → place →
+autoscale) on it every control tick (`warmserve.sim.engine.Simulation._control`). The operator cannot keep
+that object:
 its truth is the plans on the worker pods, so `planner.plan_round` rebuilds the state from the plans each
 round. This test feeds one recorded scenario (per-round load, forecast demand, and worker reports that
 follow the plans one round late) to both a persistent reference driven like the simulator and to the
@@ -20,7 +21,7 @@ from warmserve.controller.protocol import Plan, WorkerState
 from warmserve.controller.protocol import ReplicaState as RS
 from warmserve.core.autoscaler import EngineView
 from warmserve.core.cluster import ClusterState
-from warmserve.core.policy import EngineLoad, WarmServePolicy
+from warmserve.core.policy import EngineLoad, StepInput, WarmServePolicy
 from warmserve.core.types import GB, Demand, ModelProfile, NodeSpec
 
 GPU_BYTES = 72 * GB
@@ -74,37 +75,26 @@ class PersistentReference:
         for iid, inst in self.state.instances.items():
             inst.phase = "serving"
             self.ready_at.setdefault(iid, now)
-        loads = {}
+        loads, views = {}, {}
         for m in self.models:
             engines = self.state.instances_of(m.uid)
             for inst in engines:
                 loads[inst.iid] = EngineLoad(math.ceil(peak[m.uid] / len(engines)), 0)
-        lend = self.policy.lend(self.state, loads)
-        for rid in lend.evict:
-            self.state.evict(rid)
-        for gpu, nbytes in lend.lent.items():
-            self.state.set_lent(gpu, nbytes)
-        placement = self.policy.place(self.state, demand)
-        for rid in placement.evict:
-            self.state.evict(rid)
-        for new in placement.add:
-            replica = self.state.add_replica(new.model, new.group, new.bytes_per_gpu)
-            self.policy.record_added(replica.rid, new.score)
-        promotions = []
-        for m in self.models:
-            engines = self.state.instances_of(m.uid)
             share = load[m.uid] / len(engines) if engines else 0.0
-            views = [EngineView(i.iid, self.ready_at.get(i.iid, now), round(share)) for i in engines]
-            decision = self.policy.scale(now, m.uid, load[m.uid], views, m.min_replicas, m.max_replicas)
-            for iid in decision.stop:
-                self.state.stop_instance(iid)
-            for _ in range(decision.start):
-                choice = self.policy.choose_group(self.state, m.uid)
-                if choice is None:
-                    break
-                promo = self.state.start_instance(m.uid, choice[0], m.profile.shard_bytes, now)
-                promotions.append((m.uid, promo.source))
-        return promotions
+            views[m.uid] = [EngineView(i.iid, self.ready_at.get(i.iid, now), round(share)) for i in engines]
+        # exactly the call the simulator makes each tick (with its own effects; these only keep the books)
+        record = self.policy.step(
+            self.state,
+            StepInput(
+                now,
+                load,
+                views,
+                loads,
+                demand,
+                bounds={m.uid: (m.min_replicas, m.max_replicas) for m in self.models},
+            ),
+        )
+        return [(model, source) for model, _group, source in record.started]
 
 
 def snapshot(state: ClusterState, scores: dict[int, float]) -> tuple:

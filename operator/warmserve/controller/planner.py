@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from warmserve.controller.protocol import Plan, PlanGroup, PlanReplica, WorkerState
 from warmserve.core.autoscaler import EngineView
 from warmserve.core.cluster import ClusterState, PlanError
-from warmserve.core.policy import EngineLoad, WarmServePolicy
+from warmserve.core.policy import EngineLoad, NoEffects, StepInput, StepRecord, WarmServePolicy
 from warmserve.core.types import Demand, GpuGroup, ModelProfile, NodeSpec
 
 EntityKey = tuple[str, tuple[int, ...], str, str]  # (pod, gpus, uid, role)
@@ -91,6 +91,7 @@ class RoundOutput:
     promotions: list[tuple[str, str]] = field(default_factory=list)  # (uid, "hit" | "loading" | "cold")
     stops: list[str] = field(default_factory=list)  # uids whose engine stopped
     state: ClusterState | None = None
+    record: StepRecord | None = None  # what the core step decided, in order
 
 
 def _reported(worker: WorkerSnapshot) -> dict[tuple[str, tuple[int, ...]], str]:
@@ -223,50 +224,34 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
             ready_at.setdefault(ids[iid], inp.now)
     out = RoundOutput(plans={}, state=state)
 
-    # 1. proactive prewarming: KV space each engine lends (taken back first when an engine needs it)
-    loads: dict[int, EngineLoad] = {}
+    # One core step, exactly what the simulator runs each tick: lend KV (proactive prewarming), place warm
+    # replicas for the forecast (when `place`), then autoscale on the measured load. Workers do not report
+    # per-engine in-flight requests, so a model's load is split evenly over its engines, and a retired
+    # engine stops at once (its worker drains it).
     lend_load = inp.lend_load if inp.lend_load is not None else inp.load
+    loads: dict[int, EngineLoad] = {}
+    views: dict[str, list[EngineView]] = {}
     by_model = _instances_by_model(state)
     for m in inp.models:
         engines = by_model.get(m.uid, [])
         for inst in engines:
             loads[inst.iid] = EngineLoad(math.ceil(float(lend_load.get(m.uid, 0.0)) / len(engines)), 0)
-    lend = policy.lend(state, loads)
-    for rid in lend.evict:
-        if rid in state.replicas:
-            state.evict(rid)
-    for gpu, nbytes in lend.lent.items():
-        state.set_lent(gpu, nbytes)
-
-    # 2. evict-aware placement of warm replicas for the forecast demand
-    if place:
-        placement = policy.place(state, {uid: inp.demand.get(uid, Demand(0.0, 0.0)) for uid in models})
-        for rid in placement.evict:
-            if rid in state.replicas:
-                state.evict(rid)
-        for new in placement.add:
-            replica = state.add_replica(new.model, new.group, new.bytes_per_gpu)
-            policy.record_added(replica.rid, new.score)
-
-    # 3. reactive autoscaling on the measured load (stops keep their weights as warm replicas)
-    by_model = _instances_by_model(state)  # a model's starts and stops never touch another model's engines
-    for m in inp.models:
-        load = float(inp.load.get(m.uid, 0.0))
-        engines = [i for i in by_model.get(m.uid, []) if i.phase != "draining"]
-        share = load / len(engines) if engines else 0.0
+        serving = [i for i in engines if i.phase != "draining"]
+        share = float(inp.load.get(m.uid, 0.0)) / len(serving) if serving else 0.0
         # protection runs from readiness, as in the simulator; an engine not serving yet is protected
-        views = [EngineView(i.iid, ready_at.get(ids.get(i.iid), inp.now), round(share)) for i in engines]
-        decision = policy.scale(inp.now, m.uid, load, views, m.min_replicas, m.max_replicas)
-        for iid in decision.stop:
-            state.stop_instance(iid)
-            out.stops.append(m.uid)
-        for _ in range(decision.start):
-            choice = policy.choose_group(state, m.uid)
-            if choice is None:
-                break
-            group, _source = choice
-            promo = state.start_instance(m.uid, group, m.profile.shard_bytes, inp.now)
-            out.promotions.append((m.uid, promo.source))
+        views[m.uid] = [EngineView(i.iid, ready_at.get(ids.get(i.iid), inp.now), round(share)) for i in serving]
+    demand = {uid: inp.demand.get(uid, Demand(0.0, 0.0)) for uid in models} if place else None
+    step = StepInput(
+        now=inp.now,
+        load={m.uid: float(inp.load.get(m.uid, 0.0)) for m in inp.models},
+        engines=views,
+        engine_loads=loads,
+        demand=demand,
+        bounds={m.uid: (m.min_replicas, m.max_replicas) for m in inp.models},
+    )
+    out.record = policy.step(state, step, NoEffects(state))
+    out.stops.extend(model for model, _group in out.record.draining)
+    out.promotions.extend((model, source) for model, _group, source in out.record.started)
 
     out.memory = _remember(
         state, pods, ids, policy, PlannerMemory(inp.memory.seq, {}, {}, ready_at, inp.memory.next_seq)

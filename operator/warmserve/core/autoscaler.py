@@ -12,6 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+def engines_for(load: float, per_engine: float) -> int:
+    """Engines needed so that each carries at most ``per_engine`` of ``load`` (0 for no load).
+
+    The tiny tolerance keeps a load of exactly ``k × per_engine`` at ``k`` engines despite float rounding
+    (3 × 32 × 0.8 is 76.80000000000001), so the autoscaler and the placement always agree.
+    """
+    return math.ceil(load / per_engine - 1e-9) if load > 0 else 0
+
+
 @dataclass(frozen=True)
 class AutoscalerParams:
     upper: float = 0.8  # scale up above this share of batch capacity
@@ -52,9 +61,9 @@ def decide_scale(
     capacity = count * max_batch
     target = count
     if load > params.upper * capacity:
-        target = math.ceil(load / (params.upper * max_batch))
+        target = engines_for(load, params.upper * max_batch)
     elif load < params.lower * capacity:
-        target = math.ceil(load / (params.lower * max_batch)) if load > 0 else 0
+        target = engines_for(load, params.lower * max_batch)
     target = max(target, min_replicas)
     if max_replicas is not None:
         target = min(target, max_replicas)

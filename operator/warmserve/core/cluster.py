@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from warmserve.core.types import GpuGroup, NodeSpec
 
@@ -79,6 +80,7 @@ class Promotion:
     instance: Instance
     source: str  # "hit" (a warm replica), "loading" (a replica still loading) or "cold"
     evicted: list[WarmReplica] = field(default_factory=list)
+    consumed: WarmReplica | None = None  # the replica whose weights the engine took over (hit or loading)
 
 
 class ClusterState:
@@ -95,6 +97,7 @@ class ClusterState:
         self._used: dict[Gpu, int] = dict.fromkeys(self._replicas_on, 0)
         self._engine_on: dict[Gpu, int] = {}
         self._lent: dict[Gpu, int] = {}
+        self._gpus_of: dict[GpuGroup, tuple[Gpu, ...]] = {}
 
     # ----------------------------------------------------------------- queries
     def all_gpus(self) -> Iterator[Gpu]:
@@ -102,8 +105,11 @@ class ClusterState:
             for i in range(node.gpus):
                 yield (n, i)
 
-    def gpus_of(self, group: GpuGroup) -> list[Gpu]:
-        return [(group.node, i) for i in group.gpus]
+    def gpus_of(self, group: GpuGroup) -> tuple[Gpu, ...]:
+        gpus = self._gpus_of.get(group)
+        if gpus is None:  # memoised: the placement and the operator ask for the same groups all the time
+            gpus = self._gpus_of[group] = tuple((group.node, i) for i in group.gpus)
+        return gpus
 
     def valid_group(self, group: GpuGroup) -> bool:
         return 0 <= group.node < len(self.nodes) and group.start + group.size <= self.nodes[group.node].gpus
@@ -131,6 +137,14 @@ class ClusterState:
 
     def lent(self, gpu: Gpu) -> int:
         return self._lent.get(gpu, 0)
+
+    def used_by_gpu(self) -> Mapping[Gpu, int]:
+        """Warm-replica bytes per GPU (read-only view, for vectorised callers such as the placement)."""
+        return MappingProxyType(self._used)
+
+    def engine_gpus(self) -> KeysView[Gpu]:
+        """GPUs that run an engine."""
+        return self._engine_on.keys()
 
     def engine_on(self, gpu: Gpu) -> Instance | None:
         iid = self._engine_on.get(gpu)
@@ -204,13 +218,19 @@ class ClusterState:
             raise PlanError(f"group {group} does not exist in this cluster")
         if self.group_has_engine(group):
             raise PlanError(f"group {group} already runs an engine")
+        for gpu in self.gpus_of(group):
+            if weight_bytes_per_gpu > self.capacity(gpu):
+                raise PlanError(
+                    f"GPU {gpu} holds {self.capacity(gpu)} bytes, an engine of {model} needs {weight_bytes_per_gpu}"
+                )
         before = self._roles(group)
         source = "cold"
         evicted: list[WarmReplica] = []
+        consumed: WarmReplica | None = None
         for replica in self.replicas_overlapping(group):
             if replica.model == model and replica.group == group:
                 source = "hit" if replica.warm else "loading"
-                self.evict(replica.rid)  # its pages now belong to the engine
+                consumed = self.evict(replica.rid)  # its pages now belong to the engine
             else:
                 evicted.append(self.evict(replica.rid))
         instance = Instance(next(self._ids), model, group, weight_bytes_per_gpu, now)
@@ -219,7 +239,7 @@ class ClusterState:
             self._engine_on[gpu] = instance.iid
             self._lent[gpu] = 0
         self._check_transitions(group, before)
-        return Promotion(instance, source, evicted)
+        return Promotion(instance, source, evicted, consumed)
 
     def stop_instance(self, iid: int) -> WarmReplica:
         """Stop an engine; its weights stay on the group as a warm replica (dedicated → universal)."""

@@ -32,12 +32,14 @@ per-node GPU arrays, which keeps a round over 1,024 GPUs and 200 models in milli
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from warmserve.core.autoscaler import engines_for
 from warmserve.core.cluster import ClusterState
 from warmserve.core.types import Demand, GpuGroup, ModelProfile
 
@@ -77,27 +79,26 @@ class PlacementDecision:
 
 def engines_needed(load: float, profile: ModelProfile, upper: float) -> int:
     """Engines the autoscaler keeps for ``load`` concurrent requests (0 for no load)."""
-    return math.ceil(load / (profile.max_batch * upper) - 1e-9) if load > 0 else 0
+    return engines_for(load, profile.max_batch * upper)
 
 
 def replica_slots(profile: ModelProfile, demand: Demand, running_engines: int, params: PlacementParams) -> list[Slot]:
     """The warm replicas ``profile`` asks for, highest score first."""
     need_avg = engines_needed(demand.avg, profile, params.upper)
     need_peak = engines_needed(demand.peak, profile, params.upper)
-    n_foundation = max(need_avg - running_engines, profile.min_warm, 0)
-    n_burst = max(need_peak - max(running_engines, need_avg) - max(n_foundation - need_avg, 0), 0)
+    n_burst = max(need_peak - max(running_engines, need_avg), 0)
+    # min_warm is a floor on the warm replicas, not an addition to what the forecast asks for
+    n_foundation = max(need_avg - running_engines, profile.min_warm - n_burst, 0)
     total = n_foundation + n_burst
     if total == 0:
         return []
     cold = profile.shard_bytes / params.load_bandwidth * profile.priority
     burst_factor = min(demand.peak / demand.avg, BURST_FACTOR_CAP) if demand.avg > 0 else BURST_FACTOR_CAP
     burst_factor = max(burst_factor, 1.0)
-    slots = [Slot(profile.name, j, math.exp(-j / total) * cold) for j in range(n_foundation)]
-    slots += [
-        Slot(profile.name, n_foundation + j, math.exp(-(n_foundation + j) / total) * cold * burst_factor)
-        for j in range(n_burst)
-    ]
-    return slots
+    scores = [math.exp(-j / total) * cold for j in range(n_foundation)]
+    scores += [math.exp(-(n_foundation + j) / total) * cold * burst_factor for j in range(n_burst)]
+    # A burst slot (× peak/avg) can outrank a foundation slot: hand them out highest score first.
+    return [Slot(profile.name, j, score) for j, score in enumerate(sorted(scores, reverse=True))]
 
 
 class _Grid:
@@ -114,14 +115,29 @@ class _Grid:
         self.used = np.zeros(total, dtype=np.int64)
         self.pending = np.zeros(total, dtype=np.int64)  # bytes of not-yet-visited (lower-score) replicas
         self.engine = np.zeros(total, dtype=bool)
-        for gpu in state.all_gpus():
-            flat = self.flat(gpu[0], gpu[1])
-            self.budget[flat] = state.budget(gpu)
-            self.used[flat] = state.used(gpu)
-            self.engine[flat] = state.engine_on(gpu) is not None
-        # score sums and kept-replica counts of replicas sitting exactly on each group, per level
-        self.score_sum = [np.zeros(total >> level) for level in range(self.levels)]
-        self.kept_count = [np.zeros(total >> level, dtype=np.int32) for level in range(self.levels)]
+        width = self.width
+        for n, node in enumerate(state.nodes):
+            self.budget[n * width : n * width + node.gpus] = node.gpu_bytes
+        for (n, i), nbytes in state.used_by_gpu().items():
+            self.used[n * width + i] = nbytes
+        for n, i in state.engine_gpus():
+            self.engine[n * width + i] = True
+            self.budget[n * width + i] = state.lent((n, i))
+        # per level, for each group: total score / count of kept replicas over every group nested with it,
+        # kept up to date on each change (O(levels) small slices) instead of recomputed per replica
+        self.ov_score = [np.zeros(total >> level) for level in range(self.levels)]
+        self.ov_kept = [np.zeros(total >> level, dtype=np.int32) for level in range(self.levels)]
+        self.exact_score = [np.zeros(total >> level) for level in range(self.levels)]  # replicas exactly on a group
+
+    def overlap(self, level: int, arrays: list[np.ndarray]) -> np.ndarray:
+        """Per size-``2**level`` group, the total of ``arrays`` over every group nested with it."""
+        total = np.zeros(len(self.budget) >> level, dtype=arrays[0].dtype)
+        for other, values in enumerate(arrays):
+            if other <= level:  # groups inside: sum them up
+                total += values.reshape(-1, 1 << (level - other)).sum(axis=1)
+            else:  # groups around: each covers 2**(other-level) of ours
+                total += np.repeat(values, 1 << (other - level))
+        return total
 
     def flat(self, node: int, gpu: int) -> int:
         return node * self.width + gpu
@@ -139,27 +155,25 @@ class _Grid:
         flat = index * size
         return GpuGroup(flat // self.width, flat % self.width, size)
 
-    def overlap(self, level: int, arrays: list[np.ndarray]) -> np.ndarray:
-        """Per size-``2**level`` group, the total of ``arrays`` over every group nested with it."""
-        total = np.zeros(len(self.budget) >> level, dtype=arrays[0].dtype)
+    def bump(self, arrays: list[np.ndarray], group: GpuGroup, delta: float) -> None:
+        """Add ``delta`` to every group nested with ``group`` (inside it or around it), at every level."""
+        level, index = self.level_index(group)
         for other, values in enumerate(arrays):
-            if other <= level:  # groups inside: sum them up
-                total += values.reshape(-1, 1 << (level - other)).sum(axis=1)
-            else:  # groups around: each covers 2**(other-level) of ours
-                total += np.repeat(values, 1 << (other - level))
-        return total
+            if other <= level:
+                shift = level - other
+                values[index << shift : (index + 1) << shift] += delta
+            else:
+                values[index >> (other - level)] += delta
 
     def add(self, group: GpuGroup, nbytes: int, score: float, kept: bool) -> None:
         self.used[self.span(group)] += nbytes
-        level, index = self.level_index(group)
-        self.score_sum[level][index] += score
+        self.bump(self.ov_score, group, score)
         if kept:
-            self.kept_count[level][index] += 1
+            self.bump(self.ov_kept, group, 1)
 
     def remove(self, group: GpuGroup, nbytes: int, score: float) -> None:
         self.used[self.span(group)] -= nbytes
-        level, index = self.level_index(group)
-        self.score_sum[level][index] -= score
+        self.bump(self.ov_score, group, -score)
 
 
 def plan_placement(
@@ -184,6 +198,7 @@ def plan_placement(
 
     # Existing replicas take their model's first slots (warm before loading); the rest score 0 and go.
     existing: list[tuple[float, int]] = []  # (score, rid)
+    slot_of: dict[int, int] = {}  # existing replica → the index of the slot it holds
     by_model: dict[str, list] = {}
     for replica in state.replicas.values():
         by_model.setdefault(replica.model, []).append(replica)
@@ -195,13 +210,18 @@ def plan_placement(
             if position < len(model_slots):
                 score = model_slots[position].score
                 existing.append((score, replica.rid))
-                grid.score_sum[grid.level_index(replica.group)[0]][grid.level_index(replica.group)[1]] += score
+                slot_of[replica.rid] = position
+                level, index = grid.level_index(replica.group)
+                grid.exact_score[level][index] += score
                 grid.pending[grid.span(replica.group)] += replica.bytes_per_gpu
             else:
                 decision.evict.append(replica.rid)
                 grid.used[grid.span(replica.group)] -= replica.bytes_per_gpu
         if model in slots:
             slots[model] = model_slots[len(replicas) :]
+
+    grid.ov_score = [grid.overlap(level, grid.exact_score) for level in range(grid.levels)]
+    grid.ov_pending = [values.copy() for values in grid.ov_score]  # only replicas that may still be evicted
 
     # Model → flat GPU indices it already occupies (same-model replicas never share a GPU).
     occupied: dict[str, list[int]] = {}
@@ -215,24 +235,30 @@ def plan_placement(
         start = grid.flat(replica.group.node, replica.group.start)
         occupied.setdefault(replica.model, []).extend(range(start, start + replica.group.size))
 
-    queue: list[tuple[float, int, str, int, int]] = [(-s, 0, state.replicas[r].model, r, 0) for s, r in existing]
-    queue += [(-slot.score, 1, slot.model, slot.index, 0) for model_slots in slots.values() for slot in model_slots]
-    queue.sort()
+    # A heap, because a replica evicted to make room re-enters it as a new slot of its (lower) score.
+    queue: list[tuple[float, int, str, int]] = [(-s, 0, state.replicas[r].model, r) for s, r in existing]
+    queue += [(-slot.score, 1, slot.model, slot.index) for model_slots in slots.values() for slot in model_slots]
+    heapq.heapify(queue)
     pending = dict(scores)  # existing replicas not visited yet (all of a lower score than the visitor)
 
-    for neg_score, is_new, model, key, _ in queue:
+    while queue:
+        neg_score, is_new, model, key = heapq.heappop(queue)
         score = -neg_score
         if not is_new:
             if key in pending:  # visited: from now on it is protected from lower-score replicas
                 del pending[key]
                 replica = state.replicas[key]
                 grid.pending[grid.span(replica.group)] -= replica.bytes_per_gpu
-                level, index = grid.level_index(replica.group)
-                grid.kept_count[level][index] += 1
+                grid.bump(grid.ov_kept, replica.group, 1)
+                grid.bump(grid.ov_pending, replica.group, -score)
                 decision.kept[key] = score
             continue
         profile = profiles[model]
+        evicted_before = len(decision.evict)
         placed = _place_one(grid, state, profile, score, occupied.get(model, []), pending, decision)
+        for rid in decision.evict[evicted_before:]:  # still wanted: try to place it elsewhere, later
+            victim = state.replicas[rid]
+            heapq.heappush(queue, (-scores[rid], 1, victim.model, slot_of[rid]))
         if placed is None:
             decision.unplaced.append(Slot(model, key, score))
             continue
@@ -264,9 +290,9 @@ def _place_one(
     excluded_group = excluded.reshape(-1, size).any(axis=1)
     free = grid.budget - grid.used
     fits = (free.reshape(-1, size).min(axis=1) >= need) & ~excluded_group
-    overlap_sum = grid.overlap(level, grid.score_sum)
+    overlap_sum = grid.ov_score[level]
     if fits.any():
-        interferes = grid.overlap(level, grid.kept_count) > 0
+        interferes = grid.ov_kept[level] > 0
         on_engine = grid.engine.reshape(-1, size).any(axis=1)
         candidates = np.flatnonzero(fits)
         order = np.lexsort((candidates, overlap_sum[candidates], interferes[candidates], on_engine[candidates]))
@@ -275,15 +301,26 @@ def _place_one(
     candidates = np.flatnonzero(reclaimable & ~excluded_group)
     if not len(candidates):
         return None
-    best = int(candidates[np.argmin(overlap_sum[candidates] + candidates * 1e-12)])
+    # the group whose evictable replicas carry the least score: a victim never outranks the newcomer
+    best = int(candidates[np.argmin(grid.ov_pending[level][candidates] + candidates * 1e-12)])
     group = grid.group_of(level, best)
-    # Only replicas not visited yet can be victims, and those all score at most ``score``.
+    # Only replicas not visited yet can be victims, and those all score at most ``score``. Lowest score
+    # first, and only those that sit on a GPU of the group that is still short of room.
     victims = sorted((pending[r.rid], r.rid) for r in state.replicas_overlapping(group) if r.rid in pending)
+    span = grid.span(group)
     for victim_score, rid in victims:
-        if (grid.budget - grid.used)[grid.span(group)].min() >= need:
+        short = (grid.budget[span] - grid.used[span]) < need
+        if not short.any():
             break
         replica = state.replicas[rid]
+        inside = range(
+            max(replica.group.start, group.start),
+            min(replica.group.start + replica.group.size, group.start + group.size),
+        )
+        if not any(short[i - group.start] for i in inside):
+            continue
         grid.remove(replica.group, replica.bytes_per_gpu, victim_score)
+        grid.bump(grid.ov_pending, replica.group, -victim_score)
         grid.pending[grid.span(replica.group)] -= replica.bytes_per_gpu
         del pending[rid]
         decision.evict.append(rid)

@@ -9,18 +9,22 @@ operator does:
 * :meth:`WarmServePolicy.place` — which warm replicas to keep, drop and add (evict-aware placement, or
   the round-robin ablation);
 * :meth:`WarmServePolicy.lend` — how much KV space each running engine lends to prewarming (proactive
-  prewarming), and which lent replicas must go when an engine needs its space back.
+  prewarming), and which lent replicas must go when an engine needs its space back;
+* :meth:`WarmServePolicy.step` — one whole control step in a fixed order (lend → place → autoscale),
+  applied to a `ClusterState`. The simulator's control tick and the operator's round both are this call;
+  what only one of them does (timing loads, writing plans) happens in its `StepEffects`.
 
 Callers own time: every method takes ``now`` or nothing and never reads a clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from warmserve.core.autoscaler import AutoscalerParams, EngineView, ScaleDecision, decide_scale
-from warmserve.core.cluster import ClusterState, Gpu
+from warmserve.core.cluster import ClusterState, Gpu, Instance, Promotion, Role, WarmReplica
 from warmserve.core.placement import (
     NewReplica,
     PlacementDecision,
@@ -53,6 +57,65 @@ class EngineLoad:
 class LendDecision:
     lent: dict[Gpu, int] = field(default_factory=dict)
     evict: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """What one control step observes."""
+
+    now: float
+    load: Mapping[str, float]  # per model: concurrency over the autoscaler window (in flight + queued)
+    engines: Mapping[str, Sequence[EngineView]]  # per model: its engines that are not draining
+    engine_loads: Mapping[int, EngineLoad] = field(default_factory=dict)  # per engine: for KV lending
+    demand: Mapping[str, Demand] | None = None  # forecast per model; None = no placement this step
+    bounds: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)  # (min, max) replicas
+    scale: bool = True  # False: lend and place only (e.g. prewarming before any traffic)
+
+
+@dataclass
+class StepRecord:
+    """Everything a step decided, in order, for logs, metrics and equivalence tests."""
+
+    evicted: list[tuple[str, GpuGroup, str]] = field(default_factory=list)  # model, group, reason
+    added: list[tuple[str, GpuGroup]] = field(default_factory=list)
+    draining: list[tuple[str, GpuGroup]] = field(default_factory=list)
+    started: list[tuple[str, GpuGroup, str]] = field(default_factory=list)  # model, group, source
+
+
+class StepEffects(Protocol):
+    """What a driver does beside the bookkeeping in `ClusterState` (which the step itself does)."""
+
+    def evicting(self, replica: WarmReplica, reason: str) -> None:
+        """Called just before ``replica`` is evicted (reason: kv-reclaim, placement or promotion)."""
+
+    def added(self, replica: WarmReplica, score: float) -> None:
+        """Called after a new replica was booked: its load starts now."""
+
+    def draining(self, instance: Instance) -> None:
+        """Called when the autoscaler retires ``instance`` (now in phase "draining"); the driver stops it
+        with `ClusterState.stop_instance` once it has no request left."""
+
+    def started(self, promotion: Promotion) -> None:
+        """Called after an engine was booked on a group."""
+
+
+class NoEffects:
+    """`StepEffects` that only keep the books (a draining engine stops at once)."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+
+    def evicting(self, replica: WarmReplica, reason: str) -> None:
+        pass
+
+    def added(self, replica: WarmReplica, score: float) -> None:
+        pass
+
+    def draining(self, instance: Instance) -> None:
+        self.state.stop_instance(instance.iid)
+
+    def started(self, promotion: Promotion) -> None:
+        pass
 
 
 class WarmServePolicy:
@@ -89,8 +152,11 @@ class WarmServePolicy:
         if best is not None:
             return best[1], best[2]
         for group in state.groups(profile.tp):
-            if state.group_has_engine(group):
+            gpus = state.gpus_of(group)
+            if any(state.engine_on(gpu) is not None or state.capacity(gpu) < profile.shard_bytes for gpu in gpus):
                 continue
+            if all(state.role(gpu) is Role.IDLE for gpu in gpus):
+                return group, "cold"  # destroys nothing: no later group can beat the first idle one
             key = (2, self._eviction_cost(state, group), group)
             if best is None or key < best[0]:
                 best = (key, group, "cold")
@@ -143,6 +209,74 @@ class WarmServePolicy:
                     used -= replica.bytes_per_gpu
                 decision.lent[gpu] = lendable
         return decision
+
+    # ----------------------------------------------------------- one full step
+    def step(self, state: ClusterState, inp: StepInput, effects: StepEffects | None = None) -> StepRecord:
+        """Lend KV, place warm replicas (when ``inp.demand`` is given), then autoscale every model."""
+        effects = effects or NoEffects(state)
+        record = StepRecord()
+        lend = self.lend(state, inp.engine_loads)
+        for rid in lend.evict:
+            self._evict(state, rid, "kv-reclaim", effects, record)
+        for gpu, lent in lend.lent.items():
+            state.set_lent(gpu, lent)
+        if inp.demand is not None:
+            decision = self.place(state, inp.demand)
+            for rid in decision.evict:
+                self._evict(state, rid, "placement", effects, record)
+            for new in decision.add:
+                replica = state.add_replica(new.model, new.group, new.bytes_per_gpu)
+                self.record_added(replica.rid, new.score)
+                record.added.append((new.model, new.group))
+                effects.added(replica, new.score)
+        for model in self.profiles if inp.scale else ():
+            low, high = inp.bounds.get(model, (0, None))
+            engines = list(inp.engines.get(model, ()))
+            decision = self.scale(inp.now, model, float(inp.load.get(model, 0.0)), engines, low, high)
+            for iid in decision.stop:
+                instance = state.instances[iid]
+                instance.phase = "draining"
+                record.draining.append((model, instance.group))
+                effects.draining(instance)
+            for _ in range(decision.start):
+                if self.start_engine(state, model, inp.now, effects, record) is None:
+                    break
+        return record
+
+    def start_engine(
+        self,
+        state: ClusterState,
+        model: str,
+        now: float,
+        effects: StepEffects | None = None,
+        record: StepRecord | None = None,
+    ) -> Promotion | None:
+        """Book a new engine of ``model`` on the best group (see `choose_group`); None when none is free."""
+        effects = effects or NoEffects(state)
+        choice = self.choose_group(state, model)
+        if choice is None:
+            return None
+        group, _source = choice
+        for replica in state.replicas_overlapping(group):
+            if not (replica.model == model and replica.group == group):
+                self._evict(state, replica.rid, "promotion", effects, record)
+        promotion = state.start_instance(model, group, self.profiles[model].shard_bytes, now)
+        if record is not None:
+            record.started.append((model, group, promotion.source))
+        effects.started(promotion)
+        return promotion
+
+    def _evict(
+        self, state: ClusterState, rid: int, reason: str, effects: StepEffects, record: StepRecord | None
+    ) -> None:
+        replica = state.replicas.get(rid)
+        if replica is None:
+            return
+        effects.evicting(replica, reason)
+        state.evict(rid)
+        self.scores.pop(rid, None)
+        if record is not None:
+            record.evicted.append((replica.model, replica.group, reason))
 
 
 def plan_round_robin(

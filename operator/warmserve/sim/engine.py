@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from warmserve.core.autoscaler import EngineView
-from warmserve.core.cluster import ClusterState, Gpu
+from warmserve.core.cluster import ClusterState, Gpu, Instance, Promotion, WarmReplica
 from warmserve.core.forecast import make_forecaster
 from warmserve.core.load import offered_concurrency, window_load
 from warmserve.core.placement import engines_needed
-from warmserve.core.policy import EngineLoad, PolicyParams, WarmServePolicy
+from warmserve.core.policy import EngineLoad, PolicyParams, StepInput, WarmServePolicy
 from warmserve.core.types import Demand, GpuGroup, ModelProfile
 from warmserve.sim.costs import CostModel
 from warmserve.sim.scenarios import Scenario
@@ -336,33 +336,28 @@ class Simulation:
 
     # ----------------------------------------------------------- control loop
     def _control(self) -> None:
+        """One control tick: the core's step, with this simulator as its `StepEffects`."""
         if self.check_invariants:
             self.state.check_invariants()
         for m in range(len(self.profiles)):
             in_flight = sum(e.in_flight for e in self._engines.values() if e.model == m)
             self._samples[m].append(in_flight + len(self._queues[m]))
         window = self.first_window + int(self.now // self.window_s)
-        if self.policy.startswith("warmserve"):
-            self._lend()
-            if self.now % self.placement_s < self.tick_s / 2:
-                self._place(window)
-        for m, profile in enumerate(self.profiles):
-            load = sum(self._samples[m]) / len(self._samples[m])
-            views = [
-                EngineView(e.iid, e.ready_at, e.in_flight)
-                for e in self._engines.values()
-                if e.model == m and e.phase != "draining"
-            ]
-            decision = self.core.scale(self.now, profile.name, load, views)
-            for iid in decision.stop:
-                engine = self._engines[iid]
-                engine.phase = "draining"
-                self.state.instances[iid].phase = "draining"
-                if engine.in_flight == 0:
-                    self._stop(engine)
-            for _ in range(decision.start):
-                if not self._start(m):
-                    break
+        place = self.core.params.prewarm and self.now % self.placement_s < self.tick_s / 2
+        self.core.step(self.state, self._step_input(self._demand(window) if place else None), self)
+
+    def _step_input(self, demand: dict[str, Demand] | None, scale: bool = True) -> StepInput:
+        """What the control step sees; KV lending is sized on each engine's peak over the autoscaler window,
+        so lent space does not flap."""
+        engine_loads = {}
+        engines: dict[str, list[EngineView]] = {name: [] for name in self.names}
+        for e in self._engines.values():
+            e.recent.append((e.in_flight, e.kv_in_use))
+            engine_loads[e.iid] = EngineLoad(max(q for q, _ in e.recent), max(kv for _, kv in e.recent))
+            if e.phase != "draining":
+                engines[self.names[e.model]].append(EngineView(e.iid, e.ready_at, e.in_flight))
+        load = {name: sum(self._samples[m]) / max(len(self._samples[m]), 1) for m, name in enumerate(self.names)}
+        return StepInput(self.now, load, engines, engine_loads, demand, scale=scale)
 
     def _demand(self, window: int) -> dict[str, Demand]:
         """Forecast of the current window and the next (prewarming must be ready before a burst)."""
@@ -372,27 +367,6 @@ class Simulation:
             ahead = self._forecast(m, window + 1, window)
             demand[name] = Demand(max(now.avg, ahead.avg), max(now.peak, ahead.peak))
         return demand
-
-    def _place(self, window: int) -> None:
-        decision = self.core.place(self.state, self._demand(window))
-        for rid in decision.evict:
-            self._evict(rid, reason="placement")
-        for new in decision.add:
-            replica = self.state.add_replica(new.model, new.group, new.bytes_per_gpu)
-            self.core.record_added(replica.rid, new.score)
-            self._begin_load(replica.rid, new.group, new.bytes_per_gpu)
-
-    def _lend(self) -> None:
-        """Lend idle KV space, sized on each engine's peak over the autoscaler window so it does not flap."""
-        loads = {}
-        for e in self._engines.values():
-            e.recent.append((e.in_flight, e.kv_in_use))
-            loads[e.iid] = EngineLoad(max(q for q, _ in e.recent), max(kv for _, kv in e.recent))
-        decision = self.core.lend(self.state, loads)
-        for rid in decision.evict:
-            self._evict(rid, reason="kv-reclaim")
-        for gpu, lent in decision.lent.items():
-            self.state.set_lent(gpu, lent)
 
     # ------------------------------------------------------ loads and engines
     def _begin_load(self, rid: int, group: GpuGroup, bytes_per_gpu: int) -> float:
@@ -407,20 +381,20 @@ class Simulation:
         self._push(end, _LOADED, rid)
         return end
 
-    def _evict(self, rid: int, reason: str) -> None:
-        """Drop a replica that was never promoted; the bytes prewarming had loaded into it were wasted.
+    # StepEffects: what the simulator adds to the core's bookkeeping
+    def evicting(self, replica: WarmReplica, reason: str) -> None:
+        """A replica is dropped before promotion: the bytes prewarming had loaded into it were wasted.
 
-        Weights left behind by a stopped engine cost no prewarm load, so dropping them wastes nothing.
+        Weights left behind by a stopped engine cost no prewarm load, so dropping them wastes nothing; an
+        unfinished load is cancelled and frees its link.
         """
-        replica = self.state.replicas.get(rid)
-        if replica is None:
-            return
+        rid = replica.rid
         prewarmed = rid in self._prewarmed
         self._prewarmed.discard(rid)
         total = replica.bytes_per_gpu * replica.group.size
         loaded = float(total)
         loading = self._loading.pop(rid, None)
-        if loading is not None:  # cancel an unfinished load: its link is free again
+        if loading is not None:
             span = max(loading.end - loading.start, 1e-12)
             loaded = total * min(max((self.now - loading.start) / span, 0.0), 1.0)
             self._loaded_bytes -= total - loaded
@@ -430,35 +404,37 @@ class Simulation:
         if prewarmed:
             self._wasted_bytes += loaded
         self._evictions[reason] = self._evictions.get(reason, 0) + 1
-        self.state.evict(rid)
 
-    def _start(self, m: int) -> bool:
+    def added(self, replica: WarmReplica, score: float) -> None:
+        self._begin_load(replica.rid, replica.group, replica.bytes_per_gpu)
+
+    def draining(self, instance: Instance) -> None:
+        engine = self._engines[instance.iid]
+        engine.phase = "draining"
+        if engine.in_flight == 0:
+            self._stop(engine)
+
+    def started(self, promotion: Promotion) -> None:
+        """Time the new engine: a cold load goes first on its links; a hit or a replica still loading only
+        pays the promotion (after the load ends)."""
+        instance = promotion.instance
+        m = self.names.index(instance.model)
         profile = self.profiles[m]
-        choice = self.core.choose_group(self.state, profile.name)
-        if choice is None:
-            return False
-        group, source = choice
-        gpus = self.state.gpus_of(group)
-        for r in self.state.replicas_overlapping(group):
-            if not (r.model == profile.name and r.group == group):
-                self._evict(r.rid, reason="promotion")
-        if source == "cold":  # an engine's load goes first: every prewarm load on these links was evicted
+        gpus = self.state.gpus_of(instance.group)
+        if promotion.consumed is None:
             end = self.now + profile.shard_bytes / self.costs.load_bandwidth
             for g in gpus:
                 self._link_free[g] = end
             overhead = self.costs.engine_start_s if self.policy == "autoscale" else self.costs.promote_s
             ready = end + overhead
-        else:  # a hit, or a replica still loading: its load keeps running into the engine
-            rid = next(r.rid for r in self.state.replicas_of(profile.name) if r.group == group)
-            self._prewarmed.discard(rid)
-            loading = self._loading.pop(rid, None)
+        else:
+            self._prewarmed.discard(promotion.consumed.rid)
+            loading = self._loading.pop(promotion.consumed.rid, None)
             ready = max(self.now, loading.end if loading else self.now) + self.costs.promote_s
-        promotion = self.state.start_instance(profile.name, group, profile.shard_bytes, self.now)
-        self._starts[source] += 1
-        engine = _Engine(promotion.instance.iid, m, ready, tuple(gpus), profile.max_batch)
+        self._starts[promotion.source] += 1
+        engine = _Engine(instance.iid, m, ready, tuple(gpus), profile.max_batch)
         self._engines[engine.iid] = engine
         self._push(ready, _READY, engine.iid)
-        return True
 
     def _stop(self, engine: _Engine) -> None:
         del self._engines[engine.iid]
@@ -480,7 +456,7 @@ class Simulation:
             for m, profile in enumerate(self.profiles):
                 load = float(np.nan_to_num(self.avg_hist[m][before]))
                 for _ in range(engines_needed(load, profile, self.core.params.autoscaler.upper)):
-                    if not self._start(m):
+                    if self.core.start_engine(self.state, profile.name, self.now, self) is None:
                         break
             for engine in self._engines.values():
                 engine.phase = "serving"
@@ -489,8 +465,7 @@ class Simulation:
         self._starts = {"hit": 0, "loading": 0, "cold": 0}
         self._link_free.clear()
         if self.core.params.prewarm:
-            self._lend()
-            self._place(self.first_window)
+            self.core.step(self.state, self._step_input(self._demand(self.first_window), scale=False), self)
             for rid in list(self._loading):
                 self.state.mark_warm(rid)
             self._loading.clear()
