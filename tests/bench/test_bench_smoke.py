@@ -1,0 +1,56 @@
+"""The benchmarks run end to end on tiny sizes and write the JSON keys the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{script}.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--json", str(out)], timeout=300, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_placement_bench(tmp_path):
+    data = run(
+        "placement.py",
+        "--gpus",
+        "64",
+        "--models",
+        "20",
+        "--engine-share",
+        "0.9",
+        "--rounds",
+        "5",
+        "--warmup",
+        "4",
+        "--cold-repeats",
+        "1",
+        tmp_path=tmp_path,
+    )
+    assert data["p50_ms"] > 0 and data["p99_ms"] >= data["p50_ms"]
+
+
+def test_operator_loop_bench(tmp_path):
+    data = run(
+        "operator_loop.py", "--workers", "4", "--models", "8", "--rounds", "4", "--warmup", "2", tmp_path=tmp_path
+    )
+    assert any("p99" in key for key in data)
+
+
+@pytest.mark.parametrize("policy", ["warmserve", "autoscale"])
+def test_max_rps_bench(tmp_path, policy):
+    data = run("max_rps.py", "--policies", policy, "--grid", "5", tmp_path=tmp_path)
+    row = data["policies"][policy]
+    assert row["probes"][0][0] == 5.0 and row["max_rps"] in (0.0, 5.0)
+    assert (row["max_rps"] == 5.0) == (row["probes"][0][1] <= data["slo_p99_s"])
