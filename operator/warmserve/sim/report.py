@@ -145,6 +145,7 @@ def write_plot(comparison: Comparison, path: Path) -> None:
     cdf.set_ylabel("share of requests")
     cdf.axvline(0.1, color="grey", lw=0.8, ls=":")
     cdf.set_ylim(0.8, 1.001)
+    cdf.set_xlim(left=0.01)
     cdf.legend(fontsize=8)
     cdf.set_title("TTFT distribution (tail)")
     cost.set_yscale("log")
