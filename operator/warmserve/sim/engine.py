@@ -37,7 +37,7 @@ from warmserve.core.forecast import make_forecaster
 from warmserve.core.load import offered_concurrency, window_load
 from warmserve.core.placement import engines_needed
 from warmserve.core.policy import EngineLoad, PolicyParams, StepInput, WarmServePolicy
-from warmserve.core.types import Demand, GpuGroup, ModelProfile
+from warmserve.core.types import Demand, ModelProfile
 from warmserve.sim.costs import CostModel
 from warmserve.sim.scenarios import Scenario
 from warmserve.workload.build import Workload
@@ -53,7 +53,7 @@ POLICIES: tuple[str, ...] = (
 
 INITIAL_STATES: tuple[str, ...] = ("empty", "steady")
 
-_ARRIVAL, _READY, _DONE, _LOADED, _TICK = range(5)
+_READY, _DONE, _LOADED, _TICK = range(4)  # event kinds (arrivals are merged in from the sorted trace)
 
 
 def policy_params(name: str) -> PolicyParams:
@@ -121,10 +121,8 @@ class SimResult:
 
 @dataclass
 class _Loading:
-    rid: int
     start: float
     end: float
-    nbytes: int  # over the whole group
 
 
 @dataclass
@@ -369,17 +367,6 @@ class Simulation:
         return demand
 
     # ------------------------------------------------------ loads and engines
-    def _begin_load(self, rid: int, group: GpuGroup, bytes_per_gpu: int) -> float:
-        gpus = self.state.gpus_of(group)
-        start = max([self.now] + [self._link_free.get(g, 0.0) for g in gpus])
-        end = start + bytes_per_gpu / self.costs.load_bandwidth
-        for g in gpus:
-            self._link_free[g] = end
-        self._loading[rid] = _Loading(rid, start, end, bytes_per_gpu * group.size)
-        self._prewarmed.add(rid)
-        self._loaded_bytes += bytes_per_gpu * group.size
-        self._push(end, _LOADED, rid)
-        return end
 
     # StepEffects: what the simulator adds to the core's bookkeeping
     def evicting(self, replica: WarmReplica, reason: str) -> None:
@@ -406,7 +393,16 @@ class Simulation:
         self._evictions[reason] = self._evictions.get(reason, 0) + 1
 
     def added(self, replica: WarmReplica, score: float) -> None:
-        self._begin_load(replica.rid, replica.group, replica.bytes_per_gpu)
+        """A new replica starts loading: its shards queue on their GPUs' links, in parallel across the group."""
+        gpus = self.state.gpus_of(replica.group)
+        start = max([self.now] + [self._link_free.get(g, 0.0) for g in gpus])
+        end = start + replica.bytes_per_gpu / self.costs.load_bandwidth
+        for g in gpus:
+            self._link_free[g] = end
+        self._loading[replica.rid] = _Loading(start, end)
+        self._prewarmed.add(replica.rid)
+        self._loaded_bytes += replica.bytes_per_gpu * replica.group.size
+        self._push(end, _LOADED, replica.rid)
 
     def draining(self, instance: Instance) -> None:
         engine = self._engines[instance.iid]
