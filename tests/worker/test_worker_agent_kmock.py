@@ -141,8 +141,20 @@ def _errors(state):
     return {e.get("uid"): e["reason"] for e in state["errors"]}
 
 
+_RUNNING: list[_Running] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_agents():
+    """Stop every agent thread a test started, also when the test failed half-way."""
+    yield
+    while _RUNNING:
+        _RUNNING.pop().close()
+
+
 class _Running:
     def __init__(self, agent, api):
+        _RUNNING.append(self)
         self.pod = KubePod(NS, POD, api=api, read_timeout=0.5)
         self.runner = Runner(agent, self.pod, tick=0.05)
         self.stop = threading.Event()
@@ -150,6 +162,8 @@ class _Running:
         self.thread.start()
 
     def close(self):
+        if self.stop.is_set():
+            return
         self.stop.set()
         self.thread.join(5)
         self.pod.close()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmserve.worker.backends import MemoryBackend, ShmBackend
+from warmserve.worker.files import write_json_atomic
 from warmserve.worker.ledger import Allocation, Ledger
 
 DEFAULT_PAGE_SIZE = 2 * 1024 * 1024
@@ -89,12 +90,8 @@ class Arena:
         """
         if not self.ledger_path:
             return
-        with self.lock:
-            data = self.ledger.to_json(with_tensors=False)
-        tmp = self.ledger_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, self.ledger_path)
+        with self.lock:  # one writer at a time, so the file on disk follows the ledger's order of changes
+            write_json_atomic(self.ledger_path, self.ledger.to_json(with_tensors=False))
 
     def handle(self) -> dict[str, Any]:
         return self.backend.handle()

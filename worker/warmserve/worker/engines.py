@@ -27,6 +27,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 
 from warmserve.worker.engine_shell import READY_LINE
+from warmserve.worker.files import write_json_atomic
 
 SHELL_MODULE = "warmserve.worker.engine_shell"
 
@@ -355,9 +356,7 @@ class EngineManager:
 
     def _save(self, rec: EngineRecord) -> None:
         path = os.path.join(self.dir, f"{_safe(rec.uid)}.json")
-        with open(path + ".tmp", "w") as fh:
-            json.dump(asdict(rec), fh)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, asdict(rec))
 
 
 def _safe(uid: str) -> str:

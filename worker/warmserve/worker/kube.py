@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from warmserve.worker.files import write_json_atomic
 from warmserve.worker.plan import PLAN_ANNOTATION, STATE_ANNOTATION
 
 
@@ -45,10 +46,7 @@ class LocalFiles:
         return self._text
 
     def write_state(self, state: dict[str, Any]) -> None:
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(state, fh, indent=1)
-        os.replace(tmp, self.state_path)
+        write_json_atomic(self.state_path, state, indent=1)
 
     def close(self) -> None:
         pass

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from warmserve.worker.arena import Arena
+from warmserve.worker.files import write_json_atomic
 from warmserve.worker.ledger import ArenaFullError, tensors_from_json, tensors_to_json
 from warmserve.worker.safetensors_index import TensorRecord, WeightFileError, read_index, shard_files
 
@@ -322,14 +323,13 @@ def _by_file(records: list[TensorRecord]) -> dict[str, list[TensorRecord]]:
 
 def _write_meta(path: str | None, load: ReplicaLoad, slots: dict) -> None:
     """Record what a warm shard is (and where its tensors are), so a restarted agent can adopt it."""
-    import json
 
     if not path:
         return
-    with open(path + ".tmp", "w") as fh:
-        json.dump({"uid": load.uid, "model": load.model, "source": load.source, "tp": load.tp,
-                   "tensors": tensors_to_json(slots)}, fh)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(
+        path,
+        {"uid": load.uid, "model": load.model, "source": load.source, "tp": load.tp, "tensors": tensors_to_json(slots)},
+    )
 
 
 def _read_json(path: str) -> dict:
