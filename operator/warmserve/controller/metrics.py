@@ -5,6 +5,10 @@ Served by `prometheus_client.start_http_server` on WARMSERVE_METRICS_PORT when t
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
@@ -56,6 +60,18 @@ class OperatorMetrics:
             registry=r,
         )
         self.scrape_errors = Counter("warmserve_load_scrape_errors_total", "Failed load scrapes", ["pool"], registry=r)
+
+    @contextmanager
+    def timed(self, kind: str, step: str) -> Iterator[None]:
+        """Observe how long a reconcile step takes, and count it as an error if it raises."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.reconcile_errors.labels(kind, step).inc()
+            raise
+        finally:
+            self.reconcile_seconds.labels(kind, step).observe(time.perf_counter() - started)
 
     def serve(self, port: int) -> None:
         if port:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import kopf
@@ -30,8 +29,7 @@ async def weight_bytes_of(runtime: Runtime, model: ModelSpec) -> tuple[int | Non
 
 
 async def reconcile_model(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, logger: Any) -> None:
-    started = time.perf_counter()
-    try:
+    with runtime.metrics.timed("ModelDeployment", "reconcile"):
         api = runtime.require_api()
         meta = body.get("metadata") or {}
         name, namespace, uid = meta["name"], meta.get("namespace"), meta.get("uid", "")
@@ -65,11 +63,6 @@ async def reconcile_model(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, 
                 status[key] = runtime.model_extras[uid][key]
         if reconcile.status_changed(body.get("status"), status):
             patch.status.update(status)
-    except Exception:
-        runtime.metrics.reconcile_errors.labels("ModelDeployment", "reconcile").inc()
-        raise
-    finally:
-        runtime.metrics.reconcile_seconds.labels("ModelDeployment", "reconcile").observe(time.perf_counter() - started)
 
 
 async def delete_model(runtime: Runtime, body: kopf.Body, logger: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import kopf
@@ -32,8 +31,7 @@ async def ensure_worker_workload(runtime: Runtime, body: kopf.Body, logger: Any)
 
 
 async def reconcile_pool(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, logger: Any) -> None:
-    started = time.perf_counter()
-    try:
+    with runtime.metrics.timed("WarmPool", "reconcile"):
         uid = body["metadata"].get("uid", "")
         try:
             await ensure_worker_workload(runtime, body, logger)
@@ -61,11 +59,6 @@ async def reconcile_pool(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, l
             )
         if any(status.get(k) != v for k, v in wanted.items()):
             patch.status.update(wanted)
-    except Exception:
-        runtime.metrics.reconcile_errors.labels("WarmPool", "reconcile").inc()
-        raise
-    finally:
-        runtime.metrics.reconcile_seconds.labels("WarmPool", "reconcile").observe(time.perf_counter() - started)
 
 
 async def run_loop(runtime: Runtime, body: kopf.Body, stopped: Any, logger: Any) -> None:
