@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensitivity", action="store_true", help="also sweep engine start and load bandwidth (warmserve vs autoscale)"
     )
     sim.add_argument("--quiet", action="store_true", help="no progress output")
+    for name, text in (
+        ("operator", "run the Kubernetes operator (same as python -m warmserve.controller; --help lists settings)"),
+        ("worker", "run the GPU-pod worker agent (same as python -m warmserve.worker; --help lists options)"),
+    ):
+        sub.add_parser(name, help=text, description=text, add_help=False)  # its arguments are passed through
     return parser
 
 
@@ -113,7 +118,19 @@ def simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "operator":  # imported lazily: they need the operator / worker extras
+        from warmserve.controller.__main__ import main as operator_main
+
+        operator_main(rest)
+        return 0
+    if args.command == "worker":
+        from warmserve.worker.__main__ import main as worker_main
+
+        return worker_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "simulate":
         try:
             return simulate(args)
