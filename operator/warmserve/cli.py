@@ -120,15 +120,19 @@ def simulate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "operator":  # imported lazily: they need the operator / worker extras
-        from warmserve.controller.__main__ import main as operator_main
-
-        operator_main(rest)
-        return 0
-    if args.command == "worker":
-        from warmserve.worker.__main__ import main as worker_main
-
-        return worker_main(rest)
+    if args.command in ("operator", "worker"):  # imported lazily: they need the operator / worker extras
+        try:
+            if args.command == "operator":
+                from warmserve.controller.__main__ import main as component_main
+            else:
+                from warmserve.worker.__main__ import main as component_main
+        except ImportError as error:
+            print(
+                f"warmserve {args.command}: {error}; install it with pip install 'warmserve[{args.command}]'",
+                file=sys.stderr,
+            )
+            return 2
+        return component_main(rest) or 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "simulate":
