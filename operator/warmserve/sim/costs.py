@@ -1,13 +1,13 @@
 """Cost parameters of the simulator, each with its source.
 
 Every ratio the simulator prints depends on these numbers, so each one is either a public figure or a
-measurement, and the README's table is generated from `COST_SOURCES`. The two that matter most (engine
+measurement, and the README's table repeats `COST_SOURCES`. The two that matter most (engine
 start overhead and load bandwidth) are swept by ``warmserve simulate --sensitivity``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 GB = 10**9
 
@@ -39,7 +39,3 @@ COST_SOURCES: dict[str, str] = {
     "(MuxServe reports up to 1.8× throughput from multiplexing, ICML'24).",
     "share_min_kv_fraction": "assumption: keep ≥ 30 % of each shared GPU for KV cache when packing models.",
 }
-
-
-def describe(costs: CostModel) -> list[tuple[str, float, str]]:
-    return [(f.name, getattr(costs, f.name), COST_SOURCES[f.name]) for f in fields(costs)]

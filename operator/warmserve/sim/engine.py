@@ -95,7 +95,6 @@ class SimResult:
     prewarm_loaded_bytes: float
     wasted_prewarm_bytes: float
     evictions: dict[str, int]
-    duration_s: float
 
     def summary(self, slo_s: float) -> dict:
         ttft = self.ttft
@@ -259,7 +258,6 @@ class Simulation:
             prewarm_loaded_bytes=self._loaded_bytes,
             wasted_prewarm_bytes=self._wasted_bytes,
             evictions=dict(self._evictions),
-            duration_s=self._end_of_replay,
         )
 
     def _push(self, when: float, kind: int, payload) -> None:

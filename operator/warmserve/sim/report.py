@@ -11,7 +11,7 @@ from typing import TextIO
 
 import numpy as np
 
-from warmserve.sim.costs import CostModel, describe
+from warmserve.sim.costs import CostModel
 from warmserve.sim.engine import POLICIES, SimResult, Simulation
 from warmserve.sim.scenarios import Scenario
 from warmserve.workload.build import build_workload
@@ -200,7 +200,3 @@ def format_sensitivity(rows: list[dict], policies: tuple[str, str] = ("warmserve
             f" {qa:>16.3f} {qb:>16.3f} {qb / qa:>6.1f}×"
         )
     return "\n".join(out)
-
-
-def format_costs(costs: CostModel) -> str:
-    return "\n".join(f"  {name} = {value:g}: {source}" for name, value, source in describe(costs))
