@@ -82,9 +82,3 @@ def merge_conditions(
         by_type[cond.type] = new
     return [by_type[t] for t in sorted(by_type)]
 
-
-def find(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
-    for cond in conditions or ():
-        if cond.get("type") == type_:
-            return cond
-    return None

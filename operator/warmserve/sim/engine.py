@@ -550,7 +550,6 @@ class Simulation:
             )
             per_request = mean_tokens * profile.kv_bytes_per_token / profile.tp
             batch[m] = max(1, int(min(profile.max_batch, kv // max(per_request, 1))))
-        self.share_batch = batch
         for tile in range(gpus_total // mesh):
             engines = {
                 m: self._add_static_engine(m, tuple(divmod(tile * mesh + g, per_node) for g in gpus), batch[m])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +11,8 @@ from typing import Any
 
 from warmserve.worker.agent import Agent
 from warmserve.worker.kube import PodAnnotations
+
+log = logging.getLogger(__name__)
 
 
 class Runner:
@@ -21,7 +24,6 @@ class Runner:
         self._published: str | None = None
         self.last_loop = time.monotonic()
         self.last_state: dict[str, Any] = {}
-        self.publish_errors = 0
 
     def run_once(self) -> dict[str, Any]:
         plan = self.pod.latest_plan()
@@ -34,8 +36,8 @@ class Runner:
             try:
                 self.pod.write_state(state)
                 self._published = text
-            except Exception:  # API hiccup: try again next tick
-                self.publish_errors += 1
+            except Exception:  # API hiccup: the state is published again next tick
+                log.warning("publishing the worker state failed; retrying", exc_info=True)
         self.last_state = state
         self.last_loop = time.monotonic()
         return state
