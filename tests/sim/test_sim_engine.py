@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -167,3 +168,43 @@ def test_cli_rejects_bad_arguments(argv):
 def test_cli_reports_invalid_workload_without_traceback(capsys):
     assert main(["simulate", "--alpha", "-1", "--quiet"]) == 2
     assert "alpha" in capsys.readouterr().err
+
+
+def _gpu_share_run(scenario, workload, requests, contention=0.0):
+    """gpu-share on hand-made requests: (arrival s, model, prompt tokens, output tokens)."""
+    arrival, model, tokens_in, tokens_out = (np.array(column) for column in zip(*requests, strict=True))
+    custom = dataclasses.replace(
+        workload, arrival_s=arrival.astype(float), model_idx=model, input_tokens=tokens_in, output_tokens=tokens_out
+    )
+    simulation = Simulation(scenario, custom, "gpu-share", costs=CostModel(share_contention=contention))
+    return simulation, simulation.run()
+
+
+def test_co_located_prefills_queue_on_the_gpus_they_share(scenario, workload):
+    # The tiled mesh packs the 70B (model 3) over GPUs 0-3 with the 7Bs (models 0, 1) on GPUs 2 and 3.
+    prefill = [scenario.models[m].prefill_time(1024) for m in range(4)]
+    _, shared = _gpu_share_run(scenario, workload, [(10.0, 3, 1024, 4), (10.0, 0, 1024, 4)])
+    assert shared.ttft[1] == pytest.approx(prefill[3] + prefill[0])  # the 7B waits for the 70B's prefill
+    _, apart = _gpu_share_run(scenario, workload, [(10.0, 0, 1024, 4), (10.0, 1, 1024, 4)])
+    assert apart.ttft.tolist() == pytest.approx([prefill[0], prefill[1]])  # different GPUs: no wait
+
+
+def test_co_located_decoding_slows_prefill_by_the_contention(scenario, workload):
+    requests = [(10.0, 3, 16, 1000), (11.0, 0, 1024, 4)]  # the 70B is decoding when the 7B prompt arrives
+    prefill = scenario.models[0].prefill_time(1024)
+    assert _gpu_share_run(scenario, workload, requests, 0.0)[1].ttft[1] == pytest.approx(prefill)
+    assert _gpu_share_run(scenario, workload, requests, 1.0)[1].ttft[1] == pytest.approx(2 * prefill)
+
+
+def test_co_located_decoding_shares_memory_bandwidth_by_weight_bytes(scenario, workload):
+    simulation, _ = _gpu_share_run(scenario, workload, [(10.0, 0, 16, 4)])
+    engines = {e.model: e for e in simulation._engines.values() if e.gpus[0][0] == 0 and e.gpus[0][1] < 4}
+    small, large = engines[0], engines[3]
+    assert simulation._decode_slowdown(small) == 1.0  # nobody else busy
+    large.in_flight = 1
+    expected = (small.shard_bytes + large.shard_bytes) / small.shard_bytes
+    assert simulation._decode_slowdown(small) == pytest.approx(expected)
+    assert simulation._decode_slowdown(large) == 1.0  # the 7B is idle
+    small.in_flight = 1  # the 70B's slowest GPU is the one it shares with the 7B
+    both = small.shard_bytes + large.shard_bytes
+    assert simulation._decode_slowdown(large) == pytest.approx(both / large.shard_bytes)

@@ -21,7 +21,8 @@ class CostModel:
     promote_s: float = 0.5
     # Cold engine start, excluding weight loading, for the autoscaling baseline (ServerlessLLM-like).
     engine_start_s: float = 10.0
-    # Share of the slow-down a co-located busy model causes under GPU sharing (1 = time slicing).
+    # Slow-down of a prefill per co-located engine that is decoding meanwhile (0 = perfect overlap under
+    # MPS, 1 = time slicing).
     share_contention: float = 0.5
     # Fraction of a shared GPU's memory kept free for KV cache when packing models (MuxServe-like).
     share_min_kv_fraction: float = 0.3
@@ -35,7 +36,8 @@ COST_SOURCES: dict[str, str] = {
     "engine_start_s": "cold engine start excluding weight loading. A full vLLM reload of a 0.6 B model (weights "
     "< 1 s) takes 37.6 s on A100 (vLLM blog); NVIDIA Dynamo's snapshot restore brings a cold start to ≈ 10 s, "
     "the fastest public figure, used here in the baseline's favour. Swept from 1 s to 30 s.",
-    "share_contention": "assumption: MPS spatial sharing recovers about half of the time-slicing slow-down "
-    "(MuxServe reports up to 1.8× throughput from multiplexing, ICML'24).",
+    "share_contention": "assumption, swept in the README: under MPS a prefill shares SMs with the decode kernels "
+    "of co-located engines; 0 is perfect overlap (MuxServe's premise), 1 is time slicing. No public figure pins it; "
+    "it needs a GPU to measure.",
     "share_min_kv_fraction": "assumption: keep ≥ 30 % of each shared GPU for KV cache when packing models.",
 }

@@ -7,10 +7,14 @@ Model of the serving path (kept deliberately simple and written down):
 
 * **Router.** One FIFO queue per model; requests are held, never rejected, while no engine has a free
   batch slot (no 503). A request goes to the least-loaded serving engine with fewer than its batch limit.
-* **Engine.** Continuous batching up to ``max_batch`` requests. Prefills are compute-bound, so an
-  engine runs them one after another: a request's first token comes when its prefill finishes, after
-  the prefills dispatched before it. It then holds its slot for output × decode. Decode steps do not
-  slow prefills down (no further batch interference is modelled).
+* **Engine.** Continuous batching up to ``max_batch`` requests. Prefills are compute-bound, so a GPU
+  runs them one after another: a request's first token comes when its prefill finishes, after the
+  prefills dispatched before it to any engine on the same GPUs. It then holds its slot for output ×
+  decode. Decode steps do not slow prefills down (no further batch interference is modelled).
+* **Co-located engines** (``gpu-share`` only) follow from the same two facts, with no extra parameter:
+  their prefills queue on the shared GPUs' compute like any others, and decoding, bound by memory
+  bandwidth because every step reads all the weights, shares each GPU's bandwidth among the busy engines
+  in proportion to the weight bytes each reads per step.
 * **Loads.** Each GPU has one host→device link of ``load_bandwidth``; loads to a GPU queue on its link and
   a TP replica loads its shards in parallel. Eviction is a free of pages: instantaneous.
 * **Control.** Every ``tick_s`` the autoscaler sees each model's concurrency (in flight + queued) averaged
@@ -79,9 +83,9 @@ class _Engine:
     phase: str = "starting"
     in_flight: int = 0
     kv_in_use: int = 0  # bytes per GPU
-    prefill_free_at: float = 0.0  # prefills are compute-bound and run one after another
     recent: deque = field(default_factory=lambda: deque(maxlen=10))  # (in flight, KV) per tick
     neighbours: tuple[int, ...] = ()  # co-located engines (GPU sharing)
+    shard_bytes: int = 0  # weight bytes each step reads per GPU
 
 
 @dataclass
@@ -206,6 +210,7 @@ class Simulation:
         self._evictions: dict[str, int] = {}
         self._prewarmed: set[int] = set()  # replicas that prewarming loaded (not left by stopped engines)
         self._link_free: dict[Gpu, float] = {}
+        self._compute_free: dict[Gpu, float] = {}  # when each GPU's compute has run the prefills queued on it
         self._end_of_replay = float(wl.spec.replay_s)
 
         dynamic = self.policy in ("warmserve", "warmserve-noproactive", "warmserve-noplacement", "autoscale")
@@ -315,20 +320,36 @@ class Simulation:
             if engine.in_flight >= engine.batch_limit:
                 return
             r = queue.popleft()
-            slowdown = self._slowdown(engine)
             tokens_in, tokens_out = int(wl.input_tokens[r]), int(wl.output_tokens[r])
-            first_token = max(self.now, engine.prefill_free_at) + profile.prefill_time(tokens_in) * slowdown
-            engine.prefill_free_at = first_token
+            start = max([self.now] + [self._compute_free.get(g, 0.0) for g in engine.gpus])
+            first_token = start + profile.prefill_time(tokens_in) * self._prefill_slowdown(engine)
+            for g in engine.gpus:
+                self._compute_free[g] = first_token
             self._ttft[r] = first_token - float(wl.arrival_s[r])
             kv = (tokens_in + tokens_out) * profile.kv_bytes_per_token // profile.tp
             engine.in_flight += 1
             engine.kv_in_use += kv
-            done = first_token + tokens_out * profile.decode_s_per_token * slowdown
+            done = first_token + tokens_out * profile.decode_s_per_token * self._decode_slowdown(engine)
             self._push(done, _DONE, (engine.iid, kv))
 
-    def _slowdown(self, engine: _Engine) -> float:
+    def _prefill_slowdown(self, engine: _Engine) -> float:
+        """How much slower a prefill runs while co-located engines decode (their kernels take SMs)."""
         busy = sum(1 for n in engine.neighbours if self._engines[n].in_flight > 0)
         return 1.0 + self.costs.share_contention * busy
+
+    def _decode_slowdown(self, engine: _Engine) -> float:
+        """How much slower ``engine`` decodes while co-located engines decode too (1 when alone).
+
+        A decode step reads the engine's weights; on a GPU whose memory bandwidth is shared, it takes as
+        long as reading the weights of every busy engine there. The busiest GPU of the group sets the pace.
+        """
+        if not engine.neighbours:
+            return 1.0
+        busy = [self._engines[n] for n in engine.neighbours if self._engines[n].in_flight > 0]
+        return max(
+            (engine.shard_bytes + sum(other.shard_bytes for other in busy if g in other.gpus)) / engine.shard_bytes
+            for g in engine.gpus
+        )
 
     # ----------------------------------------------------------- control loop
     def _control(self) -> None:
@@ -518,8 +539,8 @@ class Simulation:
         weights while leaving ``share_min_kv_fraction`` of each GPU for KV cache (largest models first,
         each on its least-loaded group), and the cluster is tiled with copies of that mesh, so the baseline
         gets the same GPUs as the others. Each GPU's KV space is split between the engines sharing it in
-        proportion to their model's popularity, which caps their batch, and a request on an engine slows
-        down by ``share_contention`` per busy co-located engine.
+        proportion to their model's popularity, which caps their batch; co-located engines contend as the
+        module docstring describes.
         """
         nodes = self.scenario.nodes
         per_node = nodes[0].gpus
@@ -559,3 +580,4 @@ class Simulation:
                 engine.neighbours = tuple(
                     other.iid for k, other in engines.items() if k != m and set(other.gpus) & set(engine.gpus)
                 )
+                engine.shard_bytes = self.profiles[m].shard_bytes
