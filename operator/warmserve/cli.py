@@ -31,6 +31,13 @@ def _positive(kind):
     return parse
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warmserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,10 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--forecaster", choices=FORECASTER_KINDS, default="csp")
     sim.add_argument("--engine-start-s", type=_positive(float), help="cold engine start (default: 10)")
     sim.add_argument("--load-gbps", type=_positive(float), help="host→GPU load bandwidth (default: 25)")
+    sim.add_argument(
+        "--share-contention",
+        type=_fraction,
+        help="gpu-share: prefill slow-down per co-located decoding engine, 0 (overlap) to 1 (time slicing)",
+    )
     sim.add_argument("--json", type=Path, help="write the results as JSON")
     sim.add_argument("--plot", type=Path, help="write TTFT CDFs and p99-vs-cost as a PNG")
     sim.add_argument(
-        "--sensitivity", action="store_true", help="also sweep engine start and load bandwidth (warmserve vs autoscale)"
+        "--sensitivity",
+        action="store_true",
+        help="also sweep engine start and load bandwidth (warmserve vs autoscale) and share contention (vs gpu-share)",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress output")
     for name, text in (
@@ -99,6 +113,8 @@ def simulate(args: argparse.Namespace) -> int:
         costs = replace(costs, engine_start_s=args.engine_start_s)
     if args.load_gbps is not None:
         costs = replace(costs, load_bandwidth=args.load_gbps * 1e9)
+    if args.share_contention is not None:
+        costs = replace(costs, share_contention=args.share_contention)
 
     progress = None if args.quiet else (lambda policy: report.ProgressBar(policy))
     comparison = report.compare(scenario, args.policies, costs, args.forecaster, progress, args.initial)
@@ -111,9 +127,10 @@ def simulate(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     if args.sensitivity:
         log = None if args.quiet else (lambda text: print(f"  sensitivity: {text}", file=sys.stderr))
-        rows = report.sensitivity(scenario, forecaster=args.forecaster, progress=log, initial=args.initial)
-        print()
-        print(report.format_sensitivity(rows))
+        for sweep in report.SWEEPS:
+            rows = report.sensitivity(scenario, sweep, costs, args.forecaster, log, args.initial)
+            print()
+            print(report.format_sensitivity(rows, sweep))
     return 0
 
 

@@ -12,7 +12,7 @@ from warmserve.cli import main
 from warmserve.core.policy import WarmServePolicy
 from warmserve.sim.costs import COST_SOURCES, CostModel
 from warmserve.sim.engine import POLICIES, Simulation
-from warmserve.sim.report import compare, format_table
+from warmserve.sim.report import Sweep, compare, format_sensitivity, format_table, sensitivity
 from warmserve.sim.scenarios import paper
 from warmserve.workload.build import build_workload
 
@@ -157,7 +157,12 @@ def test_cli_writes_json_in_the_documented_shape(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["simulate", "--policies", "nope"], ["simulate", "--rps", "-3"], ["simulate", "--window-s", "0"]],
+    [
+        ["simulate", "--policies", "nope"],
+        ["simulate", "--rps", "-3"],
+        ["simulate", "--window-s", "0"],
+        ["simulate", "--share-contention", "1.5"],
+    ],
 )
 def test_cli_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as exit_info:
@@ -208,3 +213,21 @@ def test_co_located_decoding_shares_memory_bandwidth_by_weight_bytes(scenario, w
     small.in_flight = 1  # the 70B's slowest GPU is the one it shares with the 7B
     both = small.shard_bytes + large.shard_bytes
     assert simulation._decode_slowdown(large) == pytest.approx(both / large.shard_bytes)
+
+
+def test_sensitivity_sweeps_one_cost_and_shows_the_ratio(scenario):
+    sweep = Sweep(
+        "contention",
+        (("share contention", "share_contention", 1.0),),
+        tuple({"share_contention": c} for c in (0.0, 1.0)),
+        ("dedicated", "gpu-share"),
+    )
+    short = scenario.with_workload(replay_s=300)
+    rows = sensitivity(short, sweep)
+    assert [row["costs"] for row in rows] == list(sweep.points)
+    assert rows[0]["dedicated"] == rows[1]["dedicated"]  # the contention only touches co-located engines
+    assert rows[1]["gpu-share"]["ttft_p99_s"] > rows[0]["gpu-share"]["ttft_p99_s"]
+    table = format_sensitivity(rows, sweep).splitlines()
+    assert table[0].startswith("share contention") and len(table) == 4
+    ratio = rows[1]["gpu-share"]["ttft_p99_s"] / rows[1]["dedicated"]["ttft_p99_s"]
+    assert table[3].split()[3] == f"{ratio:.1f}×"

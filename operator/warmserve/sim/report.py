@@ -159,44 +159,68 @@ def write_plot(comparison: Comparison, path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """A grid of cost settings, and the two policies whose p99 / p99.9 ratio it shows at each point."""
+
+    name: str
+    columns: tuple[tuple[str, str, float], ...]  # (heading, CostModel field, unit the table shows it in)
+    points: tuple[dict[str, float], ...]  # CostModel fields changed at each point
+    policies: tuple[str, str]
+
+
+SWEEPS = (
+    Sweep(
+        "startup",
+        (("engine start (s)", "engine_start_s", 1.0), ("load (GB/s)", "load_bandwidth", 1e9)),
+        tuple(
+            {"engine_start_s": start, "load_bandwidth": gbps * 1e9}
+            for start in (1.0, 3.0, 10.0, 20.0, 30.0)
+            for gbps in (12.5, 25.0, 50.0)
+        ),
+        ("warmserve", "autoscale"),
+    ),
+    Sweep(
+        "contention",
+        (("share contention", "share_contention", 1.0),),
+        tuple({"share_contention": c} for c in (0.0, 0.25, 0.5, 0.75, 1.0)),
+        ("warmserve", "gpu-share"),
+    ),
+)
+
+
 def sensitivity(
     scenario: Scenario,
-    engine_start_s: Iterable[float] = (1.0, 3.0, 10.0, 20.0, 30.0),
-    load_gbps: Iterable[float] = (12.5, 25.0, 50.0),
-    policies: tuple[str, ...] = ("warmserve", "autoscale"),
+    sweep: Sweep,
+    costs: CostModel | None = None,
     forecaster: str = "csp",
     progress: Callable[[str], None] | None = None,
     initial: str = "empty",
 ) -> list[dict]:
-    """p99 TTFT of ``policies`` over a grid of the two cost parameters the result depends on most."""
+    """TTFT summaries of the sweep's two policies at every point of its grid (other costs from ``costs``)."""
     workload = build_workload(scenario.workload)
     rows = []
-    for start in engine_start_s:
-        for gbps in load_gbps:
-            costs = replace(CostModel(), engine_start_s=start, load_bandwidth=gbps * 1e9)
-            row = {"engine_start_s": start, "load_gbps": gbps}
-            for policy in policies:
-                simulation = Simulation(scenario, workload, policy, costs=costs, forecaster=forecaster, initial=initial)
-                result = simulation.run()
-                row[policy] = result.summary(scenario.ttft_slo_s)
-            rows.append(row)
-            if progress:
-                progress(f"engine start {start:g} s, load {gbps:g} GB/s")
+    for changes in sweep.points:
+        point = replace(costs or CostModel(), **changes)
+        row: dict = {"costs": changes}
+        for policy in sweep.policies:
+            simulation = Simulation(scenario, workload, policy, costs=point, forecaster=forecaster, initial=initial)
+            row[policy] = simulation.run().summary(scenario.ttft_slo_s)
+        rows.append(row)
+        if progress:
+            progress(", ".join(f"{h} {changes[f] / unit:g}" for h, f, unit in sweep.columns))
     return rows
 
 
-def format_sensitivity(rows: list[dict], policies: tuple[str, str] = ("warmserve", "autoscale")) -> str:
-    a, b = policies
-    header = (
-        f"{'engine start (s)':>16} {'load (GB/s)':>11} {a + ' p99':>14} {b + ' p99':>14} {'ratio':>7}"
-        f" {a + ' p99.9':>16} {b + ' p99.9':>16} {'ratio':>7}"
+def format_sensitivity(rows: list[dict], sweep: Sweep) -> str:
+    a, b = sweep.policies
+    header = " ".join(h for h, _, _ in sweep.columns) + (
+        f" {a + ' p99':>14} {b + ' p99':>14} {'ratio':>7} {a + ' p99.9':>16} {b + ' p99.9':>16} {'ratio':>7}"
     )
     out = [header, "-" * len(header)]
     for row in rows:
+        settings = " ".join(f"{row['costs'][field] / unit:>{len(h)}g}" for h, field, unit in sweep.columns)
         pa, pb = row[a]["ttft_p99_s"], row[b]["ttft_p99_s"]
         qa, qb = row[a]["ttft_p999_s"], row[b]["ttft_p999_s"]
-        out.append(
-            f"{row['engine_start_s']:>16g} {row['load_gbps']:>11g} {pa:>14.3f} {pb:>14.3f} {pb / pa:>6.1f}×"
-            f" {qa:>16.3f} {qb:>16.3f} {qb / qa:>6.1f}×"
-        )
+        out.append(f"{settings} {pa:>14.3f} {pb:>14.3f} {pb / pa:>6.1f}× {qa:>16.3f} {qb:>16.3f} {qb / qa:>6.1f}×")
     return "\n".join(out)
