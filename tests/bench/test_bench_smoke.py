@@ -54,3 +54,15 @@ def test_max_rps_bench(tmp_path, policy):
     row = data["policies"][policy]
     assert row["probes"][0][0] == 5.0 and row["max_rps"] in (0.0, 5.0)
     assert (row["max_rps"] == 5.0) == (row["probes"][0][1] <= data["slo_p99_s"])
+
+
+def test_proactive_bench_counts_lent_replicas(tmp_path):
+    data = run("proactive.py", "--settings", "paper,pressure", tmp_path=tmp_path)
+    assert set(data) == {"paper", "pressure"}
+    for setting in data.values():
+        assert set(setting) == {"warmserve", "warmserve-noproactive"}
+        assert setting["warmserve-noproactive"]["lent_kv_replicas"] == 0
+        assert setting["warmserve-noproactive"]["lent_kv_promotions"] == 0
+    pressure = data["pressure"]["warmserve"]
+    assert 0 < pressure["lent_kv_promotions"] <= pressure["lent_kv_replicas"]
+    assert pressure["engine_starts"]["hit"] > data["pressure"]["warmserve-noproactive"]["engine_starts"]["hit"]

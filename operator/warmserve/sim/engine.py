@@ -99,6 +99,8 @@ class SimResult:
     prewarm_loaded_bytes: float
     wasted_prewarm_bytes: float
     evictions: dict[str, int]
+    lent_replicas: int = 0  # replicas prewarmed into KV space a running engine lent
+    lent_hits: int = 0  # engines promoted from such a replica
 
     def summary(self, slo_s: float) -> dict:
         ttft = self.ttft
@@ -119,6 +121,8 @@ class SimResult:
             "prewarm_loaded_gb": self.prewarm_loaded_bytes / 1e9,
             "wasted_prewarm_gb": self.wasted_prewarm_bytes / 1e9,
             "evictions": dict(self.evictions),
+            "lent_kv_replicas": self.lent_replicas,
+            "lent_kv_promotions": self.lent_hits,
         }
 
 
@@ -209,6 +213,8 @@ class Simulation:
         self._loading: dict[int, _Loading] = {}
         self._evictions: dict[str, int] = {}
         self._prewarmed: set[int] = set()  # replicas that prewarming loaded (not left by stopped engines)
+        self._lent: set[int] = set()  # replicas placed in space a running engine lent
+        self._lent_replicas = self._lent_hits = 0
         self._link_free: dict[Gpu, float] = {}
         self._compute_free: dict[Gpu, float] = {}  # when each GPU's compute has run the prefills queued on it
         self._end_of_replay = float(wl.spec.replay_s)
@@ -263,6 +269,8 @@ class Simulation:
             prewarm_loaded_bytes=self._loaded_bytes,
             wasted_prewarm_bytes=self._wasted_bytes,
             evictions=dict(self._evictions),
+            lent_replicas=self._lent_replicas,
+            lent_hits=self._lent_hits,
         )
 
     def _push(self, when: float, kind: int, payload) -> None:
@@ -420,6 +428,9 @@ class Simulation:
             self._link_free[g] = end
         self._loading[replica.rid] = _Loading(start, end)
         self._prewarmed.add(replica.rid)
+        if any(self.state.engine_on(g) is not None for g in gpus):
+            self._lent.add(replica.rid)
+            self._lent_replicas += 1
         self._loaded_bytes += replica.bytes_per_gpu * replica.group.size
         self._push(end, _LOADED, replica.rid)
 
@@ -444,6 +455,8 @@ class Simulation:
             ready = end + overhead
         else:
             self._prewarmed.discard(promotion.consumed.rid)
+            if promotion.consumed.rid in self._lent:
+                self._lent_hits += 1
             loading = self._loading.pop(promotion.consumed.rid, None)
             ready = max(self.now, loading.end if loading else self.now) + self.costs.promote_s
         self._starts[promotion.source] += 1
