@@ -66,3 +66,12 @@ def test_proactive_bench_counts_lent_replicas(tmp_path):
     pressure = data["pressure"]["warmserve"]
     assert 0 < pressure["lent_kv_promotions"] <= pressure["lent_kv_replicas"]
     assert pressure["engine_starts"]["hit"] > data["pressure"]["warmserve-noproactive"]["engine_starts"]["hit"]
+
+
+def test_colocation_bench_measures_a_prefill_beside_a_decoding_engine(tmp_path):
+    args = ("--repeats", "2", "--prompt-tokens", "64", "--neighbour-tokens", "32")
+    data = run("colocation.py", *args, tmp_path=tmp_path)
+    assert data["prefill_alone_s"] > 0 and data["prefill_with_neighbour_s"] > 0
+    assert len(data["samples_alone_s"]) == len(data["samples_with_neighbour_s"]) == 2
+    assert data["neighbour_generations_completed"] > 0  # B really decoded while A's prefills were timed
+    assert data["share_contention"] == pytest.approx(data["prefill_with_neighbour_s"] / data["prefill_alone_s"] - 1)
