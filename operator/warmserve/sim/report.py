@@ -208,7 +208,7 @@ def sensitivity(
             row[policy] = simulation.run().summary(scenario.ttft_slo_s)
         rows.append(row)
         if progress:
-            progress(", ".join(f"{h} {changes[f] / unit:g}" for h, f, unit in sweep.columns))
+            progress(f"{sweep.name}: " + ", ".join(f"{h} {changes[f] / unit:g}" for h, f, unit in sweep.columns))
     return rows
 
 
