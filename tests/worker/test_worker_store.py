@@ -158,3 +158,17 @@ def test_restarted_arena_is_adopted(tiny_models, shm_path):
     assert arena2.ledger.used_pages == used
     _assert_bytes_equal(store2, arena2, "alpha", tiny_models["alpha"])
     arena2.close()
+
+
+def test_outcome_callback_runs_before_the_phase_is_visible(tiny_models, shm_path, tmp_path):
+    """What on_done records (the agent's timings) is in place by the time a state shows the shard warm."""
+    arena = _arena(shm_path)
+    store = WeightStore({"0": arena})
+    seen = []
+    store.prewarm("alpha", "alpha", tiny_models["alpha"], "0", wait=True,
+                  on_done=lambda load, phase: seen.append((load.phase, phase, load.seconds is not None)))
+    store.prewarm("ghost", "ghost", str(tmp_path / "nope"), "0", wait=True,
+                  on_done=lambda load, phase: seen.append((load.phase, phase)))
+    assert seen == [("loading", "warm", True), ("loading", "failed")]
+    assert store.loads["alpha/rank0"].phase == "warm" and store.loads["ghost/rank0"].phase == "failed"
+    arena.close()

@@ -189,10 +189,10 @@ class Agent:
                     self.store.loads.pop(owner, None)
                     break
 
-    def _on_loaded(self, load) -> None:
-        if load.phase == "warm":
+    def _on_loaded(self, load, phase: str) -> None:
+        if phase == "warm":
             self._record("prewarm", load.uid, load.seconds or 0.0, bytes=load.bytes_total)
-        self.metrics.op("prewarm", load.phase)
+        self.metrics.op("prewarm", phase)
 
     # -- helpers ---------------------------------------------------------------------
     def _failed(self, rep: PlannedReplica) -> bool:

@@ -110,8 +110,12 @@ class WeightStore:
         return records
 
     def prewarm(self, uid: str, model: str, source_dir: str, device: str, tp: int = 1, rank: int = 0,
-                wait: bool = False, on_done: Callable[[ReplicaLoad], None] | None = None) -> ReplicaLoad:
-        """Start loading one replica shard in a background thread (idempotent per uid/rank)."""
+                wait: bool = False, on_done: Callable[[ReplicaLoad, str], None] | None = None) -> ReplicaLoad:
+        """Start loading one replica shard in a background thread (idempotent per uid/rank).
+
+        ``on_done(load, phase)`` runs when the load ends, *before* ``load.phase`` shows the outcome, so what
+        the callback records (timings) is in place by the time anyone sees the shard warm.
+        """
         owner = self.owner_key(uid, rank)
         existing = self.loads.get(owner)
         if existing and existing.phase in ("loading", "warm"):
@@ -128,9 +132,10 @@ class WeightStore:
             arena.ledger.place_tensors(
                 owner, [(n, by_name[n].dtype, by_name[n].shape, by_name[n].nbytes) for n in order])
         except (WeightFileError, ArenaFullError) as exc:
-            load.phase, load.error = "failed", str(exc)
+            load.error = str(exc)
             if on_done:
-                on_done(load)
+                on_done(load, "failed")
+            load.phase = "failed"
             return load
         load.bytes_total = sum(r.nbytes for r in records)
         cancel = threading.Event()
@@ -144,7 +149,7 @@ class WeightStore:
         return load
 
     def _run(self, load: ReplicaLoad, arena: Arena, records: list[TensorRecord], cancel: threading.Event,
-             on_done: Callable[[ReplicaLoad], None] | None) -> None:
+             on_done: Callable[[ReplicaLoad, str], None] | None) -> None:
         slots = arena.ledger.get(load.owner).tensors
         staged = self.staged if self.staged is not None else not arena.backend.host_addressable
         try:
@@ -154,18 +159,19 @@ class WeightStore:
                 self._copy_direct(load, arena, records, slots, cancel)
             if cancel.is_set():
                 raise InterruptedError("evicted while loading")
-            load.phase = "warm"
             load.seconds = time.monotonic() - load.started
             arena.persist()
             _write_meta(self.meta_path(arena, load.owner), load, arena.ledger.get(load.owner).tensors)
+            phase = "warm"
         except (OSError, WeightFileError, InterruptedError) as exc:
             load.error = f"{load.source}: {exc}" if not isinstance(exc, InterruptedError) else str(exc)
-            load.phase = "failed" if not isinstance(exc, InterruptedError) else "evicted"
+            phase = "failed" if not isinstance(exc, InterruptedError) else "evicted"
             with arena.lock:
                 if arena.ledger.get(load.owner) is not None:
                     arena.free(load.owner)
         if on_done:
-            on_done(load)
+            on_done(load, phase)
+        load.phase = phase
 
     def _copy_direct(self, load, arena, records, slots, cancel) -> None:
         backend = arena.backend
