@@ -231,6 +231,9 @@ INVALID = [
     ("TP 0", _md(tensorParallelSize=0), "schema"),
     ("unknown field", _with(_md(), "spec.model.quantisation", "awq"), "schema"),
     ("unknown top-level spec field", _with(_md(), "spec.replicas", 2), "schema"),
+    # Fields the workers could not honour are refused, not accepted and ignored:
+    ("engine image (engines run in the worker image)", _with(_md(), "spec.engine.image", "vllm:x"), "schema"),
+    ("hf revision (read pre-downloaded)", _with(_md(), "spec.model.revision", "main"), "schema"),
     ("missing model source", _md(source=None), "schema"),
     ("missing model", {**_md(), "spec": {"poolRef": {"name": "p"}}}, "schema"),
     ("bad source scheme", _md(source="s3://bucket/model"), "schema"),

@@ -166,11 +166,9 @@ class ModelSpec:
     pool: str
     source: str
     served_name: str
-    revision: str = ""
     dtype: str = "auto"
     tp: int = 1
     weight_bytes: int | None = None
-    engine_image: str = ""
     engine_args: tuple[str, ...] = ()
     max_model_len: int = 0
     max_concurrency: int = 64
@@ -192,11 +190,9 @@ def parse_model_spec(name: str, spec: Mapping[str, Any] | None) -> ModelSpec:
         pool=str(_sub(spec, "poolRef").get("name", "")),
         source=str(model.get("source", "")),
         served_name=str(model.get("servedName") or name),
-        revision=str(model.get("revision", "")),
         dtype=str(model.get("dtype", d.dtype)),
         tp=int(model.get("tensorParallelSize", d.tp)),
         weight_bytes=None if weight is None else int(weight),
-        engine_image=str(engine.get("image", "")),
         engine_args=tuple(str(a) for a in engine.get("args") or ()),
         max_model_len=int(engine.get("maxModelLen", d.max_model_len)),
         max_concurrency=int(engine.get("maxConcurrency", d.max_concurrency)),
