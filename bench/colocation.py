@@ -70,12 +70,12 @@ def complete(port: int, name: str, prompt: str, max_tokens: int, timeout: float 
     return time.perf_counter() - started
 
 
-def start_engine(model_dir: str, name: str, port: int, engine_args: list[str], log_path: Path):
+def start_engine(model_dir: str, name: str, port: int, engine_args: list[str], env: dict, log_path: Path):
     with open(log_path, "wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
              "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_args],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **CPU_ENV},
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env},
         )  # fmt: skip
 
 
@@ -119,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"generating tiny Llama model {key} in {work}")
             models[key] = make_llama(str(work / key), hidden=512, layers=4, heads=8, kv_heads=2,
                                      intermediate=1024, seed=seed, max_positions=1024)  # fmt: skip
-    engine_args = shlex.split(args.engine_args) if args.engine_args else CPU_ENGINE_ARGS
+    # The CPU defaults come with their environment; with engine args of your own, yours is used as it is.
+    engine_args, env = (shlex.split(args.engine_args), {}) if args.engine_args else (CPU_ENGINE_ARGS, CPU_ENV)
     ports = {"a": free_port(), "b": free_port()}
     processes = {}
     try:
         for key in ("a", "b"):
             log(f"starting engine {key} on port {ports[key]}")
-            processes[key] = start_engine(models[key], key, ports[key], engine_args, work / f"engine-{key}.log")
+            processes[key] = start_engine(models[key], key, ports[key], engine_args, env, work / f"engine-{key}.log")
         for key in ("a", "b"):
             wait_ready(processes[key], ports[key], key, work / f"engine-{key}.log")
         prompt = WORD * args.prompt_tokens

@@ -205,14 +205,13 @@ def test_co_located_decoding_shares_memory_bandwidth_by_weight_bytes(scenario, w
     simulation, _ = _gpu_share_run(scenario, workload, [(10.0, 0, 16, 4)])
     engines = {e.model: e for e in simulation._engines.values() if e.gpus[0][0] == 0 and e.gpus[0][1] < 4}
     small, large = engines[0], engines[3]
+    small_bytes, large_bytes = scenario.models[0].shard_bytes, scenario.models[3].shard_bytes
     assert simulation._decode_slowdown(small) == 1.0  # nobody else busy
     large.in_flight = 1
-    expected = (small.shard_bytes + large.shard_bytes) / small.shard_bytes
-    assert simulation._decode_slowdown(small) == pytest.approx(expected)
+    assert simulation._decode_slowdown(small) == pytest.approx((small_bytes + large_bytes) / small_bytes)
     assert simulation._decode_slowdown(large) == 1.0  # the 7B is idle
     small.in_flight = 1  # the 70B's slowest GPU is the one it shares with the 7B
-    both = small.shard_bytes + large.shard_bytes
-    assert simulation._decode_slowdown(large) == pytest.approx(both / large.shard_bytes)
+    assert simulation._decode_slowdown(large) == pytest.approx((small_bytes + large_bytes) / large_bytes)
 
 
 def test_sensitivity_sweeps_one_cost_and_shows_the_ratio(scenario):

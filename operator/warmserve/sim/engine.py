@@ -85,7 +85,6 @@ class _Engine:
     kv_in_use: int = 0  # bytes per GPU
     recent: deque = field(default_factory=lambda: deque(maxlen=10))  # (in flight, KV) per tick
     neighbours: tuple[int, ...] = ()  # co-located engines (GPU sharing)
-    shard_bytes: int = 0  # weight bytes each step reads per GPU
 
 
 @dataclass
@@ -214,7 +213,7 @@ class Simulation:
         self._evictions: dict[str, int] = {}
         self._prewarmed: set[int] = set()  # replicas that prewarming loaded (not left by stopped engines)
         self._lent: set[int] = set()  # replicas placed in space a running engine lent
-        self._lent_replicas = self._lent_hits = 0
+        self._lent_hits = 0
         self._link_free: dict[Gpu, float] = {}
         self._compute_free: dict[Gpu, float] = {}  # when each GPU's compute has run the prefills queued on it
         self._end_of_replay = float(wl.spec.replay_s)
@@ -269,7 +268,7 @@ class Simulation:
             prewarm_loaded_bytes=self._loaded_bytes,
             wasted_prewarm_bytes=self._wasted_bytes,
             evictions=dict(self._evictions),
-            lent_replicas=self._lent_replicas,
+            lent_replicas=len(self._lent),
             lent_hits=self._lent_hits,
         )
 
@@ -353,9 +352,10 @@ class Simulation:
         """
         if not engine.neighbours:
             return 1.0
+        shard = self.profiles[engine.model].shard_bytes
         busy = [self._engines[n] for n in engine.neighbours if self._engines[n].in_flight > 0]
         return max(
-            (engine.shard_bytes + sum(other.shard_bytes for other in busy if g in other.gpus)) / engine.shard_bytes
+            (shard + sum(self.profiles[other.model].shard_bytes for other in busy if g in other.gpus)) / shard
             for g in engine.gpus
         )
 
@@ -430,7 +430,6 @@ class Simulation:
         self._prewarmed.add(replica.rid)
         if any(self.state.engine_on(g) is not None for g in gpus):
             self._lent.add(replica.rid)
-            self._lent_replicas += 1
         self._loaded_bytes += replica.bytes_per_gpu * replica.group.size
         self._push(end, _LOADED, replica.rid)
 
@@ -593,4 +592,3 @@ class Simulation:
                 engine.neighbours = tuple(
                     other.iid for k, other in engines.items() if k != m and set(other.gpus) & set(engine.gpus)
                 )
-                engine.shard_bytes = self.profiles[m].shard_bytes
