@@ -35,7 +35,6 @@ from typing import Any
 
 GROUP = "warmserve.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
 PLAN_ANNOTATION = "warmserve.io/plan"
 STATE_ANNOTATION = "warmserve.io/state"
 POOL_LABEL = "warmserve.io/pool"
