@@ -56,17 +56,12 @@ DECODE_S_PER_TOKEN = 0.015
 MIN_OUTPUT_TOKENS = 3
 
 GRIDS: dict[str, list[dict[str, float]]] = {
-    "csp": [
-        {"days": d, "corrections": n}
-        for d, n in itertools.product(range(1, 8), (0, 1, 2, 3, 5, 10, 20))
-    ],
+    "csp": [{"days": d, "corrections": n} for d, n in itertools.product(range(1, 8), (0, 1, 2, 3, 5, 10, 20))],
     "last": [{}],
     "seasonal-naive": [{}],
     "smooth-csp": [
         {"days": d, "corrections": n, "decay": k, "halfwidth": h}
-        for d, n, k, h in itertools.product(
-            (1, 2, 3, 5, 7), (1, 2, 3, 5, 10, 20), (0.5, 0.8, 0.9), (0, 1, 2, 4, 8)
-        )
+        for d, n, k, h in itertools.product((1, 2, 3, 5, 7), (1, 2, 3, 5, 10, 20), (0.5, 0.8, 0.9), (0, 1, 2, 4, 8))
     ],
 }
 
@@ -93,8 +88,7 @@ def azure_series(data: Bundle, service_s: float) -> Series:
     per_second = data.azure2024_code.reshape(-1)
     avg, peak = window_load(offered_concurrency(per_second, service_s), 300)
     period = 288
-    return Series("azure2024_code", avg, peak, period, 300, fit=(3 * period, 5 * period),
-                  test=(5 * period, 7 * period))
+    return Series("azure2024_code", avg, peak, period, 300, fit=(3 * period, 5 * period), test=(5 * period, 7 * period))
 
 
 def mask_invalid_servegen(rate: np.ndarray) -> np.ndarray:
@@ -118,8 +112,15 @@ def servegen_series(data: Bundle, model: str, service_s: float) -> Series:
     per_second = np.repeat(rate, traces.SERVEGEN_WINDOW_S)
     avg, peak = window_load(offered_concurrency(per_second, service_s), traces.SERVEGEN_WINDOW_S)
     period = 144
-    return Series("servegen_" + model.replace("-", "_"), avg, peak, period, traces.SERVEGEN_WINDOW_S,
-                  fit=(7 * period, 10 * period), test=(10 * period, 14 * period))
+    return Series(
+        "servegen_" + model.replace("-", "_"),
+        avg,
+        peak,
+        period,
+        traces.SERVEGEN_WINDOW_S,
+        fit=(7 * period, 10 * period),
+        test=(10 * period, 14 * period),
+    )
 
 
 def score(forecaster: fc.Forecaster, values: np.ndarray, period: int, span: tuple[int, int]) -> float:
@@ -164,8 +165,10 @@ def evaluate(series: Series, log) -> dict[str, dict]:
             entry[f"{target}_fit_acc"] = fit_acc
             entry[f"{target}_params"] = params
         results[kind] = entry
-        log(f"  {series.name:22s} {kind:15s} avg {entry['avg_acc']:.4f} peak {entry['peak_acc']:.4f}"
-            f"  (fit days: {entry['avg_fit_acc']:.4f} / {entry['peak_fit_acc']:.4f})")
+        log(
+            f"  {series.name:22s} {kind:15s} avg {entry['avg_acc']:.4f} peak {entry['peak_acc']:.4f}"
+            f"  (fit days: {entry['avg_fit_acc']:.4f} / {entry['peak_fit_acc']:.4f})"
+        )
     return results
 
 
@@ -192,8 +195,9 @@ def choose_defaults(series: Series) -> dict[str, dict]:
         best = None
         for params in GRIDS[kind]:
             f = fc.make_forecaster(kind, **params)
-            acc = 0.5 * (score(f, series.avg, series.period, series.fit)
-                         + score(f, series.peak, series.period, series.fit))
+            acc = 0.5 * (
+                score(f, series.avg, series.period, series.fit) + score(f, series.peak, series.period, series.fit)
+            )
             if best is None or acc > best[0] + 1e-12:
                 best = (acc, params)
         assert best is not None
@@ -230,15 +234,20 @@ def main(argv: list[str] | None = None) -> int:
 
     output: dict = {"series": {}, "params": {}, "fit_acc": {}, "reference": {}}
     for series in all_series:
-        log(f"series {series.name}: {series.avg.shape[0]} windows of {series.window_s} s, "
-            f"fit windows {series.fit}, test windows {series.test}")
+        log(
+            f"series {series.name}: {series.avg.shape[0]} windows of {series.window_s} s, "
+            f"fit windows {series.fit}, test windows {series.test}"
+        )
         results = evaluate(series, log)
-        output["series"][series.name] = {k: {"avg_acc": v["avg_acc"], "peak_acc": v["peak_acc"]}
-                                         for k, v in results.items()}
-        output["params"][series.name] = {k: {"avg": v["avg_params"], "peak": v["peak_params"]}
-                                         for k, v in results.items()}
-        output["fit_acc"][series.name] = {k: {"avg_acc": v["avg_fit_acc"], "peak_acc": v["peak_fit_acc"]}
-                                          for k, v in results.items()}
+        output["series"][series.name] = {
+            k: {"avg_acc": v["avg_acc"], "peak_acc": v["peak_acc"]} for k, v in results.items()
+        }
+        output["params"][series.name] = {
+            k: {"avg": v["avg_params"], "peak": v["peak_params"]} for k, v in results.items()
+        }
+        output["fit_acc"][series.name] = {
+            k: {"avg_acc": v["avg_fit_acc"], "peak_acc": v["peak_fit_acc"]} for k, v in results.items()
+        }
         output["reference"][series.name] = reference(series)
 
     log("library defaults from the Azure fit days (Mon, Tue)")
@@ -248,16 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     conv_series = azure_series(data, conv_s)
     output["reference"]["service_time_sensitivity"] = {
         "mean_service_s": conv_s,
-        "azure2024_code": {k: {"avg_acc": v["avg_acc"], "peak_acc": v["peak_acc"]}
-                           for k, v in evaluate(conv_series, log).items()},
+        "azure2024_code": {
+            k: {"avg_acc": v["avg_acc"], "peak_acc": v["peak_acc"]} for k, v in evaluate(conv_series, log).items()
+        },
         "two_sided_oracle": reference(conv_series)["two_sided_oracle"],
     }
     output["setup"] = {
         "mean_service_s": service_s,
-        "latency_model": {"prefill_s": PREFILL_S, "decode_s_per_token": DECODE_S_PER_TOKEN,
-                          "min_output_tokens": MIN_OUTPUT_TOKENS, "tokens": "azure2023 code"},
-        "series": {s.name: {"window_s": s.window_s, "period": s.period, "fit_windows": s.fit,
-                            "test_windows": s.test} for s in all_series},
+        "latency_model": {
+            "prefill_s": PREFILL_S,
+            "decode_s_per_token": DECODE_S_PER_TOKEN,
+            "min_output_tokens": MIN_OUTPUT_TOKENS,
+            "tokens": "azure2023 code",
+        },
+        "series": {
+            s.name: {"window_s": s.window_s, "period": s.period, "fit_windows": s.fit, "test_windows": s.test}
+            for s in all_series
+        },
         "accuracy": "1 - mean(|pred - actual| / actual) over unmasked test windows with actual > 0",
         "servegen_note": "native 10-min windows; rate constant inside a window, so peak == avg",
         "paper_peak_target": 0.927,
@@ -273,16 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         for kind, acc in per_kind.items():
             print(f"{name:18s} {kind:23s} {acc['avg_acc'] * 100:7.2f}% {acc['peak_acc'] * 100:8.2f}%")
         for ref_name, acc in output["reference"][name].items():
-            print(f"{name:18s} {'(' + ref_name + ')':23s} {acc['avg_acc'] * 100:7.2f}% "
-                  f"{acc['peak_acc'] * 100:8.2f}%")
+            print(f"{name:18s} {'(' + ref_name + ')':23s} {acc['avg_acc'] * 100:7.2f}% {acc['peak_acc'] * 100:8.2f}%")
     print("(servegen series: native 10-min windows, rate constant inside a window, so peak == avg)")
     sens = output["reference"]["service_time_sensitivity"]
     for kind, acc in sens["azure2024_code"].items():
-        print(f"{'azure S=' + format(sens['mean_service_s'], '.2f') + 's':18s} {kind:23s} "
-              f"{acc['avg_acc'] * 100:7.2f}% {acc['peak_acc'] * 100:8.2f}%")
+        print(
+            f"{'azure S=' + format(sens['mean_service_s'], '.2f') + 's':18s} {kind:23s} "
+            f"{acc['avg_acc'] * 100:7.2f}% {acc['peak_acc'] * 100:8.2f}%"
+        )
     oracle = sens["two_sided_oracle"]
-    print(f"{'azure S=' + format(sens['mean_service_s'], '.2f') + 's':18s} {'(two_sided_oracle)':23s} "
-          f"{oracle['avg_acc'] * 100:7.2f}% {oracle['peak_acc'] * 100:8.2f}%")
+    print(
+        f"{'azure S=' + format(sens['mean_service_s'], '.2f') + 's':18s} {'(two_sided_oracle)':23s} "
+        f"{oracle['avg_acc'] * 100:7.2f}% {oracle['peak_acc'] * 100:8.2f}%"
+    )
     best_peak = max(v["peak_acc"] for v in output["series"]["azure2024_code"].values())
     print(f"\nbest peak accuracy on azure2024_code: {best_peak * 100:.2f}% (paper: 92.7%)")
     output["best_peak_acc_azure2024_code"] = best_peak

@@ -87,16 +87,14 @@ def prewarm_gbps(store, uid: str, model_dir: str) -> tuple[float, int]:
 
 def first_token(port: int, model: str, timeout: float = 600) -> str:
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                 {"content-type": "application/json"})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.load(resp)["choices"][0]["text"]
 
 
 def greedy(port: int, model: str) -> str:
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                 {"content-type": "application/json"})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return json.load(resp)["choices"][0]["text"]
 
@@ -122,15 +120,31 @@ def group_memory(pgid: int) -> dict[str, int]:
 
 def inproc(model_dir: str, llm_kwargs: dict, warm: bool) -> dict:
     """In-process engine (``vllm.LLM``) in an engine shell: warm = shell pre-started, clock at the job."""
-    job = {"mode": "generate", "prompt": PROMPT, "max_tokens": 1,
-           "llm": {"model": model_dir, "served_model_name": "large", "dtype": "bfloat16", "max_model_len": 256,
-                   "enforce_eager": True, "max_num_seqs": 4, **llm_kwargs}}
+    job = {
+        "mode": "generate",
+        "prompt": PROMPT,
+        "max_tokens": 1,
+        "llm": {
+            "model": model_dir,
+            "served_model_name": "large",
+            "dtype": "bfloat16",
+            "max_model_len": 256,
+            "enforce_eager": True,
+            "max_num_seqs": 4,
+            **llm_kwargs,
+        },
+    }
     if not warm:
         drop_cache(weight_files(model_dir))
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "warmserve.worker.engine_shell"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **ENV},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "warmserve.worker.engine_shell"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **ENV},
+        start_new_session=True,
+    )
     try:
         line = proc.stdout.readline().decode()
         if not line.startswith("WARMSERVE-SHELL-READY"):
@@ -142,7 +156,7 @@ def inproc(model_dir: str, llm_kwargs: dict, warm: bool) -> dict:
         for raw in proc.stdout:
             text = raw.decode(errors="replace")
             if text.startswith("WARMSERVE-RESULT "):
-                result = json.loads(text[len("WARMSERVE-RESULT "):])
+                result = json.loads(text[len("WARMSERVE-RESULT ") :])
                 result["wall_s"] = time.perf_counter() - t0
                 return result
         raise RuntimeError("in-process engine exited without a result")
@@ -159,9 +173,25 @@ def cold_start(model_dir: str, port: int, log_path: str) -> tuple[float, str]:
     t0 = time.perf_counter()
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model_dir,
-             "--served-model-name", "large", "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS],
-            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **ENV})
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.launchers.api_server.entry",
+                "--model",
+                model_dir,
+                "--served-model-name",
+                "large",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *ENGINE_ARGS,
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **ENV},
+        )
     try:
         while not model_ready("127.0.0.1", port, "large"):
             if proc.poll() is not None:
@@ -182,8 +212,9 @@ def warm_start(store, model_dir: str, work: str, port: int) -> tuple[float, str,
     report = os.path.join(work, "load-report.json")
     with open(manifest, "w") as fh:
         json.dump(store.manifest("large"), fh)
-    em = EngineManager(os.path.join(work, "warm"), pool_size=1, base_port=port, engine_args=ENGINE_ARGS,
-                       env=ENV, refill=False)
+    em = EngineManager(
+        os.path.join(work, "warm"), pool_size=1, base_port=port, engine_args=ENGINE_ARGS, env=ENV, refill=False
+    )
     em.fill_pool()
     shell = em.shells[0]
     log("waiting for the pre-started shell to finish its imports (not timed: done before the burst)")
@@ -250,8 +281,11 @@ def main() -> int:
                     gbps, nbytes = prewarm_gbps(store, "large", large_dir)
                     store.evict("large")
                     samples.setdefault(f"{key}_{cache}", []).append(gbps)
-            log(f"storage round {rep + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {v[-1]:.2f}" for k, v in samples.items()) + " GB/s")
+            log(
+                f"storage round {rep + 1}/{args.repeats}: "
+                + ", ".join(f"{k} {v[-1]:.2f}" for k, v in samples.items())
+                + " GB/s"
+            )
         med = {k: statistics.median(v) for k, v in samples.items()}
         results["read_gbps"], results["read_hot_gbps"] = med["read_cold"], med["read_hot"]
         results["prewarm_gbps"], results["prewarm_hot_gbps"] = med["prewarm_cold"], med["prewarm_hot"]
@@ -295,13 +329,16 @@ def main() -> int:
             cold_ip = inproc(large_dir, {}, warm=False)
             manifest = os.path.join(tmp, "manifest.json")
             log("in-process engine: warm (pre-started shell, weights mapped from the arena) ...")
-            warm_ip = inproc(large_dir, {"load_format": "warmserve",
-                                         "model_loader_extra_config": {"manifest": manifest}}, warm=True)
+            warm_ip = inproc(
+                large_dir, {"load_format": "warmserve", "model_loader_extra_config": {"manifest": manifest}}, warm=True
+            )
             results["inproc_cold_s"], results["inproc_warm_s"] = cold_ip["wall_s"], warm_ip["wall_s"]
             results["inproc_speedup"] = cold_ip["wall_s"] / warm_ip["wall_s"]
             results["inproc_greedy_identical"] = cold_ip["text"] == warm_ip["text"]
-            log(f"in-process: cold {cold_ip['wall_s']:.1f} s, warm {warm_ip['wall_s']:.1f} s "
-                f"(x{results['inproc_speedup']:.2f})")
+            log(
+                f"in-process: cold {cold_ip['wall_s']:.1f} s, warm {warm_ip['wall_s']:.1f} s "
+                f"(x{results['inproc_speedup']:.2f})"
+            )
     finally:
         arena.close()
 
@@ -316,9 +353,11 @@ def main() -> int:
         print(f"{key:<28}{shown:>14}")
     if "load_report" in results:
         r = results["load_report"]
-        print(f"\nvLLM post-load processing on the promoted engine: {r['postprocess_s']:.2f} s, "
-              f"RssAnon +{r['postprocess_rss_anon_growth_bytes'] / 2**20:.0f} MiB, arena views "
-              f"{r['arena_views_before_postprocess']} -> {r['arena_views_after_postprocess']} params")
+        print(
+            f"\nvLLM post-load processing on the promoted engine: {r['postprocess_s']:.2f} s, "
+            f"RssAnon +{r['postprocess_rss_anon_growth_bytes'] / 2**20:.0f} MiB, arena views "
+            f"{r['arena_views_before_postprocess']} -> {r['arena_views_after_postprocess']} params"
+        )
     return 0
 
 

@@ -76,6 +76,8 @@ def test_bench_writes_the_documented_json(bench: ModuleType, tmp_path: Path) -> 
     chosen = result["defaults_from_fit_days"]
     assert chosen["csp"]["params"] == {"days": fc.CSP_DEFAULT_DAYS, "corrections": fc.CSP_DEFAULT_CORRECTIONS}
     assert chosen["smooth-csp"]["params"] == {
-        "days": fc.SMOOTH_DEFAULT_DAYS, "corrections": fc.SMOOTH_DEFAULT_CORRECTIONS,
-        "decay": fc.SMOOTH_DEFAULT_DECAY, "halfwidth": fc.SMOOTH_DEFAULT_HALFWIDTH,
+        "days": fc.SMOOTH_DEFAULT_DAYS,
+        "corrections": fc.SMOOTH_DEFAULT_CORRECTIONS,
+        "decay": fc.SMOOTH_DEFAULT_DECAY,
+        "halfwidth": fc.SMOOTH_DEFAULT_HALFWIDTH,
     }

@@ -216,9 +216,7 @@ def check_decision(world: World, decision: PlacementDecision) -> None:
         slots = replica_slots(profile, world.demand.get(name, Demand(0.0, 0.0)), running[name], PARAMS)
         remaining = Counter(round(s.score, 9) for s in slots[len(state.replicas_of(name)) :])
         # a replica evicted to make room keeps its slot, which re-enters the round as a new one
-        remaining.update(
-            round(scores[rid], 9) for rid in decision.evict if scores[rid] > 0 and before[rid][0] == name
-        )
+        remaining.update(round(scores[rid], 9) for rid in decision.evict if scores[rid] > 0 and before[rid][0] == name)
         asked = Counter(round(n.score, 9) for n in decision.add if n.model == name)
         asked.update(round(s.score, 9) for s in decision.unplaced if s.model == name)
         assert asked == remaining  # every missing slot is either added or reported unplaced

@@ -173,14 +173,17 @@ class _Running:
 async def pod_api(kmock):
     kmock.resources.load_bundled()
     api = _api(kmock)
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": POD, "namespace": NS},
-           "spec": {"containers": [{"name": "worker", "image": "warmserve-worker"}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": POD, "namespace": NS},
+        "spec": {"containers": [{"name": "worker", "image": "warmserve-worker"}]},
+    }
     await asyncio.to_thread(api.create_namespaced_pod, NS, pod)
     return api
 
 
-async def test_worker_kmock_plan_drives_prewarm_promote_evict_in_order(kmock, pod_api, tiny_models, shm_path,
-                                                                        tmp_path):
+async def test_worker_kmock_plan_drives_prewarm_promote_evict_in_order(kmock, pod_api, tiny_models, shm_path, tmp_path):
     ops: list = []
     arena = Arena.host("0", shm_path, 16 * MiB, page_size=64 * 1024)
     agent = Agent({"0": arena}, str(tmp_path / "state"), FakeEngines(ops))
@@ -217,11 +220,21 @@ async def test_worker_kmock_bad_plans_become_errors_not_crashes(kmock, pod_api, 
     agent = Agent({"0": arena}, str(tmp_path / "state"), FakeEngines([]))
     running = _Running(agent, pod_api)
     try:
-        await _set_plan(pod_api, _plan(1, [_rep("ok", tiny_models["alpha"]), _rep("ghost", "/no/such/model"),
-                                           _rep("big", tiny_models["gamma"]),
-                                           {**_rep("hf", "x"), "source": "hf://org/model"}]))
-        s = await _state(kmock, lambda s: s["observedGeneration"] == 1
-                         and _phases(s).get("ok") == "warm" and len(s["errors"]) == 3)
+        await _set_plan(
+            pod_api,
+            _plan(
+                1,
+                [
+                    _rep("ok", tiny_models["alpha"]),
+                    _rep("ghost", "/no/such/model"),
+                    _rep("big", tiny_models["gamma"]),
+                    {**_rep("hf", "x"), "source": "hf://org/model"},
+                ],
+            ),
+        )
+        s = await _state(
+            kmock, lambda s: s["observedGeneration"] == 1 and _phases(s).get("ok") == "warm" and len(s["errors"]) == 3
+        )
         # failed replicas hold nothing: they are errors (uid, gpus, reason), not replicas with a phase
         assert _phases(s) == {"ok": "warm"}
         errors = _errors(s)
@@ -235,8 +248,10 @@ async def test_worker_kmock_bad_plans_become_errors_not_crashes(kmock, pod_api, 
         await _set_plan(pod_api, json.dumps({"generation": 2, "groups": [{"gpus": [0, 0], "replicas": []}]}))
         s = await _state(kmock, lambda s: "duplicates" in _errors(s).get(None, ""))
         # a GPU this worker does not have
-        await _set_plan(pod_api, json.dumps({"generation": 3, "groups": [
-            {"gpus": [7], "replicas": [_rep("g7", tiny_models["alpha"])]}]}))
+        await _set_plan(
+            pod_api,
+            json.dumps({"generation": 3, "groups": [{"gpus": [7], "replicas": [_rep("g7", tiny_models["alpha"])]}]}),
+        )
         s = await _state(kmock, lambda s: s["observedGeneration"] == 3 and s["errors"])
         assert "not managed by this worker" in _errors(s)["g7"] and s["errors"][0]["gpus"] == [7]
         assert arena.ledger.used_pages == 0  # gen 3 dropped "ok": its pages are back
@@ -246,8 +261,7 @@ async def test_worker_kmock_bad_plans_become_errors_not_crashes(kmock, pod_api, 
         arena.close()
 
 
-async def test_worker_kmock_restarted_agent_converges_to_same_state(kmock, pod_api, tiny_models, shm_path,
-                                                                    tmp_path):
+async def test_worker_kmock_restarted_agent_converges_to_same_state(kmock, pod_api, tiny_models, shm_path, tmp_path):
     persisted: dict = {}
     state_dir = str(tmp_path / "state")
     arena = Arena.host("0", shm_path, 16 * MiB, page_size=64 * 1024)

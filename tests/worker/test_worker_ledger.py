@@ -42,8 +42,9 @@ def test_plan_that_does_not_fit_raises_clear_error():
 def test_place_tensors_keeps_order_and_bounds():
     ledger = Ledger(page_count=4, page_size=1024)
     ledger.allocate("m", 2048)
-    slots = ledger.place_tensors("m", [("q", "BF16", (4, 64), 512), ("k", "BF16", (4, 64), 512),
-                                       ("n", "F32", (3,), 12)])
+    slots = ledger.place_tensors(
+        "m", [("q", "BF16", (4, 64), 512), ("k", "BF16", (4, 64), 512), ("n", "F32", (3,), 12)]
+    )
     assert slots["q"].offset == 0 and slots["k"].offset == 512 and slots["n"].offset == 1024
     with pytest.raises(ValueError):
         ledger.place_tensors("m", [("x", "U8", (3000,), 3000)])

@@ -106,12 +106,21 @@ def test_over_memory_is_an_error_not_a_crash(tiny_models, shm_path):
 
 
 def test_layout_puts_fused_parts_adjacent():
-    names = ["m.l.0.self_attn.v_proj.weight", "m.l.0.mlp.up_proj.weight", "m.l.0.self_attn.k_proj.weight",
-             "m.l.0.self_attn.o_proj.weight", "m.l.0.mlp.gate_proj.weight", "m.l.0.self_attn.q_proj.weight"]
+    names = [
+        "m.l.0.self_attn.v_proj.weight",
+        "m.l.0.mlp.up_proj.weight",
+        "m.l.0.self_attn.k_proj.weight",
+        "m.l.0.self_attn.o_proj.weight",
+        "m.l.0.mlp.gate_proj.weight",
+        "m.l.0.self_attn.q_proj.weight",
+    ]
     order = layout_order(names)
     i = order.index("m.l.0.self_attn.q_proj.weight")
-    assert order[i:i + 3] == ["m.l.0.self_attn.q_proj.weight", "m.l.0.self_attn.k_proj.weight",
-                              "m.l.0.self_attn.v_proj.weight"]
+    assert order[i : i + 3] == [
+        "m.l.0.self_attn.q_proj.weight",
+        "m.l.0.self_attn.k_proj.weight",
+        "m.l.0.self_attn.v_proj.weight",
+    ]
     j = order.index("m.l.0.mlp.gate_proj.weight")
     assert order[j + 1] == "m.l.0.mlp.up_proj.weight"
 
@@ -165,10 +174,22 @@ def test_outcome_callback_runs_before_the_phase_is_visible(tiny_models, shm_path
     arena = _arena(shm_path)
     store = WeightStore({"0": arena})
     seen = []
-    store.prewarm("alpha", "alpha", tiny_models["alpha"], "0", wait=True,
-                  on_done=lambda load, phase: seen.append((load.phase, phase, load.seconds is not None)))
-    store.prewarm("ghost", "ghost", str(tmp_path / "nope"), "0", wait=True,
-                  on_done=lambda load, phase: seen.append((load.phase, phase)))
+    store.prewarm(
+        "alpha",
+        "alpha",
+        tiny_models["alpha"],
+        "0",
+        wait=True,
+        on_done=lambda load, phase: seen.append((load.phase, phase, load.seconds is not None)),
+    )
+    store.prewarm(
+        "ghost",
+        "ghost",
+        str(tmp_path / "nope"),
+        "0",
+        wait=True,
+        on_done=lambda load, phase: seen.append((load.phase, phase)),
+    )
     assert seen == [("loading", "warm", True), ("loading", "failed")]
     assert store.loads["alpha/rank0"].phase == "warm" and store.loads["ghost/rank0"].phase == "failed"
     arena.close()

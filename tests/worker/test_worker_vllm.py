@@ -30,8 +30,7 @@ MiB = 1 << 20
 
 def complete(port: int, model: str, prompt: str) -> str:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                 {"content-type": "application/json"})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.load(resp)["choices"][0]["text"]
 
@@ -56,8 +55,9 @@ def scenario(tiny_models, tmp_path_factory):
     shm = f"/dev/shm/warmserve-vllmtest-{os.getpid()}"
     result: dict = {"work": work, "shm": shm}
     # 1. cold reference engine over the files (vLLM's default loader)
-    cold = EngineManager(str(work / "cold"), pool_size=1, base_port=18400, engine_args=ENGINE_ARGS, env=ENV,
-                         refill=False)
+    cold = EngineManager(
+        str(work / "cold"), pool_size=1, base_port=18400, engine_args=ENGINE_ARGS, env=ENV, refill=False
+    )
     try:
         cold.promote("ref", "alpha", tiny_models["alpha"], manifest_path=None)
         cold.wait_ready("ref", 300)
@@ -67,16 +67,19 @@ def scenario(tiny_models, tmp_path_factory):
     # 2. agent in local mode: prewarm all three into one 32 MiB arena
     state_dir = str(work / "agent")
     arena = Arena.host("0", shm, 32 * MiB, page_size=256 * 1024)
-    engines = EngineManager(state_dir, pool_size=1, base_port=18500, engine_args=ENGINE_ARGS, env=ENV,
-                            refill=False)
+    engines = EngineManager(state_dir, pool_size=1, base_port=18500, engine_args=ENGINE_ARGS, env=ENV, refill=False)
     engines.fill_pool()  # the pre-started shell imports vLLM while we prewarm
     agent = Agent({"0": arena}, state_dir, engines)
     plan_path, state_path = str(work / "plan.json"), str(work / "state.json")
     files = LocalFiles(plan_path, state_path)
     runner = Runner(agent, files)
-    group = {"gpus": [0], "replicas": [
-        {"model": name, "uid": f"uid-{name}", "source": f"file://{path}", "tp": 1, "role": "warm", "kvLend": 0}
-        for name, path in tiny_models.items()]}
+    group = {
+        "gpus": [0],
+        "replicas": [
+            {"model": name, "uid": f"uid-{name}", "source": f"file://{path}", "tp": 1, "role": "warm", "kvLend": 0}
+            for name, path in tiny_models.items()
+        ],
+    }
     with open(plan_path, "w") as fh:
         json.dump({"generation": 1, "groups": [group]}, fh)
     result["warm_state"] = step_until(runner, lambda s: set(phases(s).values()) == {"warm"}, 60)

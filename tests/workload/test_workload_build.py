@@ -123,8 +123,9 @@ def test_thinning_below_one_keeps_the_expected_count() -> None:
 
 
 def test_tokens_are_drawn_from_the_trace_and_capped() -> None:
-    w = build_workload(WorkloadSpec(n_models=1, rps=5.0, replay_s=600, history_days=1,
-                                    max_input_tokens=1024), _synthetic_bundle())
+    w = build_workload(
+        WorkloadSpec(n_models=1, rps=5.0, replay_s=600, history_days=1, max_input_tokens=1024), _synthetic_bundle()
+    )
     pairs = set(zip(w.input_tokens.tolist(), w.output_tokens.tolist(), strict=True))
     assert pairs == {(1024, 3), (500, 40), (10, 300)}
 
@@ -178,9 +179,18 @@ def test_more_models_than_days_wrap_the_week() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(n_models=0), dict(rps=0.0), dict(alpha=-1.0), dict(cv=0.0), dict(source="burstgpt"),
-     dict(replay_start_s=DAY), dict(replay_s=0), dict(history_days=-1), dict(token_kind="chat"),
-     dict(history_days=7)],
+    [
+        dict(n_models=0),
+        dict(rps=0.0),
+        dict(alpha=-1.0),
+        dict(cv=0.0),
+        dict(source="burstgpt"),
+        dict(replay_start_s=DAY),
+        dict(replay_s=0),
+        dict(history_days=-1),
+        dict(token_kind="chat"),
+        dict(history_days=7),
+    ],
 )
 def test_invalid_specs_are_rejected(bad: dict) -> None:
     with pytest.raises(ValueError):

@@ -37,8 +37,16 @@ def test_shipped_bundle_is_small_and_attributed() -> None:
     assert {p.name for p in files} >= {bundle_mod.BUNDLE_FILE, bundle_mod.NOTICE_FILE}
     assert sum(p.stat().st_size for p in files) <= 2 * 1024 * 1024
     notice = (data_dir / bundle_mod.NOTICE_FILE).read_text()
-    for needle in ("CC BY 4.0", "Apache License 2.0", "MIT License", "Nguyen Van Tu", "DynamoLLM",
-                   "Splitwise", "ServeGen", "How it was derived"):
+    for needle in (
+        "CC BY 4.0",
+        "Apache License 2.0",
+        "MIT License",
+        "Nguyen Van Tu",
+        "DynamoLLM",
+        "Splitwise",
+        "ServeGen",
+        "How it was derived",
+    ):
         assert needle in notice
 
 

@@ -85,8 +85,14 @@ def test_servegen_aggregate_shapes_and_gap_counts(servegen: dict[str, np.ndarray
 def test_servegen_mid_gap_runs_match_readme(servegen: dict[str, np.ndarray]) -> None:
     runs = _runs(np.isnan(servegen["m-mid"]))
     assert [(s * 600, n) for s, n in runs] == [
-        (313_200, 11), (475_200, 5), (507_600, 5), (666_000, 17),
-        (835_200, 1), (846_000, 23), (1_137_600, 11), (1_152_000, 11),
+        (313_200, 11),
+        (475_200, 5),
+        (507_600, 5),
+        (666_000, 17),
+        (835_200, 1),
+        (846_000, 23),
+        (1_137_600, 11),
+        (1_152_000, 11),
     ]
     assert len(_runs(np.isnan(servegen["m-small"]))) == 12
 

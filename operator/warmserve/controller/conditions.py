@@ -81,4 +81,3 @@ def merge_conditions(
             new["observedGeneration"] = generation
         by_type[cond.type] = new
     return [by_type[t] for t in sorted(by_type)]
-

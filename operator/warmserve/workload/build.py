@@ -140,8 +140,9 @@ def _seasonal_fill(rate_10min: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(days), profile[None, :], days).reshape(-1)
 
 
-def _azure_models(spec: WorkloadSpec, data: Bundle) -> tuple[list[np.ndarray], list[bool], tuple[int, ...],
-                                                                tuple[str, ...]]:
+def _azure_models(
+    spec: WorkloadSpec, data: Bundle
+) -> tuple[list[np.ndarray], list[bool], tuple[int, ...], tuple[str, ...]]:
     """Per-model real per-second counts covering history + replay, for source azure2024_code."""
     week = data.azure2024_code.reshape(-1).astype(np.float64)
     n_days = data.azure2024_code.shape[0]
@@ -154,8 +155,9 @@ def _azure_models(spec: WorkloadSpec, data: Bundle) -> tuple[list[np.ndarray], l
     return series, [True] * len(series), days, ("azure2024_code",) * len(series)
 
 
-def _servegen_models(spec: WorkloadSpec, data: Bundle) -> tuple[list[np.ndarray], list[bool], tuple[int, ...],
-                                                                  tuple[str, ...]]:
+def _servegen_models(
+    spec: WorkloadSpec, data: Bundle
+) -> tuple[list[np.ndarray], list[bool], tuple[int, ...], tuple[str, ...]]:
     """Per-model per-second expected rates (NaN at gaps) covering history + replay, for ServeGen."""
     n_days = data.servegen_aggregate[SERVEGEN_ORDER[0]].shape[0] * SERVEGEN_WINDOW_S // SECONDS_PER_DAY
     history_s = spec.history_days * SECONDS_PER_DAY
@@ -166,8 +168,11 @@ def _servegen_models(spec: WorkloadSpec, data: Bundle) -> tuple[list[np.ndarray]
     series = []
     for name, day in zip(names, days, strict=True):
         per_second = np.repeat(data.servegen_aggregate[name], SERVEGEN_WINDOW_S)
-        series.append(_circular_span(per_second, day * SECONDS_PER_DAY + spec.replay_start_s - history_s,
-                                     history_s + spec.replay_s))
+        series.append(
+            _circular_span(
+                per_second, day * SECONDS_PER_DAY + spec.replay_start_s - history_s, history_s + spec.replay_s
+            )
+        )
     return series, [False] * len(series), days, names
 
 
@@ -225,9 +230,16 @@ def build_workload(spec: WorkloadSpec, data: Bundle | None = None) -> Workload:
     pick = np.random.default_rng(seeds[-2]).integers(0, tokens.shape[0], size=arrival_s.shape[0])
     input_tokens = np.minimum(tokens[pick, 0], spec.max_input_tokens).astype(np.int64)
     output_tokens = np.maximum(tokens[pick, 1], MIN_OUTPUT_TOKENS).astype(np.int64)
-    return Workload(spec=spec, model_days=days, history_rate=history_rate, arrival_s=arrival_s,
-                    model_idx=model_idx, input_tokens=input_tokens, output_tokens=output_tokens,
-                    model_series=names)
+    return Workload(
+        spec=spec,
+        model_days=days,
+        history_rate=history_rate,
+        arrival_s=arrival_s,
+        model_idx=model_idx,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        model_series=names,
+    )
 
 
 def redraw_gaps_gamma(rng: np.random.Generator, arrival_s: np.ndarray, cv: float) -> np.ndarray:

@@ -150,9 +150,7 @@ def read_bundle(npz_path: Path | str | io.BytesIO) -> Bundle:
     bundle = Bundle(
         azure2024_code=arrays["azure2024_code"].astype(np.int64),
         azure2023_tokens={k: arrays[f"azure2023_{k}"].astype(np.int64) for k in traces.TOKEN_KINDS},
-        servegen_aggregate={
-            m: traces.counts_to_masked_rate(arrays[_servegen_key(m)]) for m in traces.SERVEGEN_MODELS
-        },
+        servegen_aggregate={m: traces.counts_to_masked_rate(arrays[_servegen_key(m)]) for m in traces.SERVEGEN_MODELS},
     )
     shared = (bundle.azure2024_code, *bundle.azure2023_tokens.values(), *bundle.servegen_aggregate.values())
     for array in shared:

@@ -149,16 +149,18 @@ class Agent:
             if not all(s is not None and s.phase == "warm" for s in shards):
                 continue
             if rep.tp > 1:
-                self._fail(rep, "tp>1 promotion needs one engine process per GPU rank (CUDA); "
-                                "not supported by the CPU shared-memory path")
+                self._fail(
+                    rep,
+                    "tp>1 promotion needs one engine process per GPU rank (CUDA); "
+                    "not supported by the CPU shared-memory path",
+                )
                 continue
             manifest_path = os.path.join(self.state_dir, f"manifest-{_safe(rid)}.json")
             with open(manifest_path, "w") as fh:
                 json.dump(self.store.manifest(rid, 0), fh)
             report = os.path.join(self.state_dir, f"load-report-{_safe(rid)}.json")
             try:
-                self.engines.promote(rid, rep.model, rep.path, manifest_path, report_path=report,
-                                     served_name=rep.model)
+                self.engines.promote(rid, rep.model, rep.path, manifest_path, report_path=report, served_name=rep.model)
                 self.metrics.op("promote", "started")
             except (TimeoutError, OSError) as exc:
                 self._fail(rep, f"promotion failed: {exc}")
@@ -174,16 +176,14 @@ class Agent:
                     continue
                 device = rep.device_of_rank(rank)
                 if device not in self.arenas:
-                    self._fail(rep, f"GPU {device} is not managed by this worker "
-                                    f"(has {sorted(self.arenas)})")
+                    self._fail(rep, f"GPU {device} is not managed by this worker (has {sorted(self.arenas)})")
                     break
                 try:
                     path = rep.path
                 except PlanError as exc:
                     self._fail(rep, str(exc))
                     break
-                load = self.store.prewarm(rid, rep.model, path, device, rep.tp, rank,
-                                          on_done=self._on_loaded)
+                load = self.store.prewarm(rid, rep.model, path, device, rep.tp, rank, on_done=self._on_loaded)
                 if load.phase == "failed":
                     self._fail(rep, load.error or "prewarm failed")
                     self.store.loads.pop(owner, None)
@@ -213,8 +213,13 @@ class Agent:
     def _record(self, op: str, rid: str, seconds: float, **extra: Any) -> None:
         uid, gpus = _key_of(rid)
         with self._timings_lock:
-            self.timings[op] = {"uid": uid, "gpus": list(gpus), "seconds": round(seconds, 6), "at": time.time(),
-                                **extra}
+            self.timings[op] = {
+                "uid": uid,
+                "gpus": list(gpus),
+                "seconds": round(seconds, 6),
+                "at": time.time(),
+                **extra,
+            }
         self.metrics.duration(op, seconds)
 
     # -- output --------------------------------------------------------------------------
@@ -234,9 +239,17 @@ class Agent:
         devices = []
         for name, arena in sorted(self.arenas.items(), key=lambda item: int(item[0])):
             u = arena.usage()
-            devices.append({"index": int(name), "totalBytes": u.total, "usedBytes": u.used, "freeBytes": u.free,
-                            "kind": arena.backend.kind, "pageSize": arena.page_size,
-                            "largestFreeRun": arena.ledger.largest_free_run * arena.page_size})
+            devices.append(
+                {
+                    "index": int(name),
+                    "totalBytes": u.total,
+                    "usedBytes": u.used,
+                    "freeBytes": u.free,
+                    "kind": arena.backend.kind,
+                    "pageSize": arena.page_size,
+                    "largestFreeRun": arena.ledger.largest_free_run * arena.page_size,
+                }
+            )
         planned = self.plan.replicas if self.plan else {}
         shards_of: dict[ReplicaKey, list] = {}
         for load in self.store.loads.values():
@@ -263,16 +276,32 @@ class Agent:
                 phase = "warm"
             else:
                 phase = "loading"
-            replicas.append({
-                "uid": uid, "model": rep.model if rep else (shards[0].model if shards else engine.served_name),
-                "gpus": list(gpus), "phase": phase, "progress": round(done / total, 4) if total else 0.0,
-                "endpoint": engine.endpoint if engine is not None else None,
-                "ready": bool(engine is not None and engine.ready),
-                "role": rep.role if rep else None, "tp": rep.tp if rep else len(gpus),
-                "kvLend": rep.kv_lend if rep else 0, "bytes": total,
-            })
-        engines = [{"uid": key[0], "gpus": list(key[1]), "model": e.served_name, "endpoint": e.endpoint,
-                    "ready": e.ready, "pid": e.pid} for key, e in sorted(engine_of.items())]
+            replicas.append(
+                {
+                    "uid": uid,
+                    "model": rep.model if rep else (shards[0].model if shards else engine.served_name),
+                    "gpus": list(gpus),
+                    "phase": phase,
+                    "progress": round(done / total, 4) if total else 0.0,
+                    "endpoint": engine.endpoint if engine is not None else None,
+                    "ready": bool(engine is not None and engine.ready),
+                    "role": rep.role if rep else None,
+                    "tp": rep.tp if rep else len(gpus),
+                    "kvLend": rep.kv_lend if rep else 0,
+                    "bytes": total,
+                }
+            )
+        engines = [
+            {
+                "uid": key[0],
+                "gpus": list(key[1]),
+                "model": e.served_name,
+                "endpoint": e.endpoint,
+                "ready": e.ready,
+                "pid": e.pid,
+            }
+            for key, e in sorted(engine_of.items())
+        ]
         with self._timings_lock:
             timings = {op: dict(t) for op, t in self.timings.items()}
         return {

@@ -32,8 +32,14 @@ class DeviceUsage:
 class Arena:
     """Pages of one device; thread-safe (loader threads and the agent share it)."""
 
-    def __init__(self, name: str, backend: MemoryBackend, page_size: int = DEFAULT_PAGE_SIZE,
-                 ledger: Ledger | None = None, ledger_path: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        backend: MemoryBackend,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        ledger: Ledger | None = None,
+        ledger_path: str | None = None,
+    ):
         self.name = name
         self.backend = backend
         self.page_size = page_size
@@ -45,8 +51,7 @@ class Arena:
         self.lock = threading.RLock()
 
     @classmethod
-    def host(cls, name: str, path: str, size: int, page_size: int = DEFAULT_PAGE_SIZE,
-             adopt: bool = True) -> Arena:
+    def host(cls, name: str, path: str, size: int, page_size: int = DEFAULT_PAGE_SIZE, adopt: bool = True) -> Arena:
         """A shared-memory arena; re-opens an existing one (and its ledger) when ``adopt``."""
         size = (size // page_size) * page_size
         ledger_path = path + ".ledger.json"

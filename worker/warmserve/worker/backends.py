@@ -89,10 +89,10 @@ class ShmBackend(MemoryBackend):
         return self._size
 
     def write(self, offset: int, data: memoryview) -> None:
-        self._view[offset:offset + len(data)] = data
+        self._view[offset : offset + len(data)] = data
 
     def direct_buffer(self, offset: int, nbytes: int) -> memoryview:
-        return self._view[offset:offset + nbytes]
+        return self._view[offset : offset + nbytes]
 
     def handle(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": self.path, "size": self._size}
@@ -139,7 +139,7 @@ class CudaBackend(MemoryBackend):
         torch = self._torch
         src = torch.frombuffer(data, dtype=torch.uint8)
         with torch.cuda.stream(self._stream):
-            self._tensor[offset:offset + len(data)].copy_(src, non_blocking=False)
+            self._tensor[offset : offset + len(data)].copy_(src, non_blocking=False)
         self._stream.synchronize()
 
     def handle(self) -> dict[str, Any]:

@@ -24,8 +24,15 @@ from typing import Any
 import torch
 
 TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -40,8 +47,7 @@ def open_arena_tensor(handle: dict[str, Any], device_index: int = 0) -> torch.Te
             # MAP_PRIVATE + PROT_WRITE: reads share the arena's pages (zero copy); a
             # stray in-place write by the engine copies one page privately instead of
             # corrupting the warm replica other engines may map later.
-            mm = mmap.mmap(fd, int(handle["size"]), flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, int(handle["size"]), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         _MAPPINGS.append(mm)
@@ -55,15 +61,15 @@ def open_arena_tensor(handle: dict[str, Any], device_index: int = 0) -> torch.Te
 
 def slot_view(arena: torch.Tensor, slot: dict[str, Any]) -> torch.Tensor:
     dtype = TORCH_DTYPES[slot["dtype"]]
-    raw = arena[int(slot["offset"]):int(slot["offset"]) + int(slot["nbytes"])]
+    raw = arena[int(slot["offset"]) : int(slot["offset"]) + int(slot["nbytes"])]
     return raw.view(dtype).view(tuple(slot["shape"]))
 
 
 @dataclass
 class BindReport:
-    mapped: list[str] = field(default_factory=list)        # params now viewing the arena
+    mapped: list[str] = field(default_factory=list)  # params now viewing the arena
     mapped_bytes: int = 0
-    unmapped: list[str] = field(default_factory=list)      # params the caller must fill
+    unmapped: list[str] = field(default_factory=list)  # params the caller must fill
     sources_for_unmapped: list[str] = field(default_factory=list)  # checkpoint tensors to copy
 
 
@@ -102,8 +108,9 @@ def bind_parameters(model: torch.nn.Module, manifest: dict[str, Any], arena: tor
     return report
 
 
-def iter_arena_tensors(manifest: dict[str, Any], arena: torch.Tensor, names: list[str]) -> Iterator[
-        tuple[str, torch.Tensor]]:
+def iter_arena_tensors(
+    manifest: dict[str, Any], arena: torch.Tensor, names: list[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs straight from the arena, for a model's ``load_weights``."""
     for name in names:
         yield name, slot_view(arena, manifest["tensors"][name])
@@ -127,8 +134,12 @@ def _fused_view(arena: torch.Tensor, slots: list[dict[str, Any]], param: torch.T
     shape = (rows, *slots[0]["shape"][1:])
     if tuple(shape) != tuple(param.shape):
         return None
-    merged = {"dtype": slots[0]["dtype"], "shape": list(shape), "offset": slots[0]["offset"],
-              "nbytes": sum(int(s["nbytes"]) for s in slots)}
+    merged = {
+        "dtype": slots[0]["dtype"],
+        "shape": list(shape),
+        "offset": slots[0]["offset"],
+        "nbytes": sum(int(s["nbytes"]) for s in slots),
+    }
     if merged["nbytes"] != math.prod(shape) * param.element_size():
         return None
     return slot_view(arena, merged)

@@ -44,8 +44,15 @@ def gpu_inventory(nvml=None) -> list[GpuInfo]:
             mem = nvml.nvmlDeviceGetMemoryInfo(h)
             name = nvml.nvmlDeviceGetName(h)
             uuid = nvml.nvmlDeviceGetUUID(h)
-            out.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else name,
-                               uuid.decode() if isinstance(uuid, bytes) else uuid, int(mem.total), int(mem.free)))
+            out.append(
+                GpuInfo(
+                    i,
+                    name.decode() if isinstance(name, bytes) else name,
+                    uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    int(mem.total),
+                    int(mem.free),
+                )
+            )
         return out
     finally:
         nvml.nvmlShutdown()
@@ -58,9 +65,17 @@ def arena_bytes_for(free: int, fraction: float, page_size: int) -> int:
     return int(free * fraction) // page_size * page_size
 
 
-def build_arenas(device: str, *, state_dir: str, shm_dir: str = "/dev/shm", cpu_devices: int = 1,
-                 arena_bytes: int | None = None, memory_fraction: float = 0.9,
-                 page_size: int = DEFAULT_PAGE_SIZE, nvml=None) -> dict[str, Arena]:
+def build_arenas(
+    device: str,
+    *,
+    state_dir: str,
+    shm_dir: str = "/dev/shm",
+    cpu_devices: int = 1,
+    arena_bytes: int | None = None,
+    memory_fraction: float = 0.9,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    nvml=None,
+) -> dict[str, Arena]:
     """One arena per device, named by GPU index ("0", "1", ...) as in the plan's ``gpus``."""
     gpus = gpu_inventory(nvml) if device in ("auto", "cuda") else []
     if device == "cuda" and not gpus:
@@ -68,10 +83,15 @@ def build_arenas(device: str, *, state_dir: str, shm_dir: str = "/dev/shm", cpu_
     if gpus:
         from warmserve.worker.backends import CudaBackend
 
-        return {str(g.index): Arena(str(g.index), CudaBackend(g.index, arena_bytes_for(g.free, memory_fraction,
-                                                                                          page_size)), page_size)
-                for g in gpus}
+        return {
+            str(g.index): Arena(
+                str(g.index), CudaBackend(g.index, arena_bytes_for(g.free, memory_fraction, page_size)), page_size
+            )
+            for g in gpus
+        }
     size = arena_bytes or GiB
     tag = os.path.basename(os.path.normpath(state_dir)) or "worker"
-    return {str(i): Arena.host(str(i), os.path.join(shm_dir, f"warmserve-{tag}-arena{i}"), size, page_size)
-            for i in range(cpu_devices)}
+    return {
+        str(i): Arena.host(str(i), os.path.join(shm_dir, f"warmserve-{tag}-arena{i}"), size, page_size)
+        for i in range(cpu_devices)
+    }

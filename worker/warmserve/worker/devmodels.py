@@ -27,15 +27,26 @@ def build_tokenizer(directory: str, vocab_size: int = 400) -> None:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(directory)
 
 
-def make_llama(directory: str, *, hidden: int = 128, layers: int = 2, heads: int = 2, kv_heads: int = 1,
-               intermediate: int = 256, vocab: int = 512, seed: int = 0, max_positions: int = 512) -> str:
+def make_llama(
+    directory: str,
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    intermediate: int = 256,
+    vocab: int = 512,
+    seed: int = 0,
+    max_positions: int = 512,
+) -> str:
     """Write a random Llama model (bf16 safetensors) into ``directory``; returns it.
 
     vLLM's CPU attention needs head_dim in {32, 64, 128, ...}; the default is 64.
@@ -46,10 +57,18 @@ def make_llama(directory: str, *, hidden: int = 128, layers: int = 2, heads: int
 
     os.makedirs(directory, exist_ok=True)
     config = LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        intermediate_size=intermediate, vocab_size=vocab, max_position_embeddings=max_positions,
-        tie_word_embeddings=False, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"],
-        bos_token_id=0, eos_token_id=1,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+        bos_token_id=0,
+        eos_token_id=1,
     )
     config.save_pretrained(directory)
     with open(os.path.join(directory, "generation_config.json"), "w") as fh:
@@ -60,8 +79,11 @@ def make_llama(directory: str, *, hidden: int = 128, layers: int = 2, heads: int
     def rnd(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * 0.05).to(torch.bfloat16)
 
-    tensors = {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": torch.ones(hidden).bfloat16(),
-               "lm_head.weight": rnd(vocab, hidden)}
+    tensors = {
+        "model.embed_tokens.weight": rnd(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden).bfloat16(),
+        "lm_head.weight": rnd(vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         tensors |= {

@@ -29,8 +29,11 @@ def preload() -> float:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup  # noqa: F401
     from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
 
-    for optional in ("vllm.v1.worker.cpu_worker", "vllm.v1.executor.uniproc_executor",
-                     "vllm.model_executor.models.llama"):
+    for optional in (
+        "vllm.v1.worker.cpu_worker",
+        "vllm.v1.executor.uniproc_executor",
+        "vllm.model_executor.models.llama",
+    ):
         with contextlib.suppress(Exception):  # platform-specific modules may be absent
             __import__(optional)
     from vllm.v1.engine.core import EngineCore  # noqa: F401
@@ -92,8 +95,10 @@ def generate_once(job: dict) -> None:
     t1 = time.perf_counter()
     out = llm.generate([job["prompt"]], SamplingParams(max_tokens=int(job.get("max_tokens", 1)), temperature=0))
     t2 = time.perf_counter()
-    print("WARMSERVE-RESULT " + json.dumps({"init_s": t1 - t0, "first_token_s": t2 - t0,
-                                             "text": out[0].outputs[0].text}), flush=True)
+    print(
+        "WARMSERVE-RESULT " + json.dumps({"init_s": t1 - t0, "first_token_s": t2 - t0, "text": out[0].outputs[0].text}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -73,14 +73,24 @@ class Shell:
             env["WARMSERVE_CORE_CLIENT"] = write_client(base + "-client.py")
             env["WARMSERVE_CORE_SOCKET"] = sock
             self.core_proc = subprocess.Popen(
-                [sys.executable, "-m", SHELL_MODULE, "--core", sock], stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=self._log, start_new_session=True, env=env)
+                [sys.executable, "-m", SHELL_MODULE, "--core", sock],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                start_new_session=True,
+                env=env,
+            )
             threading.Thread(target=self._wait_core, daemon=True).start()
         else:
             self.core_ready.set()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", SHELL_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, start_new_session=True, env=env)
+            [sys.executable, "-m", SHELL_MODULE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            start_new_session=True,
+            env=env,
+        )
         self._front_ready = threading.Event()
         self.import_s: float | None = None
         threading.Thread(target=self._wait_ready, daemon=True).start()
@@ -211,10 +221,19 @@ def model_ready(host: str, port: int, served_name: str, timeout: float = 1.0) ->
 class EngineManager:
     """Starts, tracks, stops and adopts engines; keeps ``pool_size`` shells warm."""
 
-    def __init__(self, state_dir: str, *, pool_size: int = 1, base_port: int = 18000,
-                 engine_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 refill: bool = True, core_zygote: bool = True, bind_host: str = "127.0.0.1",
-                 advertise_host: str | None = None):
+    def __init__(
+        self,
+        state_dir: str,
+        *,
+        pool_size: int = 1,
+        base_port: int = 18000,
+        engine_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        refill: bool = True,
+        core_zygote: bool = True,
+        bind_host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+    ):
         self.dir = os.path.join(state_dir, "engines")
         os.makedirs(self.dir, exist_ok=True)
         self.pool_size = pool_size
@@ -255,24 +274,50 @@ class EngineManager:
                 self._lock.acquire()
 
     # -- engines ---------------------------------------------------------------------
-    def promote(self, uid: str, model: str, model_dir: str, manifest_path: str | None,
-                report_path: str | None = None, served_name: str | None = None,
-                extra_args: list[str] | None = None, shell_timeout: float = 120.0) -> EngineRecord:
+    def promote(
+        self,
+        uid: str,
+        model: str,
+        model_dir: str,
+        manifest_path: str | None,
+        report_path: str | None = None,
+        served_name: str | None = None,
+        extra_args: list[str] | None = None,
+        shell_timeout: float = 120.0,
+    ) -> EngineRecord:
         """Hand a ready shell its arguments; returns at once (readiness is polled)."""
         if uid in self.engines:
             return self.engines[uid]
         served = served_name or model
         port = free_port(self.base_port)
-        argv = ["--model", model_dir, "--served-model-name", served, "--host", self.bind_host,
-                "--port", str(port), *self.engine_args, *(extra_args or [])]
+        argv = [
+            "--model",
+            model_dir,
+            "--served-model-name",
+            served,
+            "--host",
+            self.bind_host,
+            "--port",
+            str(port),
+            *self.engine_args,
+            *(extra_args or []),
+        ]
         if manifest_path:
             cfg = {"manifest": manifest_path, **({"report": report_path} if report_path else {})}
             argv += ["--load-format", "warmserve", "--model-loader-extra-config", json.dumps(cfg)]
         shell = self._take_shell(shell_timeout)
         pid = shell.launch(argv, {"HF_HUB_OFFLINE": "1", **self.env})
-        rec = EngineRecord(uid=uid, model=model, served_name=served, port=port, pid=pid,
-                           host=self.advertise_host, started=time.time(), log=shell.log_path,
-                           core_pid=shell.core_proc.pid if shell.core_proc is not None else None)
+        rec = EngineRecord(
+            uid=uid,
+            model=model,
+            served_name=served,
+            port=port,
+            pid=pid,
+            host=self.advertise_host,
+            started=time.time(),
+            log=shell.log_path,
+            core_pid=shell.core_proc.pid if shell.core_proc is not None else None,
+        )
         self.engines[uid] = rec
         self._procs[uid] = shell
         self._save(rec)

@@ -89,9 +89,13 @@ class KubePod:
             try:
                 self._set_from(self.api.read_namespaced_pod(self.name, self.namespace))
                 w = watch.Watch()
-                for event in w.stream(self.api.list_namespaced_pod, self.namespace,
-                                      field_selector=f"metadata.name={self.name}", timeout_seconds=300,
-                                      _request_timeout=(5, self.read_timeout)):
+                for event in w.stream(
+                    self.api.list_namespaced_pod,
+                    self.namespace,
+                    field_selector=f"metadata.name={self.name}",
+                    timeout_seconds=300,
+                    _request_timeout=(5, self.read_timeout),
+                ):
                     if self._stop.is_set():
                         w.stop()
                         break

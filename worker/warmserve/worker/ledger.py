@@ -135,8 +135,9 @@ class Ledger:
                 return alloc
         raise ArenaFullError(owner, need, self.free_pages, self.largest_free_run, self.page_size)
 
-    def place_tensors(self, owner: str, tensors: list[tuple[str, str, tuple[int, ...], int]],
-                      align: int = 256) -> dict[str, TensorSlot]:
+    def place_tensors(
+        self, owner: str, tensors: list[tuple[str, str, tuple[int, ...], int]], align: int = 256
+    ) -> dict[str, TensorSlot]:
         """Assign byte offsets inside ``owner``'s run, in the order given.
 
         The order matters: callers put the parts of a fused vLLM parameter
@@ -171,8 +172,7 @@ class Ledger:
             self._free[pos] = Extent(self._free[pos].start, self._free[pos].count + self._free[pos + 1].count)
             del self._free[pos + 1]
         if pos > 0 and self._free[pos - 1].end == self._free[pos].start:
-            self._free[pos - 1] = Extent(self._free[pos - 1].start,
-                                         self._free[pos - 1].count + self._free[pos].count)
+            self._free[pos - 1] = Extent(self._free[pos - 1].start, self._free[pos - 1].count + self._free[pos].count)
             del self._free[pos]
         return ext
 
@@ -208,17 +208,21 @@ class Ledger:
         for index, free in enumerate(self._free):
             if free.start <= ext.start and ext.end <= free.end:
                 parts = [Extent(free.start, ext.start - free.start), Extent(ext.end, free.end - ext.end)]
-                self._free[index:index + 1] = [p for p in parts if p.count]
+                self._free[index : index + 1] = [p for p in parts if p.count]
                 self._allocations[owner] = Allocation(owner, kind, ext)
                 return
         raise ValueError(f"{owner}: pages {ext.start}..{ext.end} are not free")
 
 
 def tensors_to_json(slots: dict[str, TensorSlot]) -> list[dict]:
-    return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
-            for t in slots.values()]
+    return [
+        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
+        for t in slots.values()
+    ]
 
 
 def tensors_from_json(items: list[dict]) -> dict[str, TensorSlot]:
-    return {t["name"]: TensorSlot(t["name"], t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]))
-            for t in items}
+    return {
+        t["name"]: TensorSlot(t["name"], t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]))
+        for t in items
+    }

@@ -13,19 +13,26 @@ PHASES = ("loading", "warm", "starting", "serving", "evicting")
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.arena_bytes = Gauge("warmserve_worker_arena_bytes", "Arena bytes per device and kind",
-                                 ["gpu", "kind"], registry=self.registry)
-        self.replicas = Gauge("warmserve_worker_replicas", "Replicas held, by phase", ["phase"],
-                              registry=self.registry)
-        self.errors = Gauge("warmserve_worker_errors", "Errors in the published state (plan and per-replica)",
-                            registry=self.registry)
-        self.generation = Gauge("warmserve_worker_observed_generation", "Plan generation applied",
-                                registry=self.registry)
-        self.ops = Counter("warmserve_worker_operations", "Operations by kind and outcome", ["op", "outcome"],
-                           registry=self.registry)
-        self.seconds = Histogram("warmserve_worker_operation_seconds", "Duration of operations", ["op"],
-                                 buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300),
-                                 registry=self.registry)
+        self.arena_bytes = Gauge(
+            "warmserve_worker_arena_bytes", "Arena bytes per device and kind", ["gpu", "kind"], registry=self.registry
+        )
+        self.replicas = Gauge("warmserve_worker_replicas", "Replicas held, by phase", ["phase"], registry=self.registry)
+        self.errors = Gauge(
+            "warmserve_worker_errors", "Errors in the published state (plan and per-replica)", registry=self.registry
+        )
+        self.generation = Gauge(
+            "warmserve_worker_observed_generation", "Plan generation applied", registry=self.registry
+        )
+        self.ops = Counter(
+            "warmserve_worker_operations", "Operations by kind and outcome", ["op", "outcome"], registry=self.registry
+        )
+        self.seconds = Histogram(
+            "warmserve_worker_operation_seconds",
+            "Duration of operations",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
 
     def op(self, op: str, outcome: str) -> None:
         self.ops.labels(op, outcome).inc()

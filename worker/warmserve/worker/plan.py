@@ -88,11 +88,13 @@ class Plan:
 def source_path(source: str) -> str:
     """Local path of a model source; only ``file://`` (or a bare absolute path) is local."""
     if source.startswith("file://"):
-        return source[len("file://"):]
+        return source[len("file://") :]
     if source.startswith("/"):
         return source
-    raise PlanError(f"unsupported model source {source!r}: the worker reads file:// paths "
-                    "(pvc:// and hf:// are resolved by the operator into a mounted file:// path)")
+    raise PlanError(
+        f"unsupported model source {source!r}: the worker reads file:// paths "
+        "(pvc:// and hf:// are resolved by the operator into a mounted file:// path)"
+    )
 
 
 def parse_plan(data: Any) -> Plan:
@@ -123,11 +125,11 @@ def parse_plan(data: Any) -> Plan:
                 raise PlanError(f"{where}: role must be one of {ROLES}")
             if tp < 1 or tp > len(gpus):
                 raise PlanError(f"{where}: tp={tp} does not fit a group of {len(gpus)} GPUs")
-            planned = PlannedReplica(uid, model, source, tp, role, int(rep.get("kvLend", 0) or 0),
-                                     tuple(gpus[:tp]))
+            planned = PlannedReplica(uid, model, source, tp, role, int(rep.get("kvLend", 0) or 0), tuple(gpus[:tp]))
             if planned.key in replicas:
-                raise PlanError(f"{where}: duplicate replica: uid {uid} is already planned on GPUs "
-                                f"{list(planned.gpus)}")
+                raise PlanError(
+                    f"{where}: duplicate replica: uid {uid} is already planned on GPUs {list(planned.gpus)}"
+                )
             serving += role == "serve"
             replicas[planned.key] = planned
         if serving > 1:

@@ -16,8 +16,21 @@ import struct
 from dataclasses import dataclass
 
 DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -66,8 +79,10 @@ def read_index(path: str) -> list[TensorRecord]:
             raise WeightFileError(f"{path}: {name} has unsupported dtype {dtype}")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != expected or begin < 0 or data_start + end > size:
-            raise WeightFileError(f"{path}: {name} byte range {begin}..{end} is inconsistent "
-                                  f"(expected {expected} B, file has {size - data_start} data bytes)")
+            raise WeightFileError(
+                f"{path}: {name} byte range {begin}..{end} is inconsistent "
+                f"(expected {expected} B, file has {size - data_start} data bytes)"
+            )
         records.append(TensorRecord(name, dtype, shape, path, data_start + begin, expected))
     records.sort(key=lambda r: r.file_offset)
     return records

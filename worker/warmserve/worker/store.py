@@ -49,6 +49,7 @@ CHUNK = 16 * 1024 * 1024
 
 def layout_order(names: list[str]) -> list[str]:
     """Order tensor names so each packed group's members are adjacent and in order."""
+
     def key(name: str) -> tuple:
         m = _NAME_RE.match(name)
         if m and m.group("member") in _MEMBER:
@@ -85,8 +86,9 @@ class ReplicaLoad:
 class WeightStore:
     """Prewarms, lists and evicts replicas held in one or more arenas."""
 
-    def __init__(self, arenas: dict[str, Arena], *, staged: bool | None = None, chunk: int = CHUNK,
-                 staging_buffers: int = 3):
+    def __init__(
+        self, arenas: dict[str, Arena], *, staged: bool | None = None, chunk: int = CHUNK, staging_buffers: int = 3
+    ):
         self.arenas = arenas
         self.staged = staged
         self.chunk = chunk
@@ -109,8 +111,17 @@ class WeightStore:
             raise WeightFileError(f"{source_dir}: duplicate tensor names across shard files")
         return records
 
-    def prewarm(self, uid: str, model: str, source_dir: str, device: str, tp: int = 1, rank: int = 0,
-                wait: bool = False, on_done: Callable[[ReplicaLoad, str], None] | None = None) -> ReplicaLoad:
+    def prewarm(
+        self,
+        uid: str,
+        model: str,
+        source_dir: str,
+        device: str,
+        tp: int = 1,
+        rank: int = 0,
+        wait: bool = False,
+        on_done: Callable[[ReplicaLoad, str], None] | None = None,
+    ) -> ReplicaLoad:
         """Start loading one replica shard in a background thread (idempotent per uid/rank).
 
         ``on_done(load, phase)`` runs when the load ends, *before* ``load.phase`` shows the outcome, so what
@@ -130,7 +141,8 @@ class WeightStore:
             total = sum(r.nbytes for r in records) + 256 * len(records)
             arena.allocate(owner, total)
             arena.ledger.place_tensors(
-                owner, [(n, by_name[n].dtype, by_name[n].shape, by_name[n].nbytes) for n in order])
+                owner, [(n, by_name[n].dtype, by_name[n].shape, by_name[n].nbytes) for n in order]
+            )
         except (WeightFileError, ArenaFullError) as exc:
             load.error = str(exc)
             if on_done:
@@ -140,16 +152,23 @@ class WeightStore:
         load.bytes_total = sum(r.nbytes for r in records)
         cancel = threading.Event()
         self._cancel[owner] = cancel
-        thread = threading.Thread(target=self._run, args=(load, arena, records, cancel, on_done),
-                                  name=f"prewarm-{owner}", daemon=True)
+        thread = threading.Thread(
+            target=self._run, args=(load, arena, records, cancel, on_done), name=f"prewarm-{owner}", daemon=True
+        )
         self._threads[owner] = thread
         thread.start()
         if wait:
             thread.join()
         return load
 
-    def _run(self, load: ReplicaLoad, arena: Arena, records: list[TensorRecord], cancel: threading.Event,
-             on_done: Callable[[ReplicaLoad, str], None] | None) -> None:
+    def _run(
+        self,
+        load: ReplicaLoad,
+        arena: Arena,
+        records: list[TensorRecord],
+        cancel: threading.Event,
+        on_done: Callable[[ReplicaLoad, str], None] | None,
+    ) -> None:
         slots = arena.ledger.get(load.owner).tensors
         staged = self.staged if self.staged is not None else not arena.backend.host_addressable
         try:
@@ -184,7 +203,7 @@ class WeightStore:
                     while done < rec.nbytes:
                         if cancel.is_set():
                             return
-                        n = os.preadv(fd, [dst[done:done + self.chunk]], rec.file_offset + done)
+                        n = os.preadv(fd, [dst[done : done + self.chunk]], rec.file_offset + done)
                         if n <= 0:
                             raise WeightFileError(f"{path}: unexpected end of file in {rec.name}")
                         done += n
@@ -286,9 +305,16 @@ class WeightStore:
                     arena.free(owner)
                 continue
             alloc.tensors = tensors_from_json(info["tensors"])
-            load = ReplicaLoad(uid=uid, model=info.get("model", ""), source=info.get("source", ""),
-                               device=arena_name, tp=int(info.get("tp", 1)), rank=int(rank), phase="warm",
-                               owner=owner)
+            load = ReplicaLoad(
+                uid=uid,
+                model=info.get("model", ""),
+                source=info.get("source", ""),
+                device=arena_name,
+                tp=int(info.get("tp", 1)),
+                rank=int(rank),
+                phase="warm",
+                owner=owner,
+            )
             load.bytes_total = load.bytes_done = sum(t.nbytes for t in alloc.tensors.values())
             self.loads[owner] = load
             adopted.append(load)

@@ -88,8 +88,9 @@ class WarmServeModelLoader(BaseModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         manifest = self._manifest()
-        arena = open_arena_tensor(manifest["arena"], torch.accelerator.current_device_index()
-                                  if manifest["arena"]["kind"] == "cuda" else 0)
+        arena = open_arena_tensor(
+            manifest["arena"], torch.accelerator.current_device_index() if manifest["arena"]["kind"] == "cuda" else 0
+        )
         self._bind(model, manifest, arena)
 
     def _bind(self, model: nn.Module, manifest: dict, arena: torch.Tensor) -> dict:
@@ -116,8 +117,9 @@ class WarmServeModelLoader(BaseModelLoader):
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         manifest = self._manifest()
         device_config = vllm_config.device_config
-        target_device = torch.device(device_config.device if self.load_config.device is None
-                                     else self.load_config.device)
+        target_device = torch.device(
+            device_config.device if self.load_config.device is None else self.load_config.device
+        )
         device_index = target_device.index if target_device.index is not None else 0
         arena = open_arena_tensor(manifest["arena"], device_index)
         with set_default_torch_dtype(model_config.dtype):
@@ -146,10 +148,15 @@ class WarmServeModelLoader(BaseModelLoader):
             "postprocess_rss_anon_growth_bytes": rss_after - rss_before,
             "device": str(target_device),
         }
-        logger.info("warmserve: mapped %d params (%.1f MiB) from the arena; post-processing took %.3fs, "
-                    "RssAnon +%.1f MiB, %d params still arena views",
-                    stats["mapped_params"], stats["mapped_bytes"] / 2**20, post_s,
-                    (rss_after - rss_before) / 2**20, views_after)
+        logger.info(
+            "warmserve: mapped %d params (%.1f MiB) from the arena; post-processing took %.3fs, "
+            "RssAnon +%.1f MiB, %d params still arena views",
+            stats["mapped_params"],
+            stats["mapped_bytes"] / 2**20,
+            post_s,
+            (rss_after - rss_before) / 2**20,
+            views_after,
+        )
         if self.report_path:
             with open(self.report_path, "w") as fh:
                 json.dump(report, fh, indent=1)
