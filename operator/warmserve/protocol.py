@@ -1,0 +1,605 @@
+"""The operator ⇄ worker protocol: the `warmserve.io/plan` and `warmserve.io/state` pod annotations.
+
+This is the only module that knows the wire format; the operator (`warmserve.controller`) and the worker
+(`warmserve.worker`) both import it, and no annotation key, label key, role or phase string is spelled
+anywhere else. It is pure: JSON in, frozen values out, and back.
+
+The operator is the only writer of the plan and the worker the only writer of the state, so each side parses
+the other's annotation defensively (a malformed document is a `ProtocolError` with a message naming the
+field, never a crash) and renders its own canonically (sorted keys, groups and replicas in a stable order),
+so that "did the plan change?" is a plain comparison of contents. Both sides parse with the same function,
+so they cannot disagree about what a valid plan is.
+
+Plan::
+
+    {"generation": int,
+     "groups": [{"gpus": [int, ...],                  # non-empty, distinct, >= 0
+                 "replicas": [{"model": str, "uid": str, "source": str, "tp": int,
+                               "role": "warm" | "serve", "kvLend": int}]}]}
+
+A replica with `tp = k` occupies the first `k` GPUs of its group; at most one replica of a group is served.
+
+State::
+
+    {"observedGeneration": int,            # 0 before the worker has applied any plan
+     "devices": [{"index": int, "totalBytes": int, "usedBytes": int, "freeBytes": int,
+                  "kind"?: str, "pageSize"?: int, "largestFreeRun"?: int}],
+     "replicas": [{"model", "uid", "gpus", "phase": "loading|warm|starting|serving|evicting",
+                   "progress": float, "endpoint": "host:port" | null, "ready": bool,
+                   "role"?: str | null, "tp"?: int, "kvLend"?: int, "bytes"?: int}],
+     "engines"?: [{"uid", "gpus", "model", "endpoint", "ready", "pid"}],
+     "errors": [{"reason": str, "uid"?: str, "gpus"?: [int]}],   # uid/gpus only for a replica's failure
+     "timings": {op: {...}}}
+
+A replica is identified by `ReplicaKey(uid, gpus)`: `gpus` are the GPUs it occupies, so two replicas of one
+model on one worker are distinct (placement puts two TP1 engines of a model on GPUs 0 and 1).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+from typing import Any
+
+GROUP = "warmserve.io"
+VERSION = "v1alpha1"
+PLAN_ANNOTATION = f"{GROUP}/plan"
+STATE_ANNOTATION = f"{GROUP}/state"
+POOL_LABEL = f"{GROUP}/pool"
+
+
+class Role(StrEnum):
+    """What a planned replica is for: hold the weights (`warm`) or hold them and run an engine (`serve`)."""
+
+    WARM = "warm"
+    SERVE = "serve"
+
+
+class Phase(StrEnum):
+    """Where a replica the worker holds stands."""
+
+    LOADING = "loading"
+    WARM = "warm"
+    STARTING = "starting"
+    SERVING = "serving"
+    EVICTING = "evicting"
+
+
+ROLES = tuple(Role)
+PHASES = tuple(Phase)
+
+
+class ProtocolError(ValueError):
+    """A document does not follow the protocol; the caller reports it and carries on."""
+
+
+# -- replica identity ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class ReplicaKey:
+    """`(ModelDeployment uid, GPUs the replica occupies)`: the identity of a replica on one worker."""
+
+    uid: str
+    gpus: tuple[int, ...]
+
+    @property
+    def id(self) -> str:
+        """One string (`"<uid>@<gpu>-<gpu>"`) for ledger owners, engine records and file names.
+
+        Kubernetes uids are UUIDs (no `@`) and the GPU part is digits and dashes, so the last `@` separates
+        the two unambiguously (`ReplicaKey.parse` inverts it).
+        """
+        return f"{self.uid}@{'-'.join(str(g) for g in self.gpus)}"
+
+    @classmethod
+    def parse(cls, text: str) -> ReplicaKey | None:
+        """Inverse of `id`; None for a string that is not one (e.g. a record of an older worker)."""
+        uid, sep, gpus = text.rpartition("@")
+        if not sep or not uid or not gpus or not all(part.isdigit() for part in gpus.split("-")):
+            return None
+        return cls(uid, tuple(int(part) for part in gpus.split("-")))
+
+    def __str__(self) -> str:
+        return self.id
+
+
+# -- field readers -------------------------------------------------------------------------------------------
+def _int(value: Any, what: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{what} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ProtocolError(f"{what} must be at least {minimum}, got {value}")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _object(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"{what} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProtocolError(f"{what} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _gpus(raw: Any, what: str) -> tuple[int, ...]:
+    return tuple(_int(i, f"{what}[]", minimum=0) for i in _list(raw, what))
+
+
+def _load(text: str | bytes | Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    if isinstance(text, Mapping):
+        return text
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"{what} is not JSON: {exc}") from exc
+    return _object(data, what)
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+# -- plan ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class PlanReplica:
+    """One replica a GPU group must hold: weights only (`warm`) or a running engine (`serve`)."""
+
+    model: str
+    uid: str
+    source: str
+    tp: int
+    role: Role = Role.WARM
+    kv_lend: int = 0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ProtocolError(f"replica of {self.model}: role {self.role!r} is not one of {list(ROLES)}")
+        if self.tp < 1:
+            raise ProtocolError(f"replica of {self.model}: tp must be at least 1")
+        if self.kv_lend < 0:
+            raise ProtocolError(f"replica of {self.model}: kvLend must not be negative")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "uid": self.uid,
+            "source": self.source,
+            "tp": self.tp,
+            "role": str(self.role),
+            "kvLend": self.kv_lend,
+        }
+
+
+@dataclass(frozen=True)
+class PlannedReplica:
+    """A plan replica together with the GPUs it occupies (the first `tp` of its group): the worker's view."""
+
+    spec: PlanReplica
+    gpus: tuple[int, ...]
+
+    @property
+    def key(self) -> ReplicaKey:
+        return ReplicaKey(self.spec.uid, self.gpus)
+
+    @property
+    def uid(self) -> str:
+        return self.spec.uid
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+    @property
+    def source(self) -> str:
+        return self.spec.source
+
+    @property
+    def tp(self) -> int:
+        return self.spec.tp
+
+    @property
+    def role(self) -> Role:
+        return self.spec.role
+
+    @property
+    def kv_lend(self) -> int:
+        return self.spec.kv_lend
+
+    @property
+    def serves(self) -> bool:
+        return self.spec.role == Role.SERVE
+
+    def device_of_rank(self, rank: int) -> str:
+        """The device name (GPU index as a string) that holds tensor-parallel rank `rank`."""
+        return str(self.gpus[rank])
+
+
+@dataclass(frozen=True, order=True)
+class PlanGroup:
+    """An aligned group of GPU indices on one worker and the replicas that live on it."""
+
+    gpus: tuple[int, ...]
+    replicas: tuple[PlanReplica, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gpus": list(self.gpus), "replicas": [r.to_json() for r in self.replicas]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one worker pod must hold; `generation` increases every time the contents change."""
+
+    generation: int
+    groups: tuple[PlanGroup, ...] = ()
+
+    @classmethod
+    def build(cls, generation: int, groups: Iterable[PlanGroup]) -> Plan:
+        """Canonical form: groups sorted by GPUs, replicas sorted, empty groups dropped."""
+        canonical = sorted(PlanGroup(tuple(sorted(g.gpus)), tuple(sorted(g.replicas))) for g in groups if g.replicas)
+        return cls(generation, tuple(canonical))
+
+    def same_contents(self, other: Plan | None) -> bool:
+        """True when both plans ask for the same replicas (generations aside)."""
+        return other is not None and self.groups == other.groups
+
+    def models(self) -> set[str]:
+        return {r.model for g in self.groups for r in g.replicas}
+
+    def uids(self) -> set[str]:
+        return {r.uid for g in self.groups for r in g.replicas}
+
+    @cached_property
+    def replicas(self) -> dict[ReplicaKey, PlannedReplica]:
+        """Every replica keyed by `(uid, gpus)` (unique: `parse_plan` refuses duplicates)."""
+        out: dict[ReplicaKey, PlannedReplica] = {}
+        for g in self.groups:
+            for r in g.replicas:
+                planned = PlannedReplica(r, g.gpus[: r.tp])
+                out[planned.key] = planned
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"generation": self.generation, "groups": [g.to_json() for g in self.groups]}
+
+    def dumps(self) -> str:
+        return _dumps(self.to_json())
+
+
+def parse_plan(text: str | bytes | Mapping[str, Any]) -> Plan:
+    """Parse and validate a `warmserve.io/plan` document (the worker's reading, and the operator's on restart).
+
+    Refused, with a message naming the field: a generation that is not a non-negative integer; a group
+    without GPUs, with a negative or repeated GPU index; a replica missing `model`, `uid` or `source`, with a
+    role that is not `warm`/`serve`, a `tp` that does not fit its group, a negative `kvLend`; two replicas
+    with the same `(uid, gpus)`; more than one served replica in a group.
+    """
+    data = _load(text, "plan")
+    generation = _int(data.get("generation"), "plan.generation", minimum=0)
+    groups: list[PlanGroup] = []
+    seen: set[ReplicaKey] = set()
+    for gi, raw_group in enumerate(_list(data.get("groups"), "plan.groups")):
+        where_g = f"plan.groups[{gi}]"
+        group = _object(raw_group, where_g)
+        gpus = _gpus(group.get("gpus"), f"{where_g}.gpus")
+        if not gpus:
+            raise ProtocolError(f"{where_g}.gpus must be a non-empty list of GPU indices")
+        if len(set(gpus)) != len(gpus):
+            raise ProtocolError(f"{where_g}.gpus has duplicates: {list(gpus)}")
+        replicas: list[PlanReplica] = []
+        for ri, raw_rep in enumerate(_list(group.get("replicas"), f"{where_g}.replicas")):
+            where = f"{where_g}.replicas[{ri}]"
+            rep = _object(raw_rep, where)
+            role = rep.get("role", Role.WARM.value)
+            if role not in ROLES:
+                raise ProtocolError(f"{where}.role must be one of {[str(r) for r in ROLES]}, got {role!r}")
+            tp = _int(rep.get("tp", 1), f"{where}.tp", minimum=1)
+            if tp > len(gpus):
+                raise ProtocolError(f"{where}: tp={tp} does not fit a group of {len(gpus)} GPUs")
+            replica = PlanReplica(
+                model=_str(rep.get("model"), f"{where}.model"),
+                uid=_str(rep.get("uid"), f"{where}.uid"),
+                source=_str(rep.get("source"), f"{where}.source"),
+                tp=tp,
+                role=Role(role),
+                kv_lend=_int(rep.get("kvLend", 0), f"{where}.kvLend", minimum=0),
+            )
+            key = ReplicaKey(replica.uid, gpus[:tp])
+            if key in seen:
+                raise ProtocolError(
+                    f"{where}: duplicate replica: uid {replica.uid} is already planned on GPUs {list(key.gpus)}"
+                )
+            seen.add(key)
+            replicas.append(replica)
+        if sum(r.role == Role.SERVE for r in replicas) > 1:
+            raise ProtocolError(f"{where_g}: at most one replica per group may be served")
+        groups.append(PlanGroup(gpus, tuple(replicas)))
+    return Plan.build(generation, groups)
+
+
+def next_generation(previous: Plan | None, desired: Plan) -> Plan:
+    """Give `desired` a generation: unchanged contents keep the previous plan, a change increments it.
+
+    This is what makes the annotation write idempotent (nothing is written when nothing changed) and the
+    generation monotonic across operator restarts (the previous plan is read back from the pod).
+    """
+    if previous is not None and previous.same_contents(desired):
+        return previous
+    base = previous.generation if previous is not None else 0
+    return Plan(max(base, desired.generation - 1) + 1, desired.groups)
+
+
+# -- state ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceState:
+    """Arena bytes of one GPU as the worker reports them (`kind`, `page_size`, `largest_free_run` optional)."""
+
+    index: int
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    kind: str | None = None
+    page_size: int | None = None
+    largest_free_run: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "index": self.index,
+            "totalBytes": self.total_bytes,
+            "usedBytes": self.used_bytes,
+            "freeBytes": self.free_bytes,
+        }
+        for key, value in (
+            ("kind", self.kind),
+            ("pageSize", self.page_size),
+            ("largestFreeRun", self.largest_free_run),
+        ):
+            if value is not None:
+                doc[key] = value
+        return doc
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One replica as the worker reports it."""
+
+    model: str
+    uid: str
+    gpus: tuple[int, ...]
+    phase: Phase
+    progress: float = 0.0
+    endpoint: str | None = None
+    ready: bool = False
+    role: Role | None = None
+    tp: int | None = None
+    kv_lend: int = 0
+    bytes: int = 0
+
+    @property
+    def key(self) -> ReplicaKey:
+        return ReplicaKey(self.uid, self.gpus)
+
+    @property
+    def serving(self) -> bool:
+        return self.phase == Phase.SERVING
+
+    @property
+    def dedicated(self) -> bool:
+        return self.phase in (Phase.STARTING, Phase.SERVING)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "model": self.model,
+            "gpus": list(self.gpus),
+            "phase": str(self.phase),
+            "progress": self.progress,
+            "endpoint": self.endpoint,
+            "ready": self.ready,
+            "role": str(self.role) if self.role is not None else None,
+            "tp": self.tp if self.tp is not None else len(self.gpus),
+            "kvLend": self.kv_lend,
+            "bytes": self.bytes,
+        }
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """One engine process of the worker (informational: the replica list carries what the operator uses)."""
+
+    uid: str
+    gpus: tuple[int, ...]
+    model: str
+    endpoint: str | None
+    ready: bool
+    pid: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "gpus": list(self.gpus),
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "ready": self.ready,
+            "pid": self.pid,
+        }
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """One error a worker reports: a rejected plan (no uid) or a replica it could not hold."""
+
+    reason: str
+    uid: str = ""
+    gpus: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.uid} on GPUs {list(self.gpus)}: {self.reason}" if self.uid else self.reason
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.uid:
+            return {"reason": self.reason}
+        return {"uid": self.uid, "gpus": list(self.gpus), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """Everything a worker writes into `warmserve.io/state`."""
+
+    observed_generation: int
+    devices: tuple[DeviceState, ...] = ()
+    replicas: tuple[ReplicaState, ...] = ()
+    errors: tuple[WorkerError, ...] = ()
+    timings: Mapping[str, Any] = field(default_factory=dict)
+    engines: tuple[EngineState, ...] = ()
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(d.free_bytes for d in self.devices)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "observedGeneration": self.observed_generation,
+            "devices": [d.to_json() for d in self.devices],
+            "replicas": [r.to_json() for r in self.replicas],
+            "engines": [e.to_json() for e in self.engines],
+            "errors": [e.to_json() for e in self.errors],
+            "timings": {op: dict(t) for op, t in self.timings.items()},
+        }
+
+    def dumps(self) -> str:
+        return _dumps(self.to_json())
+
+
+def _opt_int(value: Any, what: str) -> int | None:
+    return None if value is None else _int(value, what)
+
+
+def parse_state(text: str | bytes | Mapping[str, Any]) -> WorkerState:
+    """Parse a `warmserve.io/state` document; anything off the contract is a `ProtocolError` naming the field."""
+    data = _load(text, "state")
+    observed = _int(data.get("observedGeneration"), "state.observedGeneration", minimum=0)
+    devices = []
+    for i, raw in enumerate(_list(data.get("devices"), "state.devices")):
+        d = _object(raw, f"state.devices[{i}]")
+        where = f"state.devices[{i}]"
+        kind = d.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise ProtocolError(f"{where}.kind must be a string, got {kind!r}")
+        devices.append(
+            DeviceState(
+                index=_int(d.get("index"), f"{where}.index", minimum=0),
+                total_bytes=_int(d.get("totalBytes"), f"{where}.totalBytes", minimum=0),
+                used_bytes=_int(d.get("usedBytes"), f"{where}.usedBytes", minimum=0),
+                free_bytes=_int(d.get("freeBytes"), f"{where}.freeBytes", minimum=0),
+                kind=kind,
+                page_size=_opt_int(d.get("pageSize"), f"{where}.pageSize"),
+                largest_free_run=_opt_int(d.get("largestFreeRun"), f"{where}.largestFreeRun"),
+            )
+        )
+    replicas = []
+    for i, raw in enumerate(_list(data.get("replicas"), "state.replicas")):
+        where = f"state.replicas[{i}]"
+        r = _object(raw, where)
+        phase = r.get("phase")
+        if phase not in PHASES:
+            raise ProtocolError(f"{where}.phase {phase!r} is not one of {[str(p) for p in PHASES]}")
+        endpoint = r.get("endpoint")
+        if endpoint is not None and not isinstance(endpoint, str):
+            raise ProtocolError(f'{where}.endpoint must be "host:port" or null, got {endpoint!r}')
+        role = r.get("role")
+        if role is not None and role not in ROLES:
+            raise ProtocolError(f"{where}.role {role!r} is not one of {[str(x) for x in ROLES]}")
+        progress = r.get("progress") or 0.0
+        if isinstance(progress, bool) or not isinstance(progress, int | float):
+            raise ProtocolError(f"{where}.progress must be a number, got {progress!r}")
+        replicas.append(
+            ReplicaState(
+                model=_str(r.get("model"), f"{where}.model"),
+                uid=_str(r.get("uid"), f"{where}.uid"),
+                gpus=_gpus(r.get("gpus"), f"{where}.gpus"),
+                phase=Phase(phase),
+                progress=float(progress),
+                endpoint=endpoint,
+                ready=r.get("ready") is True,
+                role=Role(role) if role is not None else None,
+                tp=_opt_int(r.get("tp"), f"{where}.tp"),
+                kv_lend=_int(r.get("kvLend") or 0, f"{where}.kvLend", minimum=0),
+                bytes=_int(r.get("bytes") or 0, f"{where}.bytes", minimum=0),
+            )
+        )
+    engines = []
+    for i, raw in enumerate(_list(data.get("engines"), "state.engines")):
+        where = f"state.engines[{i}]"
+        e = _object(raw, where)
+        endpoint = e.get("endpoint")
+        if endpoint is not None and not isinstance(endpoint, str):
+            raise ProtocolError(f'{where}.endpoint must be "host:port" or null, got {endpoint!r}')
+        engines.append(
+            EngineState(
+                uid=_str(e.get("uid"), f"{where}.uid"),
+                gpus=_gpus(e.get("gpus"), f"{where}.gpus"),
+                model=str(e.get("model") or ""),
+                endpoint=endpoint,
+                ready=e.get("ready") is True,
+                pid=_opt_int(e.get("pid"), f"{where}.pid"),
+            )
+        )
+    errors = []
+    for i, raw in enumerate(_list(data.get("errors"), "state.errors")):
+        where = f"state.errors[{i}]"
+        e = _object(raw, where)
+        uid = e.get("uid") or ""
+        if not isinstance(uid, str):
+            raise ProtocolError(f"{where}.uid must be a string, got {uid!r}")
+        errors.append(WorkerError(_str(e.get("reason"), f"{where}.reason"), uid, _gpus(e.get("gpus"), f"{where}.gpus")))
+    timings = data.get("timings") or {}
+    if not isinstance(timings, Mapping):
+        raise ProtocolError("state.timings must be an object")
+    return WorkerState(observed, tuple(devices), tuple(replicas), tuple(errors), dict(timings), tuple(engines))
+
+
+# -- pods ----------------------------------------------------------------------------------------------------
+def annotations_of(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    return ((pod.get("metadata") or {}).get("annotations")) or {}
+
+
+def plan_of_pod(pod: Mapping[str, Any]) -> Plan | None:
+    """The plan currently on a pod, or None when absent or unreadable (then it is rewritten)."""
+    text = annotations_of(pod).get(PLAN_ANNOTATION)
+    if not text:
+        return None
+    try:
+        return parse_plan(text)
+    except ProtocolError:
+        return None
+
+
+def state_of_pod(pod: Mapping[str, Any]) -> WorkerState | None:
+    """The state a worker pod reports; None when it has not reported yet. Raises ProtocolError if garbled."""
+    text = annotations_of(pod).get(STATE_ANNOTATION)
+    if not text:
+        return None
+    return parse_state(text)
+
+
+def plan_patch(plan: Plan) -> dict[str, Any]:
+    """The merge patch that writes `plan` onto a worker pod."""
+    return {"metadata": {"annotations": {PLAN_ANNOTATION: plan.dumps()}}}
+
+
+def state_patch(state: WorkerState) -> dict[str, Any]:
+    """The merge patch that writes `state` onto the worker's own pod."""
+    return {"metadata": {"annotations": {STATE_ANNOTATION: state.dumps()}}}
