@@ -45,3 +45,28 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- range .Values.watchNamespaces }}{{ if not (has . $list) }}{{ $list = append $list . }}{{ end }}{{ end }}
 {{- join "," $list }}
 {{- end }}
+
+{{/* The router's name: its ServiceAccount, RBAC objects, Deployment, Service and PodDisruptionBudget. */}}
+{{- define "warmserve.router.fullname" -}}
+{{- printf "%s-router" (include "warmserve.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of the router's pods: the chart's, plus component=router (the operator's are
+     component=operator, so neither selects the other's pods). */}}
+{{- define "warmserve.router.selectorLabels" -}}
+{{ include "warmserve.selectorLabels" . }}
+app.kubernetes.io/component: router
+{{- end }}
+
+{{/* Seconds a stopping router pod gets to drain: a held request may wait router.maxWaitSeconds before it
+     is sent to an engine, plus a margin for the engine's answer and the shutdown itself. */}}
+{{- define "warmserve.router.terminationGracePeriodSeconds" -}}
+{{- add (ceil .Values.router.maxWaitSeconds) 30 }}
+{{- end }}
+
+{{/* The router's image: router.image, each field defaulting to the operator's image. */}}
+{{- define "warmserve.router.image" -}}
+{{- $repository := .Values.router.image.repository | default .Values.image.repository }}
+{{- $tag := .Values.router.image.tag | default .Values.image.tag | default .Chart.AppVersion }}
+{{- printf "%s:%s" $repository $tag }}
+{{- end }}
