@@ -10,6 +10,7 @@ discovery reports it again after the failure, so a retry goes to another engine 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -148,10 +149,8 @@ class Dispatcher:
         finally:
             if not future.done():
                 future.cancel()
-            try:
+            with contextlib.suppress(ValueError):
                 m.waiting.remove(future)
-            except ValueError:
-                pass
 
     def release(self, backend: Backend) -> None:
         """A request sent to `backend` is done; the engine may take a waiter."""
