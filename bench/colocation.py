@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {"a": args.model_a, "b": args.model_b}
     for key, seed in (("a", 21), ("b", 22)):
         if models[key] is None:
-            from warmserve.worker.devmodels import make_llama
+            from devmodels import make_llama
 
             log(f"generating tiny Llama model {key} in {work}")
             models[key] = make_llama(str(work / key), hidden=512, layers=4, heads=8, kv_heads=2,

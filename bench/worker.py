@@ -78,8 +78,16 @@ def weight_files(model_dir: str) -> list[str]:
     return sorted(os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".safetensors"))
 
 
-def prewarm_gbps(store, uid: str, model_dir: str) -> tuple[float, int]:
-    load = store.prewarm(uid, uid, model_dir, "0", wait=True)
+def shard(name: str):
+    """The store key of model `name`'s one shard on arena "0" (a TP1 replica on GPU 0)."""
+    from warmserve.protocol import ReplicaKey
+    from warmserve.worker.store import ShardKey
+
+    return ShardKey(ReplicaKey(name, (0,)))
+
+
+def prewarm_gbps(store, name: str, model_dir: str) -> tuple[float, int]:
+    load = store.prewarm(shard(name), name, model_dir, "0", wait=True)
     if load.phase != "warm":
         raise RuntimeError(load.error)
     return load.bytes_total / load.seconds / 1e9, load.bytes_total
@@ -211,7 +219,7 @@ def warm_start(store, model_dir: str, work: str, port: int) -> tuple[float, str,
     manifest = os.path.join(work, "manifest.json")
     report = os.path.join(work, "load-report.json")
     with open(manifest, "w") as fh:
-        json.dump(store.manifest("large"), fh)
+        json.dump(store.manifest(shard("large")), fh)
     em = EngineManager(
         os.path.join(work, "warm"), pool_size=1, base_port=port, engine_args=ENGINE_ARGS, env=ENV, refill=False
     )
@@ -222,8 +230,9 @@ def warm_start(store, model_dir: str, work: str, port: int) -> tuple[float, str,
         raise RuntimeError("shell did not become ready")
     try:
         t0 = time.perf_counter()
-        rec = em.promote("large", "large", model_dir, manifest, report_path=report, served_name="large")
-        em.wait_ready("large", 600)
+        key = shard("large").replica
+        rec = em.promote(key, "large", model_dir, manifest, report_path=report, served_name="large")
+        em.wait_ready(key, 600)
         first_token(rec.port, "large")
         elapsed = time.perf_counter() - t0
         for pgid in (rec.pid, rec.core_pid):  # API server group + engine-core zygote group
@@ -247,8 +256,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="storage measurement rounds (medians)")
     args = ap.parse_args()
 
+    from devmodels import LARGE, make_llama
+
     from warmserve.worker.arena import Arena
-    from warmserve.worker.devmodels import LARGE, make_llama
     from warmserve.worker.store import WeightStore
 
     os.environ.update(ENV)
@@ -279,7 +289,7 @@ def main() -> int:
                     if cache == "cold":
                         drop_cache(files)
                     gbps, nbytes = prewarm_gbps(store, "large", large_dir)
-                    store.evict("large")
+                    store.evict(shard("large"))
                     samples.setdefault(f"{key}_{cache}", []).append(gbps)
             log(
                 f"storage round {rep + 1}/{args.repeats}: "
@@ -302,13 +312,13 @@ def main() -> int:
             # same arena contents around each timed eviction (the other model stays resident)
             prewarm_gbps(store, "small", small_dir)
             prewarm_gbps(store, "large", large_dir)
-            small_ms.append(store.evict("small") * 1e3)
+            small_ms.append(store.evict(shard("small")) * 1e3)
             prewarm_gbps(store, "small", small_dir)
-            large_ms.append(store.evict("large") * 1e3)
-            store.evict("small")
+            large_ms.append(store.evict(shard("large")) * 1e3)
+            store.evict(shard("small"))
         results["evict_small_ms"] = statistics.median(small_ms)
         results["evict_large_ms"] = statistics.median(large_ms)
-        assert arena.ledger.used_pages == 0
+        assert arena.usage().used == 0
         log(f"evict: small {results['evict_small_ms']:.3f} ms, large {results['evict_large_ms']:.3f} ms")
 
         if not args.skip_vllm:

@@ -3,6 +3,9 @@
 Engines are replaced by a recording fake here (a real vLLM start costs ~40 s and is
 covered once in test_worker_vllm.py); arenas, the weight store, the reconcile
 order, the Kubernetes watch/patch client and restart convergence are all real.
+The last tests show that a pass never waits for an engine: the state keeps being
+published and /healthz stays fresh while a promotion waits for a shell or an engine
+takes its time to stop.
 """
 
 from __future__ import annotations
@@ -10,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
 import pytest
 from kubernetes import client
 
+from warmserve.protocol import PLAN_ANNOTATION, STATE_ANNOTATION, parse_state
 from warmserve.worker.agent import Agent
 from warmserve.worker.arena import Arena
 from warmserve.worker.kube import KubePod
-from warmserve.worker.plan import PLAN_ANNOTATION, STATE_ANNOTATION
 from warmserve.worker.runner import Runner, serve_http
 
 NS, POD = "gpu", "worker-0"
@@ -46,37 +51,49 @@ class FakeRecord:
 
 
 class FakeEngines:
-    """Same surface as EngineManager; becomes ready on the second poll."""
+    """The engine surface the agent uses (`warmserve.worker.engines.Engines`); ready on the second poll.
+
+    A shell is always ready here; ops are recorded by replica id (`"<uid>@<gpus>"`).
+    """
 
     def __init__(self, ops: list, persisted: dict | None = None):
-        self.ops, self.engines, self._polls = ops, {}, {}
+        self.ops, self._engines, self._polls = ops, {}, {}
         self.persisted = persisted if persisted is not None else {}
 
-    def promote(self, uid, model, model_dir, manifest_path, report_path=None, served_name=None, **_):
+    def running(self):
+        return dict(self._engines)
+
+    def acquire_shell(self, timeout):
+        return "shell"
+
+    def release_shell(self, shell):
+        pass
+
+    def launch(self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None):
         with open(manifest_path) as fh:
             assert json.load(fh)["tensors"], "promotion needs a manifest of warm tensors"
-        self.ops.append(("promote", uid))
-        self.engines[uid] = self.persisted[uid] = FakeRecord(uid, served_name or model, 18000 + len(self.ops))
-        return self.engines[uid]
+        self.ops.append(("promote", key.id))
+        self._engines[key] = self.persisted[key] = FakeRecord(key.id, served_name or model, 18000 + len(self.ops))
+        return self._engines[key]
 
-    def poll(self, uid):
-        self._polls[uid] = self._polls.get(uid, 0) + 1
-        rec = self.engines[uid]
-        if self._polls[uid] >= 2:
+    def poll(self, key):
+        self._polls[key] = self._polls.get(key, 0) + 1
+        rec = self._engines[key]
+        if self._polls[key] >= 2:
             rec.ready, rec.ready_s = True, 0.01
         return rec
 
-    def alive(self, uid):
-        return uid in self.engines
+    def alive(self, key):
+        return key in self._engines
 
-    def stop(self, uid):
-        self.ops.append(("stop", uid))
-        self.engines.pop(uid, None)
-        self.persisted.pop(uid, None)
+    def stop(self, key):
+        self.ops.append(("stop", key.id))
+        self._engines.pop(key, None)
+        self.persisted.pop(key, None)
         return 0.0
 
     def adopt(self):
-        self.engines.update(self.persisted)
+        self._engines.update(self.persisted)
         return list(self.persisted.values())
 
     def shutdown(self, stop_engines=True):
@@ -86,15 +103,24 @@ class FakeEngines:
 def _record_store_ops(agent: Agent, ops: list) -> None:
     evict, prewarm = agent.store.evict, agent.store.prewarm
 
-    def rec_evict(uid, rank=0):
-        ops.append(("evict", uid))
-        return evict(uid, rank)
+    def rec_evict(key):
+        ops.append(("evict", key.replica.id))
+        return evict(key)
 
-    def rec_prewarm(uid, *a, **kw):
-        ops.append(("prewarm", uid))
-        return prewarm(uid, *a, **kw)
+    def rec_prewarm(key, *a, **kw):
+        ops.append(("prewarm", key.replica.id))
+        return prewarm(key, *a, **kw)
 
     agent.store.evict, agent.store.prewarm = rec_evict, rec_prewarm
+
+
+async def _until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what} not reached in {timeout} s")
 
 
 def _api(kmock) -> client.CoreV1Api:
@@ -137,7 +163,7 @@ def _phases(state):
 
 
 def _errors(state):
-    """Per-replica errors by uid, plan errors under None (DESIGN.md §5: ``{"reason", "uid", "gpus"}``)."""
+    """Per-replica errors by uid, plan errors under None (docs/design.md "Protocol": ``{"reason", "uid", "gpus"}``)."""
     return {e.get("uid"): e["reason"] for e in state["errors"]}
 
 
@@ -202,12 +228,13 @@ async def test_worker_kmock_plan_drives_prewarm_promote_evict_in_order(kmock, po
         assert served["ready"] is True and served["endpoint"] == s2["engines"][0]["endpoint"]
         assert served["endpoint"].startswith("127.0.0.1:") and served["gpus"] == [0]
         assert s2["timings"]["evict"]["seconds"] < 0.1 and s2["errors"] == []
-        used_a = arena.ledger.get("a@0/rank0").extent.count * arena.page_size
+        used_a = arena.extent("a@0/rank0").count * arena.page_size
         assert s2["devices"][0]["usedBytes"] == used_a
         # demote: serve → warm stops the engine, keeps the weights
         ops.clear()
         await _set_plan(pod_api, _plan(3, [_rep("a", a)]))
         s3 = await _state(kmock, lambda s: _phases(s) == {"a": "warm"} and not s["engines"])
+        await _until(lambda: ops, what="the engine stop")  # stops run off the reconcile thread
         assert ops == [("stop", "a@0")] and s3["devices"][0]["usedBytes"] == used_a
         assert s3["replicas"][0]["endpoint"] is None and s3["replicas"][0]["ready"] is False
     finally:
@@ -254,7 +281,7 @@ async def test_worker_kmock_bad_plans_become_errors_not_crashes(kmock, pod_api, 
         )
         s = await _state(kmock, lambda s: s["observedGeneration"] == 3 and s["errors"])
         assert "not managed by this worker" in _errors(s)["g7"] and s["errors"][0]["gpus"] == [7]
-        assert arena.ledger.used_pages == 0  # gen 3 dropped "ok": its pages are back
+        assert arena.usage().used == 0  # gen 3 dropped "ok": its pages are back
         assert running.thread.is_alive()
     finally:
         running.close()
@@ -280,12 +307,12 @@ async def test_worker_kmock_restarted_agent_converges_to_same_state(kmock, pod_a
     runner = Runner(agent2, KubePod(NS, POD, api=pod_api, read_timeout=0.5))
     try:
         await asyncio.sleep(0.3)  # let the watch deliver the current plan
-        after = await asyncio.to_thread(runner.run_once)
+        after = (await asyncio.to_thread(runner.run_once)).to_json()
         for _ in range(20):
             if after["observedGeneration"] == 5:
                 break
             await asyncio.sleep(0.1)
-            after = await asyncio.to_thread(runner.run_once)
+            after = (await asyncio.to_thread(runner.run_once)).to_json()
         assert ops == []  # nothing reloaded, no second engine
         strip = lambda s: {k: s[k] for k in ("observedGeneration", "devices", "replicas", "engines")}  # noqa: E731
         assert strip(after) == strip(before)
@@ -313,7 +340,7 @@ async def test_worker_http_metrics_and_healthz(tiny_models, shm_path, tmp_path):
     port = server.server_address[1]
     try:
         for _ in range(50):
-            if runner.run_once()["replicas"][0]["phase"] == "warm":
+            if runner.run_once().replicas[0].phase == "warm":
                 break
             await asyncio.sleep(0.05)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
@@ -330,3 +357,144 @@ async def test_worker_http_metrics_and_healthz(tiny_models, shm_path, tmp_path):
         server.shutdown()
         arena.close()
         assert not os.path.exists(shm_path)
+
+
+# -- a pass never waits for an engine -------------------------------------------------------------------------
+def _weights(directory, seed: int, nbytes: int) -> str:
+    """A one-tensor safetensors model (the store needs valid headers and bytes, not a real model)."""
+    os.makedirs(directory, exist_ok=True)
+    header = json.dumps({"w": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}}).encode()
+    with open(os.path.join(directory, "model.safetensors"), "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)) + header + bytes((seed + i) % 251 for i in range(nbytes)))
+    return str(directory)
+
+
+class SlowEngines(FakeEngines):
+    """No engine shell is ready until `shell_ready` is set (every pre-started shell still importing vLLM),
+    and an engine stop takes until `stopped` is set (vLLM shutting down)."""
+
+    def __init__(self, ops: list):
+        super().__init__(ops)
+        self.shell_ready, self.stopped = threading.Event(), threading.Event()
+        self.waiting_for_shell, self.stopping = threading.Event(), threading.Event()
+
+    def acquire_shell(self, timeout):
+        if not self.shell_ready.is_set():
+            self.waiting_for_shell.set()
+        if not self.shell_ready.wait(timeout):
+            raise TimeoutError("no engine shell became ready")
+        return "shell"
+
+    def stop(self, key):
+        self.stopping.set()
+        self.stopped.wait(60)
+        return super().stop(key)
+
+
+class MemoryPod:
+    """Plan from a variable, every published state kept (the runner publishes only when the state changes)."""
+
+    def __init__(self, plan: str):
+        self.plan, self.states = plan, []
+
+    def latest_plan(self):
+        return self.plan
+
+    def write_state(self, state):
+        self.states.append(json.loads(state.dumps()))
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def slow_worker(shm_path, tmp_path):
+    """A real agent and runner (ticking on a thread, /healthz served) over slow fake engines."""
+    arena = Arena.host("0", shm_path, 4 * MiB, page_size=64 * 1024)
+    engines = SlowEngines([])
+    agent = Agent({"0": arena}, str(tmp_path / "state"), engines)
+    pod = MemoryPod(_plan(1, []))
+    runner = Runner(agent, pod, tick=0.02, stale_after=1.0)
+    server = serve_http(runner, "127.0.0.1", 0)
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
+    thread.start()
+
+    def healthz() -> int:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/healthz", timeout=5).status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        yield arena, engines, pod, healthz
+    finally:
+        engines.shell_ready.set()
+        engines.stopped.set()
+        stop.set()
+        thread.join(10)
+        server.shutdown()
+        agent.shutdown()
+        arena.close()
+
+
+def _last(pod: MemoryPod, predicate):
+    return next((s for s in reversed(pod.states) if predicate(s)), None)
+
+
+async def test_worker_state_and_healthz_stay_fresh_while_a_promotion_waits_for_a_shell(slow_worker, tmp_path):
+    """The named bug: a promotion waiting (up to 120 s) for an engine shell held the agent lock, so no state
+    was published and /healthz went stale (a liveness probe would restart the pod and kill its engines)."""
+    _, engines, pod, healthz = slow_worker
+    a, b = _weights(tmp_path / "a", 1, 100_000), _weights(tmp_path / "b", 2, 50_000)
+    pod.plan = _plan(1, [_rep("a", a, role="serve")])
+    # the replica turns warm and its promotion starts waiting for a shell: reported as starting, no endpoint
+    s1 = await _until(
+        lambda: _last(pod, lambda s: s["observedGeneration"] == 1 and _phases(s) == {"a": "starting"}),
+        what="a published state with the promotion waiting",
+    )
+    assert engines.waiting_for_shell.is_set() and engines.running() == {}
+    assert s1["replicas"][0]["endpoint"] is None and not s1["replicas"][0]["ready"] and s1["engines"] == []
+    assert parse_state(s1).replicas[0].dedicated  # the operator counts it as an engine being started
+    # while it waits, a new plan is applied and its outcome published
+    pod.plan = _plan(2, [_rep("a", a, role="serve"), _rep("b", b)])
+    await _until(
+        lambda: _last(pod, lambda s: s["observedGeneration"] == 2 and _phases(s) == {"a": "starting", "b": "warm"}),
+        what="the next plan's state published during the wait",
+    )
+    # and the loop stays healthy for longer than its staleness limit (1 s here, 30 s in a pod)
+    for _ in range(3):
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(healthz) == 200
+    assert not engines.shell_ready.is_set() and engines.running() == {}  # still waiting all along
+    # a shell becomes ready: the engine is launched and serves
+    engines.shell_ready.set()
+    s3 = await _until(
+        lambda: _last(pod, lambda s: _phases(s) == {"a": "serving", "b": "warm"}), what="the engine serving"
+    )
+    assert engines.ops == [("promote", "a@0")] and s3["replicas"][0]["endpoint"] == s3["engines"][0]["endpoint"]
+
+
+async def test_worker_state_stays_fresh_while_an_engine_stops_and_its_pages_wait(slow_worker, tmp_path):
+    """Stopping an engine (up to ~15 s) runs off the lock too; its pages are freed, and reused, once it is gone."""
+    arena, engines, pod, healthz = slow_worker
+    engines.shell_ready.set()
+    a, b = _weights(tmp_path / "a", 1, 2 * MiB), _weights(tmp_path / "b", 2, 2 * MiB)  # the arena holds one
+    pod.plan = _plan(1, [_rep("a", a, role="serve")])
+    await _until(lambda: _last(pod, lambda s: _phases(s) == {"a": "serving"}), what="a serving")
+    used_a = arena.usage().used
+    pod.plan = _plan(2, [_rep("b", b)])  # drop a (its engine must stop before its pages go), load b
+    s2 = await _until(
+        lambda: _last(pod, lambda s: s["observedGeneration"] == 2 and _phases(s) == {"a": "evicting", "b": "loading"}),
+        what="the next plan's state published while the engine stops",
+    )
+    assert engines.stopping.is_set() and s2["engines"] == [] and s2["errors"] == []
+    assert [r["bytes"] for r in s2["replicas"]] == [2 * MiB, 0]  # b is not started before a's pages are back
+    for _ in range(3):
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(healthz) == 200
+    assert arena.usage().used == used_a  # a's pages stay while its engine may still map them; b waits for them
+    engines.stopped.set()
+    s3 = await _until(lambda: _last(pod, lambda s: _phases(s) == {"b": "warm"}), what="b warm in a's place")
+    assert engines.ops == [("promote", "a@0"), ("stop", "a@0")] and s3["errors"] == []
+    assert s3["timings"]["stop"]["uid"] == "a" and s3["timings"]["evict"]["uid"] == "a"

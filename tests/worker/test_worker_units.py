@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
-from warmserve.worker.devices import arena_bytes_for, build_arenas, gpu_inventory
-from warmserve.worker.plan import PlanError, parse_plan, parse_replica_id, replica_id, source_path
+from warmserve.protocol import ProtocolError, ReplicaKey, Role, parse_plan
+from warmserve.worker.backends import DeviceKind
+from warmserve.worker.devices import arena_bytes_for, build_arenas, gpu_inventory, node_kind
+from warmserve.worker.files import SourceError, source_path
+from warmserve.worker.store import ShardKey
 
 
 def test_plan_parses_contract_example():
+    """The worker reads plans with the protocol's parser: replicas keyed by (uid, gpus occupied)."""
     plan = parse_plan(
         {
             "generation": 3,
@@ -36,17 +41,17 @@ def test_plan_parses_contract_example():
         }
     )
     assert plan.generation == 3
-    assert sorted(plan.replicas) == [("u1", (2, 3)), ("u2", (2,))]  # keyed by (uid, gpus occupied)
-    u1, u2 = plan.replicas[("u1", (2, 3))], plan.replicas[("u2", (2,))]
-    assert u1.device_of_rank(1) == "3" and u1.kv_lend == 5 and u1.id == "u1@2-3"
-    assert u2.path == "/models/m8"
+    assert sorted(plan.replicas) == [ReplicaKey("u1", (2, 3)), ReplicaKey("u2", (2,))]
+    u1, u2 = plan.replicas[ReplicaKey("u1", (2, 3))], plan.replicas[ReplicaKey("u2", (2,))]
+    assert u1.device_of_rank(1) == "3" and u1.kv_lend == 5 and u1.key.id == "u1@2-3" and u1.serves
+    assert u2.role == Role.WARM and source_path(u2.source) == "/models/m8"
 
 
 def test_plan_accepts_two_replicas_of_one_model_on_different_gpus():
     rep = {"model": "m", "uid": "u", "source": "/m", "tp": 1, "role": "serve"}
     plan = parse_plan({"generation": 1, "groups": [{"gpus": [0], "replicas": [rep]}, {"gpus": [1], "replicas": [rep]}]})
-    assert sorted(plan.replicas) == [("u", (0,)), ("u", (1,))]
-    with pytest.raises(PlanError, match="duplicate replica"):
+    assert sorted(plan.replicas) == [ReplicaKey("u", (0,)), ReplicaKey("u", (1,))]
+    with pytest.raises(ProtocolError, match="duplicate replica"):
         parse_plan(
             {
                 "generation": 1,
@@ -55,23 +60,32 @@ def test_plan_accepts_two_replicas_of_one_model_on_different_gpus():
         )
 
 
-@pytest.mark.parametrize("key", [("u", (0,)), ("9f1c-uid@x", (1, 2, 3))])
+@pytest.mark.parametrize("key", [ReplicaKey("u", (0,)), ReplicaKey("9f1c-uid@x", (1, 2, 3))])
 def test_replica_id_round_trips(key):
-    assert parse_replica_id(replica_id(key)) == key
+    """Ledger owners, meta files and engine records are named by the id; restart adoption parses it back."""
+    assert ReplicaKey.parse(key.id) == key
+    shard = ShardKey(key, 1)
+    assert shard.owner == f"{key.id}/rank1" and ShardKey.of_owner(shard.owner, "7") == shard
 
 
 @pytest.mark.parametrize("text", ["u", "u/rank0", "@0", "u@", "u@a"])
 def test_parse_replica_id_rejects_other_strings(text):
-    assert parse_replica_id(text) is None
+    assert ReplicaKey.parse(text) is None
+
+
+def test_shard_key_of_an_older_owner_name_is_keyed_on_its_device():
+    """Pages an older worker named "<name>/rank<r>" are adopted under (name, (device,)), then evicted."""
+    assert ShardKey.of_owner("alpha/rank0", "3") == ShardKey(ReplicaKey("alpha", (3,)), 0)
+    assert ShardKey.of_owner("kv-lent", "0") is None and ShardKey.of_owner("x/rankA", "0") is None
 
 
 @pytest.mark.parametrize(
     "bad, msg",
     [
-        ([], "JSON object"),
+        ("[]", "must be an object"),
         ({"groups": []}, "generation"),
         ({"generation": 1, "groups": [{"gpus": [], "replicas": []}]}, "non-empty"),
-        ({"generation": 1, "groups": [{"gpus": [0], "replicas": [{"uid": "x"}]}]}, "required"),
+        ({"generation": 1, "groups": [{"gpus": [0], "replicas": [{"uid": "x"}]}]}, "model must be"),
         (
             {
                 "generation": 1,
@@ -104,13 +118,13 @@ def test_parse_replica_id_rejects_other_strings(text):
     ],
 )
 def test_plan_rejects_bad_input(bad, msg):
-    with pytest.raises(PlanError, match=msg):
+    with pytest.raises(ProtocolError, match=msg):
         parse_plan(bad)
 
 
 def test_source_path_only_local():
-    assert source_path("file:///x/y") == "/x/y"
-    with pytest.raises(PlanError):
+    assert source_path("file:///x/y") == "/x/y" and source_path("/x") == "/x"
+    with pytest.raises(SourceError, match="unsupported model source"):
         source_path("hf://org/model")
 
 
@@ -171,7 +185,8 @@ def test_build_arenas_falls_back_to_shared_memory(tmp_path):
         page_size=1 << 20,
     )
     try:
-        assert sorted(arenas) == ["0", "1"] and arenas["0"].backend.kind == "shm"
+        assert sorted(arenas) == ["0", "1"] and node_kind(arenas) is DeviceKind.SHM
+        assert arenas["0"].kind.host_addressable and arenas["0"].kind.outlives_agent and not arenas["0"].kind.on_gpu
         assert arenas["1"].usage().total == 4 << 20
     finally:
         for a in arenas.values():
@@ -180,35 +195,18 @@ def test_build_arenas_falls_back_to_shared_memory(tmp_path):
         build_arenas("cuda", state_dir=str(tmp_path), nvml=FakeNvml(fail_init=True))
 
 
-def test_cli_help_and_local_once(tmp_path, tiny_models):
-    out = subprocess.run([sys.executable, "-m", "warmserve.worker", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--plan-file" in out.stdout
-    plan = tmp_path / "plan.json"
-    plan.write_text(
-        json.dumps(
-            {
-                "generation": 4,
-                "groups": [
-                    {
-                        "gpus": [0],
-                        "replicas": [
-                            {"model": "a", "uid": "a", "source": f"file://{tiny_models['alpha']}", "role": "warm"}
-                        ],
-                    }
-                ],
-            }
-        )
-    )
-    state_file = tmp_path / "state.json"
-    out = subprocess.run(
+def _worker_once(tmp_path, plan: dict, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m warmserve.worker` in local mode, one pass (`--once`), no engine shells."""
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "warmserve.worker",
             "--plan-file",
-            str(plan),
+            str(tmp_path / "plan.json"),
             "--state-file",
-            str(state_file),
+            str(tmp_path / "state.json"),
             "--device",
             "cpu",
             "--arena-bytes",
@@ -224,15 +222,44 @@ def test_cli_help_and_local_once(tmp_path, tiny_models):
             "--shells",
             "0",
             "--once",
+            *extra,
         ],
         capture_output=True,
         text=True,
         timeout=120,
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
     )
+
+
+def _local_plan(model_dir: str) -> dict:
+    replica = {"model": "a", "uid": "a", "source": f"file://{model_dir}", "role": "warm"}
+    return {"generation": 4, "groups": [{"gpus": [0], "replicas": [replica]}]}
+
+
+def test_cli_help_and_local_once(tmp_path, tiny_models):
+    out = subprocess.run([sys.executable, "-m", "warmserve.worker", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--plan-file" in out.stdout and "--log-level" in out.stdout
+    out = _worker_once(tmp_path, _local_plan(tiny_models["alpha"]), env={"WARMSERVE_LOG_LEVEL": None})
     assert out.returncode == 0, out.stderr
-    state = json.loads(state_file.read_text())
+    state = json.loads((tmp_path / "state.json").read_text())
     assert state["observedGeneration"] == 4 and state["replicas"][0]["uid"] == "a"
     assert state["devices"][0]["totalBytes"] == 8 << 20 and state["devices"][0]["index"] == 0
+    assert json.loads(out.stdout)["observedGeneration"] == 4  # --once prints the state on stdout
+    # local mode says what it does on stderr at INFO by default
+    assert "local mode: plan from" in out.stderr, out.stderr
+    assert "plan generation 4 applied: 1 replicas (0 served)" in out.stderr
+    assert "loading a@0/rank0 (a) on GPU 0" in out.stderr
+
+
+def test_cli_log_level_from_env_and_flag(tmp_path, tiny_models):
+    quiet = _worker_once(tmp_path, _local_plan(tiny_models["alpha"]), env={"WARMSERVE_LOG_LEVEL": "error"})
+    assert quiet.returncode == 0 and "INFO" not in quiet.stderr and "applied" not in quiet.stderr, quiet.stderr
+    loud = _worker_once(
+        tmp_path, _local_plan(tiny_models["alpha"]), "--log-level", "DEBUG", env={"WARMSERVE_LOG_LEVEL": "error"}
+    )
+    assert loud.returncode == 0 and "plan generation 4 applied" in loud.stderr  # the flag wins over the env
+    bad = _worker_once(tmp_path, _local_plan(tiny_models["alpha"]), env={"WARMSERVE_LOG_LEVEL": "verbose"})
+    assert bad.returncode == 2 and "must be one of debug, info, warning, error" in bad.stderr
 
 
 def test_plugin_register_is_idempotent_and_safe():
@@ -264,9 +291,11 @@ def test_cuda_ipc_handle_is_retargeted_to_the_engine_device():
 
 
 def test_cuda_backend_degrades_cleanly_without_cuda():
-    from warmserve.worker.backends import CudaBackend, open_backend
+    from warmserve.worker.backends import CudaBackend
+    from warmserve.worker.binding import arena_kind
 
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         CudaBackend(0, 1 << 20)
-    with pytest.raises(ValueError, match="unknown memory backend"):
-        open_backend({"kind": "tpu"})
+    assert arena_kind({"kind": "cuda"}).on_gpu and not DeviceKind.CUDA.outlives_agent
+    with pytest.raises(ValueError, match="unknown arena kind"):
+        arena_kind({"kind": "tpu"})

@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from warmserve.protocol import ReplicaKey, parse_state
 from warmserve.worker.agent import Agent
 from warmserve.worker.arena import Arena
 from warmserve.worker.engines import EngineManager, is_engine_process
@@ -26,6 +27,7 @@ ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 PROMPTS = ["the quick brown fox", "warm replicas are", "hello world, this"]
 MiB = 1 << 20
+ALPHA = ReplicaKey("uid-alpha", (0,))
 
 
 def complete(port: int, model: str, prompt: str) -> str:
@@ -38,7 +40,7 @@ def complete(port: int, model: str, prompt: str) -> str:
 def step_until(runner: Runner, predicate, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = runner.run_once()
+        state = runner.run_once().to_json()
         if predicate(state):
             return state
         time.sleep(0.2)
@@ -47,6 +49,10 @@ def step_until(runner: Runner, predicate, timeout: float) -> dict:
 
 def phases(state: dict) -> dict[str, str]:
     return {r["uid"]: r["phase"] for r in state["replicas"]}
+
+
+def used_pages(arena: Arena) -> int:
+    return arena.usage().used // arena.page_size
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +65,10 @@ def scenario(tiny_models, tmp_path_factory):
         str(work / "cold"), pool_size=1, base_port=18400, engine_args=ENGINE_ARGS, env=ENV, refill=False
     )
     try:
-        cold.promote("ref", "alpha", tiny_models["alpha"], manifest_path=None)
-        cold.wait_ready("ref", 300)
-        result["cold_texts"] = [complete(cold.engines["ref"].port, "alpha", p) for p in PROMPTS]
+        ref = ReplicaKey("ref", (0,))
+        rec = cold.promote(ref, "alpha", tiny_models["alpha"], manifest_path=None)
+        cold.wait_ready(ref, 300)
+        result["cold_texts"] = [complete(rec.port, "alpha", p) for p in PROMPTS]
     finally:
         cold.shutdown()
     # 2. agent in local mode: prewarm all three into one 32 MiB arena
@@ -83,8 +90,8 @@ def scenario(tiny_models, tmp_path_factory):
     with open(plan_path, "w") as fh:
         json.dump({"generation": 1, "groups": [group]}, fh)
     result["warm_state"] = step_until(runner, lambda s: set(phases(s).values()) == {"warm"}, 60)
-    result["pages_all_warm"] = arena.ledger.used_pages
-    result["pages_alpha"] = arena.ledger.get("uid-alpha@0/rank0").extent.count
+    result["pages_all_warm"] = used_pages(arena)
+    result["pages_alpha"] = arena.extent("uid-alpha@0/rank0").count
     # 3. make every weight file unreadable (root ignores chmod, so move them away)
     hidden = []
     for path in tiny_models.values():
@@ -97,11 +104,11 @@ def scenario(tiny_models, tmp_path_factory):
         t0 = time.monotonic()
         result["serving_state"] = step_until(runner, lambda s: phases(s) == {"uid-alpha": "serving"}, 300)
         result["promote_s"] = time.monotonic() - t0
-        rec = engines.engines["uid-alpha@0"]
+        rec = engines.running()[ALPHA]
         result["warm_texts"] = [complete(rec.port, "alpha", p) for p in PROMPTS]
-        result["pages_after_evict"] = arena.ledger.used_pages
-        result["free_extents"] = arena.ledger.free_extents()
-        result["page_count"] = arena.ledger.page_count
+        result["pages_after_evict"] = used_pages(arena)
+        result["free_extents"] = arena.free_extents()
+        result["page_count"] = arena.usage().total // arena.page_size
         with open(os.path.join(state_dir, "load-report-uid-alpha_0.json")) as fh:
             result["report"] = json.load(fh)
         result["engine_pid"] = rec.pid
@@ -112,14 +119,14 @@ def scenario(tiny_models, tmp_path_factory):
         agent2 = Agent({"0": arena2}, state_dir, engines2)
         runner2 = Runner(agent2, LocalFiles(plan_path, state_path))
         result["restart_state"] = step_until(runner2, lambda s: phases(s) == {"uid-alpha": "serving"}, 30)
-        result["restart_engines"] = dict(engines2.engines)
-        result["restart_pages"] = arena2.ledger.used_pages
-        result["restart_text"] = complete(engines2.engines["uid-alpha@0"].port, "alpha", PROMPTS[0])
+        result["restart_engines"] = engines2.running()
+        result["restart_pages"] = used_pages(arena2)
+        result["restart_text"] = complete(engines2.running()[ALPHA].port, "alpha", PROMPTS[0])
         # 5. plan drops everything: engine stopped, pages freed
         with open(plan_path, "w") as fh:
             json.dump({"generation": 3, "groups": []}, fh)
         result["empty_state"] = step_until(runner2, lambda s: not s["replicas"] and not s["engines"], 60)
-        result["empty_pages"] = arena2.ledger.used_pages
+        result["empty_pages"] = used_pages(arena2)
         result["engine_alive_after_stop"] = is_engine_process(rec.pid)
         yield result
     finally:
@@ -160,8 +167,7 @@ def test_worker_promotion_mapped_all_weights_without_files(scenario):
 
 
 def test_worker_state_of_a_real_engine_parses_with_the_operators_parser(scenario):
-    protocol = pytest.importorskip("warmserve.controller.protocol")
-    parsed = protocol.parse_state(json.dumps(scenario["serving_state"]))
+    parsed = parse_state(json.dumps(scenario["serving_state"]))
     (alpha,) = parsed.replicas
     assert (alpha.uid, alpha.gpus, alpha.phase, alpha.ready) == ("uid-alpha", (0,), "serving", True)
     assert alpha.endpoint == scenario["serving_state"]["engines"][0]["endpoint"]
@@ -177,7 +183,7 @@ def test_worker_other_replicas_evicted_pages_back_in_free_list(scenario):
 
 def test_worker_restart_adopts_engine_and_arena(scenario):
     engines = scenario["restart_engines"]
-    assert list(engines) == ["uid-alpha@0"] and engines["uid-alpha@0"].pid == scenario["engine_pid"]
+    assert list(engines) == [ALPHA] and engines[ALPHA].pid == scenario["engine_pid"]
     assert scenario["restart_pages"] == scenario["pages_alpha"]
     assert scenario["restart_text"] == scenario["cold_texts"][0]
     assert not scenario["engine_alive_after_stop"]

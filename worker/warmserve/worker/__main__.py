@@ -1,22 +1,27 @@
 """``python -m warmserve.worker``: run the GPU-pod sidecar agent.
 
-Kubernetes mode (default in a pod): watches ``warmserve.io/plan`` on its own pod
+Kubernetes mode (default in a pod): watches the plan annotation on its own pod
 (``--namespace``/``--pod`` or the downward-API env vars POD_NAMESPACE/POD_NAME).
 Local mode: ``--plan-file plan.json --state-file state.json``, no Kubernetes.
+Logs go to stderr (``--log-level`` or WARMSERVE_LOG_LEVEL, default info).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 
 from warmserve.worker.arena import DEFAULT_PAGE_SIZE
-from warmserve.worker.devices import build_arenas
+from warmserve.worker.devices import build_arenas, node_kind
 from warmserve.worker.engines import EngineManager
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+log = logging.getLogger("warmserve.worker")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,23 +67,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--engine-args", default="", help="extra vLLM args (one string, shell-split)")
     run.add_argument("--tick", type=float, default=0.5)
     run.add_argument("--once", action="store_true", help="one reconcile pass, print state, exit")
-    return p.parse_args(argv)
+    run.add_argument(
+        "--log-level",
+        type=str.lower,
+        default=os.environ.get("WARMSERVE_LOG_LEVEL", "info"),
+        help=f"one of {', '.join(LOG_LEVELS)} (default: $WARMSERVE_LOG_LEVEL or info); logs go to stderr",
+    )
+    args = p.parse_args(argv)
+    args.log_level = args.log_level.lower()
+    if args.log_level not in LOG_LEVELS:
+        p.error(f"--log-level / WARMSERVE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
+    return args
+
+
+def setup_logging(level: str) -> None:
+    """Everything the worker logs goes to stderr at ``level`` (stdout stays free for ``--once``)."""
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
     from warmserve.worker.agent import Agent
-    from warmserve.worker.kube import KubePod, LocalFiles
+    from warmserve.worker.kube import KubePod, LocalFiles, PodAnnotations
     from warmserve.worker.runner import Runner, serve_http
 
     args = parse_args(argv)
+    setup_logging(args.log_level)
+    pod: PodAnnotations
     if args.plan_file:
-        pod = LocalFiles(args.plan_file, args.state_file or os.path.join(args.state_dir, "state.json"))
+        state_file = args.state_file or os.path.join(args.state_dir, "state.json")
+        pod = LocalFiles(args.plan_file, state_file)
+        log.info("local mode: plan from %s, state to %s", args.plan_file, state_file)
     elif args.namespace and args.pod:
         pod = KubePod(args.namespace, args.pod)
+        log.info("Kubernetes mode: watching pod %s/%s", args.namespace, args.pod)
     else:
-        print("need --plan-file (local mode) or --namespace/--pod (Kubernetes mode)", file=sys.stderr)
+        log.error("need --plan-file (local mode) or --namespace/--pod (Kubernetes mode)")
         return 2
     os.makedirs(args.state_dir, exist_ok=True)
     arenas = build_arenas(
@@ -90,10 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         memory_fraction=args.memory_fraction,
         page_size=args.page_size,
     )
+    kind = node_kind(arenas)
+    log.info(
+        "%d %s arenas (GPUs %s), %d B each; state in %s",
+        len(arenas),
+        kind,
+        ",".join(sorted(arenas, key=int)),
+        next(iter(arenas.values())).usage().total if arenas else 0,
+        args.state_dir,
+    )
     # On CPU, keep vLLM's model in the engine-core process (no extra spawned worker);
     # on GPU with TP=1 vLLM already uses its in-process ("uni") executor.
-    cpu_only = all(a.backend.kind == "shm" for a in arenas.values())
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if cpu_only else {}
+    env = {} if kind.on_gpu else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     engines = EngineManager(
         args.state_dir,
         pool_size=args.shells,
@@ -107,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(arenas, args.state_dir, engines)
     runner = Runner(agent, pod, tick=args.tick)
     if args.once:
-        print(json.dumps(runner.run_once(), indent=1))
+        print(json.dumps(runner.run_once().to_json(), indent=1))
         agent.shutdown(stop_engines=False)
         return 0
     engines.fill_pool()
@@ -115,15 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if server:
+        log.info("/metrics, /healthz and /state on %s:%d", args.http_host, server.server_address[1])
     try:
         runner.run(stop)
     finally:
+        log.info("shutting down")
         if server:
             server.shutdown()
         pod.close()
         # Host arenas outlive us, so engines keep serving and are adopted after a restart.
         # CUDA IPC memory dies with its exporting process (us): stop GPU engines with it.
-        agent.shutdown(stop_engines=not cpu_only)
+        agent.shutdown(stop_engines=not kind.outlives_agent)
     return 0
 
 

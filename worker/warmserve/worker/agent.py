@@ -14,24 +14,56 @@ ledger, so the arena is never over-committed; a replica that does not fit (or
 whose files are bad) gets a per-replica error and the rest proceeds. A failed
 replica is retried only when the plan's generation changes.
 
-Replicas are keyed by ``(ModelDeployment uid, gpus)`` throughout (plan diffing,
-state, engines, adoption), so two replicas of one model on one worker coexist.
+A pass never waits long under the agent lock, so the state keeps being computed and
+published (and ``/healthz`` stays fresh) whatever the engines do:
+
+* a promotion that finds no idle pre-started engine shell waits for one on a
+  background thread (up to ``shell_timeout``); meanwhile the replica is reported
+  ``starting`` (with no endpoint yet). When a shell is ready the thread takes the lock
+  briefly, re-checks that the replica is still served and warm, and launches the engine
+  (or hands the shell back);
+* stopping an engine (SIGTERM, then waiting up to ~15 s for its processes) runs on a
+  background thread too. Until it is gone, the shards it maps are not evicted, and
+  nothing is prewarmed on a GPU whose pages are about to be freed by that eviction.
+
+Replicas are keyed by :class:`~warmserve.protocol.ReplicaKey` ``(uid, gpus)``
+throughout (plan diffing, state, engines, adoption), so two replicas of one model on
+one worker coexist; shards by :class:`~warmserve.worker.store.ShardKey`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from warmserve.protocol import (
+    DeviceState,
+    EngineState,
+    Phase,
+    Plan,
+    PlannedReplica,
+    ReplicaKey,
+    ReplicaState,
+    WorkerError,
+    WorkerState,
+    parse_plan,
+)
 from warmserve.worker.arena import Arena
-from warmserve.worker.engines import EngineManager
+from warmserve.worker.engines import Engines
+from warmserve.worker.files import SourceError, safe_name, source_path
 from warmserve.worker.metrics import WorkerMetrics
-from warmserve.worker.plan import Plan, PlanError, PlannedReplica, ReplicaKey, parse_plan, parse_replica_id
-from warmserve.worker.store import WeightStore
+from warmserve.worker.store import Shard, ShardKey, ShardPhase, WeightStore
+
+log = logging.getLogger(__name__)
+
+#: How long a promotion waits for a pre-started engine shell before it fails.
+SHELL_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -44,178 +76,311 @@ class Failure:
 class Agent:
     """Reconciles the arenas and engines of one worker with its plan.
 
-    Replicas are keyed by ``(uid, gpus)`` (:data:`~warmserve.worker.plan.ReplicaKey`): two replicas
-    of one model on different GPUs of this worker are two replicas. The weight store and the engine
-    manager are keyed by the string form of that key (:func:`~warmserve.worker.plan.replica_id`), which
-    is also what ledger owners, engine records and manifest files are named after, so a restarted
-    agent recovers the same keys from what it finds on the node.
+    Replicas are keyed by ``(uid, gpus)`` (:class:`~warmserve.protocol.ReplicaKey`): two replicas of one
+    model on different GPUs of this worker are two replicas. Ledger owners, meta files, engine records and
+    manifest files are named by the key's string form (``ReplicaKey.id``), so a restarted agent recovers the
+    same keys from what it finds on the node.
     """
 
     arenas: dict[str, Arena]
     state_dir: str
-    engines: EngineManager | None = None
+    engines: Engines | None = None
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    shell_timeout: float = SHELL_TIMEOUT_S
     store: WeightStore = field(init=False)
     plan: Plan | None = None
     plan_error: str | None = None
     failures: dict[ReplicaKey, Failure] = field(default_factory=dict)
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
-    _promote_recorded: set[str] = field(default_factory=set)
+    _promote_recorded: set[ReplicaKey] = field(default_factory=set)
     # Loader threads report timings; they must not take the agent lock (evict joins them under it).
     _timings_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Promotions waiting for an engine shell, and engines being stopped, each on a background thread.
+    _shell_waits: set[ReplicaKey] = field(default_factory=set)
+    _stopping: dict[ReplicaKey, threading.Thread] = field(default_factory=dict)
+    _closed: bool = False
 
     def __post_init__(self) -> None:
         os.makedirs(self.state_dir, exist_ok=True)
         self.store = WeightStore(self.arenas)
-        for name in self.arenas:
-            self.store.adopt(name)
-        if self.engines is not None:
-            self.engines.adopt()
+        adopted = sum(len(self.store.adopt(name)) for name in self.arenas)
+        engines = self.engines.adopt() if self.engines is not None else []
+        if adopted or engines:
+            log.info("adopted %d warm shards and %d running engines from a previous agent", adopted, len(engines))
 
     # -- inputs --------------------------------------------------------------------
-    def apply(self, raw: Any) -> None:
-        """Take a new plan (a dict or JSON text); a bad plan keeps the old one and records why."""
+    def apply(self, raw: str | bytes | Mapping[str, Any]) -> None:
+        """Take a new plan (JSON text or a parsed document); a bad plan keeps the old one and records why."""
         with self._lock:
             try:
-                data = json.loads(raw) if isinstance(raw, str | bytes) else raw
-                plan = parse_plan(data)
-            except (PlanError, ValueError) as exc:
+                plan = parse_plan(raw)
+            except ValueError as exc:  # ProtocolError, and anything else a garbled document raises
                 self.plan_error = f"plan rejected: {exc}"
+                log.error("%s", self.plan_error)
                 return
             if self.plan is not None and plan.generation < self.plan.generation:
                 self.plan_error = f"plan generation {plan.generation} is older than {self.plan.generation}"
+                log.error("%s", self.plan_error)
                 return
+            if self.plan is None or self.plan != plan:
+                served = sum(r.serves for r in plan.replicas.values())
+                log.info(
+                    "plan generation %d applied: %d replicas (%d served)", plan.generation, len(plan.replicas), served
+                )
             self.plan, self.plan_error = plan, None
 
     # -- the reconcile pass ----------------------------------------------------------
-    def step(self) -> dict[str, Any]:
+    def step(self) -> WorkerState:
         with self._lock:
-            if self.plan is not None:
-                self._stop_unserved()
-                self._evict_unplanned()
-                self._promote()
-                self._prewarm()
+            plan = self.plan
+            if plan is not None:
+                self._stop_unserved(plan)
+                self._evict_unplanned(plan)
+                self._promote(plan)
+                self._prewarm(plan)
             state = self.state()
-            self.metrics.observe_state(state)
-            return state
+        self.metrics.observe_state(state)
+        return state
 
-    def _planned(self, rid: str) -> PlannedReplica | None:
-        key = parse_replica_id(rid)
-        return self.plan.replicas.get(key) if key is not None else None
+    @staticmethod
+    def _stale(shard: Shard, plan: Plan) -> bool:
+        """A shard the plan no longer asks for (on this device, at this rank)."""
+        want = plan.replicas.get(shard.replica)
+        return want is None or shard.rank >= want.tp or want.device_of_rank(shard.rank) != shard.device
 
-    def _stop_unserved(self) -> None:
+    def _stop_unserved(self, plan: Plan) -> None:
         if self.engines is None:
             return
-        for rid in list(self.engines.engines):
-            want = self._planned(rid)
-            if want is None or want.role != "serve":
-                self._timed("stop", rid, self.engines.stop, rid)
-                self._promote_recorded.discard(rid)
+        for key in self.engines.running():
+            want = plan.replicas.get(key)
+            if key not in self._stopping and (want is None or not want.serves):
+                self._stop_engine(key, "no longer served")
 
-    def _evict_unplanned(self) -> None:
-        for owner, load in list(self.store.loads.items()):
-            want = self._planned(load.uid)
-            stale = want is None or (load.rank >= want.tp or want.device_of_rank(load.rank) != load.device)
-            if stale:
-                self._timed("evict", load.uid, self.store.evict, load.uid, load.rank)
-            elif load.phase == "failed":
+    def _evict_unplanned(self, plan: Plan) -> None:
+        for key, shard in self.store.shards().items():
+            if key.replica in self._stopping:
+                continue  # its engine may still map these pages: evicted once it is gone
+            want = plan.replicas.get(key.replica)
+            if want is None or self._stale(shard, plan):
+                seconds = self._timed("evict", key.replica, self.store.evict, key)
+                log.info("evicted %s (%s) from GPU %s in %.2f ms", key, shard.model, shard.device, seconds * 1e3)
+            elif shard.phase == ShardPhase.FAILED:
                 # remember why and release the record; retried on the next generation
-                self.failures[want.key] = Failure(self.plan.generation, load.error or "load failed")
-                self.store.loads.pop(owner, None)
-                if self.engines is not None and load.uid in self.engines.engines:
-                    self.engines.stop(load.uid)
-        for key in list(self.failures):
-            if key not in self.plan.replicas:
-                del self.failures[key]
+                message = shard.error or "load failed"
+                self.failures[want.key] = Failure(plan.generation, message)
+                log.error("replica %s (%s) failed: %s", want.key, want.model, message)
+                self.store.forget_failed(key)
+                running = self.engines.running() if self.engines is not None else {}
+                if key.replica in running and key.replica not in self._stopping:
+                    self._stop_engine(key.replica, "its weights failed to load")
+        for replica in list(self.failures):
+            if replica not in plan.replicas:
+                del self.failures[replica]
 
-    def _promote(self) -> None:
+    def _promote(self, plan: Plan) -> None:
         if self.engines is None:
             return
-        for rep in self.plan.replicas.values():
-            if rep.role != "serve" or self._failed(rep):
+        running = self.engines.running()
+        for rep in plan.replicas.values():
+            key = rep.key
+            if not rep.serves or self._failed(rep, plan) or key in self._stopping or key in self._shell_waits:
                 continue
-            rid = rep.id
-            if rid in self.engines.engines:
-                rec = self.engines.poll(rid)
-                if not rec.ready and not self.engines.alive(rid):
-                    self.engines.stop(rid)
-                    self._fail(rep, f"engine exited before becoming ready (log: {rec.log})")
-                elif rec.ready and rid not in self._promote_recorded:
-                    self._promote_recorded.add(rid)
-                    self._record("promote", rid, rec.ready_s or 0.0)
+            if key in running:
+                rec = self.engines.poll(key)
+                if rec is None:
+                    continue
+                if not rec.ready and not self.engines.alive(key):
+                    self._stop_engine(key, "exited before becoming ready")
+                    self._fail(rep, plan, f"engine exited before becoming ready (log: {rec.log})")
+                elif rec.ready and key not in self._promote_recorded:
+                    self._promote_recorded.add(key)
+                    self._record("promote", key, rec.ready_s or 0.0)
+                    log.info(
+                        "engine of %s (%s) ready at %s, %.1f s after its launch",
+                        key,
+                        rep.model,
+                        rec.endpoint,
+                        rec.ready_s or 0.0,
+                    )
                 continue
-            shards = [self.store.loads.get(self.store.owner_key(rid, r)) for r in range(rep.tp)]
-            if not all(s is not None and s.phase == "warm" for s in shards):
+            if not self._shards_warm(rep):
                 continue
             if rep.tp > 1:
                 self._fail(
                     rep,
+                    plan,
                     "tp>1 promotion needs one engine process per GPU rank (CUDA); "
                     "not supported by the CPU shared-memory path",
                 )
                 continue
-            manifest_path = os.path.join(self.state_dir, f"manifest-{_safe(rid)}.json")
-            with open(manifest_path, "w") as fh:
-                json.dump(self.store.manifest(rid, 0), fh)
-            report = os.path.join(self.state_dir, f"load-report-{_safe(rid)}.json")
             try:
-                self.engines.promote(rid, rep.model, rep.path, manifest_path, report_path=report, served_name=rep.model)
-                self.metrics.op("promote", "started")
-            except (TimeoutError, OSError) as exc:
-                self._fail(rep, f"promotion failed: {exc}")
-
-    def _prewarm(self) -> None:
-        for rep in self.plan.replicas.values():
-            if self._failed(rep):
+                shell = self.engines.acquire_shell(0.0)  # only look: waiting happens off the lock
+            except TimeoutError:
+                self._wait_for_shell(key)
                 continue
-            rid = rep.id
+            self._launch(rep, plan, shell)
+
+    def _prewarm(self, plan: Plan) -> None:
+        # GPUs where an engine is still stopping and its shards wait to be evicted: their pages come back
+        # in a later pass, so allocating there now could fail for want of room that is about to be freed.
+        pending = {
+            shard.device
+            for shard in self.store.shards().values()
+            if shard.replica in self._stopping and self._stale(shard, plan)
+        }
+        for rep in plan.replicas.values():
+            if self._failed(rep, plan):
+                continue
             for rank in range(rep.tp):
-                owner = self.store.owner_key(rid, rank)
-                if owner in self.store.loads:
+                key = ShardKey(rep.key, rank)
+                if self.store.get(key) is not None:
                     continue
                 device = rep.device_of_rank(rank)
                 if device not in self.arenas:
-                    self._fail(rep, f"GPU {device} is not managed by this worker (has {sorted(self.arenas)})")
+                    self._fail(rep, plan, f"GPU {device} is not managed by this worker (has {sorted(self.arenas)})")
                     break
                 try:
-                    path = rep.path
-                except PlanError as exc:
-                    self._fail(rep, str(exc))
+                    path = source_path(rep.source)
+                except SourceError as exc:
+                    self._fail(rep, plan, str(exc))
                     break
-                load = self.store.prewarm(rid, rep.model, path, device, rep.tp, rank, on_done=self._on_loaded)
-                if load.phase == "failed":
-                    self._fail(rep, load.error or "prewarm failed")
-                    self.store.loads.pop(owner, None)
+                if device in pending:
                     break
+                shard = self.store.prewarm(key, rep.model, path, device, rep.tp, on_done=self._on_loaded)
+                if shard.phase == ShardPhase.FAILED:
+                    self._fail(rep, plan, shard.error or "prewarm failed")
+                    self.store.forget_failed(key)
+                    break
+                log.info("loading %s (%s) on GPU %s: %d bytes from %s", key, rep.model, device, shard.bytes_total, path)
 
-    def _on_loaded(self, load, phase: str) -> None:
-        if phase == "warm":
-            self._record("prewarm", load.uid, load.seconds or 0.0, bytes=load.bytes_total)
-        self.metrics.op("prewarm", phase)
+    def _on_loaded(self, shard: Shard, phase: ShardPhase) -> None:
+        """Runs on the loader thread when a load ends (failures are reported by the next pass)."""
+        if phase == ShardPhase.WARM:
+            seconds = shard.seconds or 0.0
+            self._record("prewarm", shard.replica, seconds, bytes=shard.bytes_total)
+            log.info(
+                "loaded %s (%s) on GPU %s: %d bytes in %.2f s (%.2f GB/s)",
+                shard.key,
+                shard.model,
+                shard.device,
+                shard.bytes_total,
+                seconds,
+                shard.bytes_total / seconds / 1e9 if seconds else 0.0,
+            )
+        self.metrics.op("prewarm", str(phase))
+
+    # -- engines off the lock ------------------------------------------------------------
+    def _launch(self, rep: PlannedReplica, plan: Plan, shell: Any) -> None:
+        """Write the manifest of a warm replica and hand ``shell`` its engine (under the lock; returns at once)."""
+        assert self.engines is not None
+        key = rep.key
+        name = safe_name(key.id)
+        manifest_path = os.path.join(self.state_dir, f"manifest-{name}.json")
+        report_path = os.path.join(self.state_dir, f"load-report-{name}.json")
+        try:
+            with open(manifest_path, "w") as fh:
+                json.dump(self.store.manifest(ShardKey(key, 0)), fh)
+            model_dir = source_path(rep.source)
+        except (OSError, ValueError) as exc:
+            self.engines.release_shell(shell)
+            self._fail(rep, plan, f"promotion failed: {exc}")
+            return
+        try:
+            rec = self.engines.launch(
+                key, shell, rep.model, model_dir, manifest_path, report_path=report_path, served_name=rep.model
+            )
+        except (TimeoutError, OSError) as exc:
+            self._fail(rep, plan, f"promotion failed: {exc}")
+            return
+        self.metrics.op("promote", "started")
+        log.info("engine of %s (%s) starting: pid %d, port %d", key, rep.model, rec.pid, rec.port)
+
+    def _wait_for_shell(self, key: ReplicaKey) -> None:
+        self._shell_waits.add(key)
+        log.info("promotion of %s waits for an engine shell (up to %.0f s)", key, self.shell_timeout)
+        threading.Thread(target=self._await_shell, args=(key,), name=f"shell-wait-{key.id}", daemon=True).start()
+
+    def _await_shell(self, key: ReplicaKey) -> None:
+        """Background: wait for a shell without the lock, then launch if the replica still wants one."""
+        engines = self.engines
+        assert engines is not None
+        shell: Any = None
+        error: Exception | None = None
+        try:
+            shell = engines.acquire_shell(self.shell_timeout)
+        except (TimeoutError, OSError) as exc:
+            error = exc
+        with self._lock:
+            self._shell_waits.discard(key)
+            plan = self.plan
+            rep = plan.replicas.get(key) if plan is not None else None
+            wanted = (
+                plan is not None
+                and rep is not None
+                and rep.serves
+                and not self._closed
+                and not self._failed(rep, plan)
+                and key not in self._stopping
+                and key not in engines.running()
+            )
+            if shell is None:
+                if wanted and plan is not None and rep is not None:
+                    self._fail(rep, plan, f"promotion failed: {error}")
+                return
+            if wanted and plan is not None and rep is not None and self._shards_warm(rep):
+                self._launch(rep, plan, shell)
+            else:
+                engines.release_shell(shell)  # a later pass starts over if it is still wanted
+
+    def _stop_engine(self, key: ReplicaKey, why: str) -> None:
+        self._promote_recorded.discard(key)
+        log.info("stopping the engine of %s (%s)", key, why)
+        thread = threading.Thread(target=self._stop_in_background, args=(key,), name=f"stop-{key.id}", daemon=True)
+        self._stopping[key] = thread
+        thread.start()
+
+    def _stop_in_background(self, key: ReplicaKey) -> None:
+        assert self.engines is not None
+        try:
+            seconds = self.engines.stop(key)
+        except Exception:  # keep the agent going; the engine is dropped from our books either way
+            log.exception("stopping the engine of %s failed", key)
+            seconds = None
+        with self._lock:
+            self._stopping.pop(key, None)
+        if seconds is not None:
+            self._record("stop", key, seconds)
+            self.metrics.op("stop", "ok")
+            log.info("engine of %s stopped in %.1f s", key, seconds)
 
     # -- helpers ---------------------------------------------------------------------
-    def _failed(self, rep: PlannedReplica) -> bool:
+    def _shards_warm(self, rep: PlannedReplica) -> bool:
+        shards = [self.store.get(ShardKey(rep.key, rank)) for rank in range(rep.tp)]
+        return all(s is not None and s.phase == ShardPhase.WARM for s in shards)
+
+    def _failed(self, rep: PlannedReplica, plan: Plan) -> bool:
         f = self.failures.get(rep.key)
-        return f is not None and f.generation == self.plan.generation
+        return f is not None and f.generation == plan.generation
 
-    def _fail(self, rep: PlannedReplica, message: str) -> None:
-        self.failures[rep.key] = Failure(self.plan.generation, message)
+    def _fail(self, rep: PlannedReplica, plan: Plan, message: str) -> None:
+        self.failures[rep.key] = Failure(plan.generation, message)
         self.metrics.op("replica", "failed")
+        log.error("replica %s (%s) failed: %s", rep.key, rep.model, message)
 
-    def _timed(self, op: str, rid: str, fn, *args):
+    def _timed(self, op: str, key: ReplicaKey, fn: Callable[..., Any], *args: Any) -> float:
         t0 = time.perf_counter()
-        result = fn(*args)
-        self._record(op, rid, time.perf_counter() - t0)
+        fn(*args)
+        seconds = time.perf_counter() - t0
+        self._record(op, key, seconds)
         self.metrics.op(op, "ok")
-        return result
+        return seconds
 
-    def _record(self, op: str, rid: str, seconds: float, **extra: Any) -> None:
-        uid, gpus = _key_of(rid)
+    def _record(self, op: str, key: ReplicaKey, seconds: float, **extra: Any) -> None:
         with self._timings_lock:
             self.timings[op] = {
-                "uid": uid,
-                "gpus": list(gpus),
+                "uid": key.uid,
+                "gpus": list(key.gpus),
                 "seconds": round(seconds, 6),
                 "at": time.time(),
                 **extra,
@@ -223,109 +388,109 @@ class Agent:
         self.metrics.duration(op, seconds)
 
     # -- output --------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        """The ``warmserve.io/state`` document, exactly the shape of DESIGN.md §5 (see docs/worker.md §1).
+    def state(self) -> WorkerState:
+        """What goes into the state annotation (docs/design.md "Protocol"; docs/worker.md §1).
 
-        Contract fields: ``observedGeneration`` (int, 0 before any plan); ``devices[]`` with
-        ``index``/``totalBytes``/``usedBytes``/``freeBytes``; ``replicas[]`` with ``uid``, ``model``,
-        ``gpus``, ``phase`` (loading|warm|starting|serving|evicting), ``progress``, ``endpoint``
-        (``"host:port"`` or null) and ``ready``; ``errors[]`` as ``{"reason"}`` plus ``uid``/``gpus``
-        when a replica failed; ``timings``. Documented extras: device ``kind``/``pageSize``/
-        ``largestFreeRun``, replica ``role``/``tp``/``kvLend``/``bytes``, and ``engines[]``.
+        Contract fields: ``observedGeneration`` (0 before any plan); ``devices[]``; ``replicas[]`` with
+        their phase, progress, endpoint (``"host:port"`` while an engine exists) and readiness; ``errors[]``
+        (a rejected plan, or a replica with its ``uid``/``gpus``); ``timings``. Documented extras: device
+        ``kind``/``pageSize``/``largestFreeRun``, replica ``role``/``tp``/``kvLend``/``bytes``, and
+        ``engines[]``.
 
         A replica that failed and holds nothing is not in ``replicas`` (it is only in ``errors``); one
-        that failed but still holds warm weights (e.g. its engine died) is reported ``warm``.
+        that failed but still holds warm weights (e.g. its engine died) is reported ``warm``. A served
+        replica whose promotion waits for an engine shell is ``starting`` with no endpoint yet.
         """
-        devices = []
-        for name, arena in sorted(self.arenas.items(), key=lambda item: int(item[0])):
-            u = arena.usage()
-            devices.append(
-                {
-                    "index": int(name),
-                    "totalBytes": u.total,
-                    "usedBytes": u.used,
-                    "freeBytes": u.free,
-                    "kind": arena.backend.kind,
-                    "pageSize": arena.page_size,
-                    "largestFreeRun": arena.ledger.largest_free_run * arena.page_size,
-                }
+        with self._lock:
+            plan = self.plan
+            devices = tuple(
+                self._device_state(name, arena)
+                for name, arena in sorted(self.arenas.items(), key=lambda item: int(item[0]))
             )
-        planned = self.plan.replicas if self.plan else {}
-        shards_of: dict[ReplicaKey, list] = {}
-        for load in self.store.loads.values():
-            shards_of.setdefault(_key_of(load.uid, load.device), []).append(load)
-        engine_of = {_key_of(rid): rec for rid, rec in (self.engines.engines.items() if self.engines else [])}
-        replicas, errors = [], []
-        if self.plan_error:
-            errors.append({"reason": self.plan_error})
-        for key in sorted(set(planned) | set(shards_of) | set(engine_of)):
-            uid, gpus = key
-            rep, shards, engine = planned.get(key), shards_of.get(key, []), engine_of.get(key)
-            failure = self.failures.get(key)
-            if failure is not None and (self.plan is None or failure.generation == self.plan.generation):
-                errors.append({"uid": uid, "gpus": list(gpus), "reason": failure.message})
-                if not shards and engine is None:
-                    continue  # holds nothing: the error is the whole story
-            total = sum(s.bytes_total for s in shards)
-            done = sum(s.bytes_done if s.phase != "warm" else s.bytes_total for s in shards)
-            if rep is None:
-                phase = "evicting"
-            elif engine is not None:
-                phase = "serving" if engine.ready else "starting"
-            elif len(shards) == rep.tp and all(s.phase == "warm" for s in shards):
-                phase = "warm"
-            else:
-                phase = "loading"
-            replicas.append(
-                {
-                    "uid": uid,
-                    "model": rep.model if rep else (shards[0].model if shards else engine.served_name),
-                    "gpus": list(gpus),
-                    "phase": phase,
-                    "progress": round(done / total, 4) if total else 0.0,
-                    "endpoint": engine.endpoint if engine is not None else None,
-                    "ready": bool(engine is not None and engine.ready),
-                    "role": rep.role if rep else None,
-                    "tp": rep.tp if rep else len(gpus),
-                    "kvLend": rep.kv_lend if rep else 0,
-                    "bytes": total,
-                }
+            planned = plan.replicas if plan is not None else {}
+            shards_of: dict[ReplicaKey, list[Shard]] = {}
+            for shard in self.store.shards().values():
+                shards_of.setdefault(shard.replica, []).append(shard)
+            running = self.engines.running() if self.engines is not None else {}
+            engine_of = {key: rec for key, rec in running.items() if key not in self._stopping}
+            replicas: list[ReplicaState] = []
+            errors: list[WorkerError] = []
+            if self.plan_error:
+                errors.append(WorkerError(self.plan_error))
+            for key in sorted(set(planned) | set(shards_of) | set(engine_of)):
+                rep, shards, engine = planned.get(key), shards_of.get(key, []), engine_of.get(key)
+                failure = self.failures.get(key)
+                if failure is not None and (plan is None or failure.generation == plan.generation):
+                    errors.append(WorkerError(failure.message, key.uid, key.gpus))
+                    if not shards and engine is None:
+                        continue  # holds nothing: the error is the whole story
+                total = sum(s.bytes_total for s in shards)
+                done = sum(s.bytes_done if s.phase != ShardPhase.WARM else s.bytes_total for s in shards)
+                if rep is None:
+                    phase = Phase.EVICTING
+                elif engine is not None:
+                    phase = Phase.SERVING if engine.ready else Phase.STARTING
+                elif rep.serves and key in self._shell_waits:
+                    phase = Phase.STARTING
+                elif len(shards) == rep.tp and all(s.phase == ShardPhase.WARM for s in shards):
+                    phase = Phase.WARM
+                else:
+                    phase = Phase.LOADING
+                if rep is not None:
+                    model = rep.model
+                elif shards:
+                    model = shards[0].model
+                else:
+                    model = engine.served_name if engine is not None else ""
+                replicas.append(
+                    ReplicaState(
+                        model=model,
+                        uid=key.uid,
+                        gpus=key.gpus,
+                        phase=phase,
+                        progress=round(done / total, 4) if total else 0.0,
+                        endpoint=engine.endpoint if engine is not None else None,
+                        ready=bool(engine is not None and engine.ready),
+                        role=rep.role if rep is not None else None,
+                        tp=rep.tp if rep is not None else len(key.gpus),
+                        kv_lend=rep.kv_lend if rep is not None else 0,
+                        bytes=total,
+                    )
+                )
+            engines = tuple(
+                EngineState(key.uid, key.gpus, rec.served_name, rec.endpoint, rec.ready, rec.pid)
+                for key, rec in sorted(engine_of.items())
             )
-        engines = [
-            {
-                "uid": key[0],
-                "gpus": list(key[1]),
-                "model": e.served_name,
-                "endpoint": e.endpoint,
-                "ready": e.ready,
-                "pid": e.pid,
-            }
-            for key, e in sorted(engine_of.items())
-        ]
         with self._timings_lock:
             timings = {op: dict(t) for op, t in self.timings.items()}
-        return {
-            "observedGeneration": self.plan.generation if self.plan else 0,
-            "devices": devices,
-            "replicas": replicas,
-            "engines": engines,
-            "timings": timings,
-            "errors": errors,
-        }
+        return WorkerState(
+            observed_generation=plan.generation if plan is not None else 0,
+            devices=devices,
+            replicas=tuple(replicas),
+            errors=tuple(errors),
+            timings=timings,
+            engines=engines,
+        )
+
+    @staticmethod
+    def _device_state(name: str, arena: Arena) -> DeviceState:
+        usage = arena.usage()
+        return DeviceState(
+            index=int(name),
+            total_bytes=usage.total,
+            used_bytes=usage.used,
+            free_bytes=usage.free,
+            kind=str(arena.kind),
+            page_size=arena.page_size,
+            largest_free_run=usage.largest_free_run,
+        )
 
     def shutdown(self, stop_engines: bool = True) -> None:
+        """Let engine stops in flight finish, then close the shell pool (and stop the engines if asked)."""
+        with self._lock:
+            self._closed = True
+            stopping = list(self._stopping.values())
+        for thread in stopping:
+            thread.join(timeout=30)
         if self.engines is not None:
             self.engines.shutdown(stop_engines=stop_engines)
-
-
-def _key_of(rid: str, device: str | None = None) -> ReplicaKey:
-    """The ``(uid, gpus)`` of a store/engine key; a string that is not a replica id (a record left by an
-    older worker) is reported under its own name on the device that holds it, so it is evicted visibly."""
-    key = parse_replica_id(rid)
-    if key is not None:
-        return key
-    return rid, (int(device),) if device is not None and device.isdigit() else ()
-
-
-def _safe(rid: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in rid)

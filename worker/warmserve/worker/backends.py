@@ -3,7 +3,12 @@
 A backend owns the one big allocation of a device and knows two things the
 ledger does not: how to write bytes at an offset, and how another process (the
 vLLM engine) can map the same memory. Everything else (pages, owners) is the
-ledger's business.
+ledger's business, and only the :class:`~warmserve.worker.arena.Arena` talks to a
+backend.
+
+What kind of memory a node uses is decided once (:func:`warmserve.worker.devices.build_arenas`)
+and carried as a :class:`DeviceKind`; every other module asks the kind's properties
+(``host_addressable``, ``on_gpu``, ``outlives_agent``) instead of comparing names.
 
 * :class:`ShmBackend` — a file under ``/dev/shm`` mapped with ``MAP_SHARED``.
   The engine re-opens the file by path and maps it, so promotion is zero copy.
@@ -22,15 +27,39 @@ import contextlib
 import mmap
 import os
 from abc import ABC, abstractmethod
+from enum import StrEnum
 from typing import Any
+
+
+class DeviceKind(StrEnum):
+    """The memory an arena lives in (also its ``kind`` in arena handles and in the state's devices)."""
+
+    SHM = "shm"  # host shared memory: a /dev/shm file (CPU nodes)
+    CUDA = "cuda"  # one CUDA allocation per GPU, shared with engines through one IPC handle
+
+    @property
+    def host_addressable(self) -> bool:
+        """Arena bytes can be filled by ``preadv``/``readinto`` directly (else they are staged and copied)."""
+        return self is DeviceKind.SHM
+
+    @property
+    def on_gpu(self) -> bool:
+        """The weights sit in GPU memory: engines open them by CUDA IPC and count them against the GPU."""
+        return self is DeviceKind.CUDA
+
+    @property
+    def outlives_agent(self) -> bool:
+        """The arena survives the agent process (a file), so engines keep serving across an agent restart.
+
+        CUDA IPC memory dies with the process that exported it (the agent), so GPU engines must stop with it.
+        """
+        return self is DeviceKind.SHM
 
 
 class MemoryBackend(ABC):
     """One device allocation that pages are carved from."""
 
-    kind: str = "abstract"
-    #: True when ``direct_buffer`` can be filled by ``readinto`` (host memory).
-    host_addressable: bool = False
+    kind: DeviceKind
 
     @property
     @abstractmethod
@@ -46,10 +75,7 @@ class MemoryBackend(ABC):
 
     @abstractmethod
     def handle(self) -> dict[str, Any]:
-        """What an engine process needs to map the arena (JSON-serialisable)."""
-
-    def release_pages(self, offset: int, nbytes: int) -> None:  # noqa: B027 - optional hook
-        """Hint that a byte range is no longer used (optional)."""
+        """What an engine process needs to map the arena (JSON-serialisable; ``kind`` is a DeviceKind)."""
 
     @abstractmethod
     def close(self, unlink: bool = True) -> None: ...
@@ -58,8 +84,7 @@ class MemoryBackend(ABC):
 class ShmBackend(MemoryBackend):
     """Host shared memory: a ``/dev/shm`` file, pre-faulted so copies run at memory speed."""
 
-    kind = "shm"
-    host_addressable = True
+    kind = DeviceKind.SHM
 
     def __init__(self, path: str, size: int, *, reuse: bool = False, populate: bool = True):
         self.path = path
@@ -81,7 +106,7 @@ class ShmBackend(MemoryBackend):
                 raise MemoryError(f"cannot reserve {size} B of shared memory at {path}: {exc}") from exc
         self._fd = fd
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        self._mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mm: mmap.mmap | None = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = memoryview(self._mm)
 
     @property
@@ -95,7 +120,7 @@ class ShmBackend(MemoryBackend):
         return self._view[offset : offset + nbytes]
 
     def handle(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": self.path, "size": self._size}
+        return {"kind": str(self.kind), "path": self.path, "size": self._size}
 
     def close(self, unlink: bool = True) -> None:
         if self._mm is None:
@@ -119,7 +144,7 @@ class CudaBackend(MemoryBackend):
     handle of GPU *r*.
     """
 
-    kind = "cuda"
+    kind = DeviceKind.CUDA
 
     def __init__(self, device_index: int, size: int):
         import torch  # lazy: the CPU path must not need CUDA
@@ -128,12 +153,13 @@ class CudaBackend(MemoryBackend):
             raise RuntimeError("CUDA is not available")
         self.device_index = device_index
         self._torch = torch
-        self._tensor = torch.empty(size, dtype=torch.uint8, device=f"cuda:{device_index}")
+        self._size = size
+        self._tensor: Any = torch.empty(size, dtype=torch.uint8, device=f"cuda:{device_index}")
         self._stream = torch.cuda.Stream(device=device_index, priority=-1)
 
     @property
     def size(self) -> int:
-        return int(self._tensor.numel())
+        return self._size
 
     def write(self, offset: int, data: memoryview) -> None:
         torch = self._torch
@@ -143,7 +169,7 @@ class CudaBackend(MemoryBackend):
         self._stream.synchronize()
 
     def handle(self) -> dict[str, Any]:
-        return {"kind": self.kind, "device": self.device_index, "ipc": encode_cuda_ipc(self._tensor)}
+        return {"kind": str(self.kind), "device": self.device_index, "ipc": encode_cuda_ipc(self._tensor)}
 
     def close(self, unlink: bool = True) -> None:
         self._tensor = None
@@ -168,12 +194,3 @@ def decode_cuda_ipc(text: str, device_index: int) -> Any:
     args = list(args)
     args[6] = device_index  # torch's rebuild_cuda_tensor: storage_device
     return rebuild(*args)
-
-
-def open_backend(spec: dict[str, Any]) -> MemoryBackend:
-    """Create the backend named by a device spec (``{"kind": "shm"|"cuda", ...}``)."""
-    if spec["kind"] == "shm":
-        return ShmBackend(spec["path"], int(spec["size"]), reuse=bool(spec.get("reuse", False)))
-    if spec["kind"] == "cuda":
-        return CudaBackend(int(spec["device"]), int(spec["size"]))
-    raise ValueError(f"unknown memory backend {spec['kind']!r}")

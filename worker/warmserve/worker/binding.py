@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from warmserve.worker.backends import DeviceKind, decode_cuda_ipc
+
 TORCH_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -40,8 +42,9 @@ _MAPPINGS: list[Any] = []  # keep host mappings alive for the life of the proces
 
 
 def open_arena_tensor(handle: dict[str, Any], device_index: int = 0) -> torch.Tensor:
-    """The whole arena as one flat uint8 tensor in *this* process."""
-    if handle["kind"] == "shm":
+    """The whole arena as one flat uint8 tensor in *this* process (a handle from ``Arena.handle()``)."""
+    kind = arena_kind(handle)
+    if kind is DeviceKind.SHM:
         fd = os.open(handle["path"], os.O_RDONLY)
         try:
             # MAP_PRIVATE + PROT_WRITE: reads share the arena's pages (zero copy); a
@@ -52,11 +55,15 @@ def open_arena_tensor(handle: dict[str, Any], device_index: int = 0) -> torch.Te
             os.close(fd)
         _MAPPINGS.append(mm)
         return torch.frombuffer(mm, dtype=torch.uint8)
-    if handle["kind"] == "cuda":
-        from warmserve.worker.backends import decode_cuda_ipc
+    return decode_cuda_ipc(handle["ipc"], device_index)
 
-        return decode_cuda_ipc(handle["ipc"], device_index)
-    raise ValueError(f"unknown arena kind {handle['kind']!r}")
+
+def arena_kind(handle: dict[str, Any]) -> DeviceKind:
+    """The :class:`DeviceKind` an arena handle names (ValueError for anything else)."""
+    try:
+        return DeviceKind(handle["kind"])
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown arena kind {handle.get('kind')!r}") from None
 
 
 def slot_view(arena: torch.Tensor, slot: dict[str, Any]) -> torch.Tensor:

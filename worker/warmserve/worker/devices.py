@@ -1,15 +1,20 @@
 """Device inventory and arena creation: NVML/CUDA on GPU nodes, shared memory elsewhere.
 
-Everything GPU-specific is imported lazily, so this module (and the agent)
+This is where a node's :class:`~warmserve.worker.backends.DeviceKind` is decided
+(:func:`build_arenas`; :func:`node_kind` answers it afterwards); the rest of the worker
+asks the kind. Everything GPU-specific is imported lazily, so this module (and the agent)
 runs on CPU-only machines; :func:`gpu_inventory` returns ``[]`` there.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from warmserve.worker.arena import DEFAULT_PAGE_SIZE, Arena
+from warmserve.worker.backends import CudaBackend, DeviceKind
 
 GiB = 1 << 30
 
@@ -23,16 +28,17 @@ class GpuInfo:
     free: int
 
 
-def gpu_inventory(nvml=None) -> list[GpuInfo]:
+def gpu_inventory(nvml: Any = None) -> list[GpuInfo]:
     """Visible GPUs via NVML (``nvidia-ml-py``); ``[]`` when NVML or a driver is absent.
 
     ``nvml`` is injectable so the logic is unit-tested without a GPU.
     """
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             return []
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded
@@ -74,15 +80,17 @@ def build_arenas(
     arena_bytes: int | None = None,
     memory_fraction: float = 0.9,
     page_size: int = DEFAULT_PAGE_SIZE,
-    nvml=None,
+    nvml: Any = None,
 ) -> dict[str, Arena]:
-    """One arena per device, named by GPU index ("0", "1", ...) as in the plan's ``gpus``."""
+    """One arena per device, named by GPU index ("0", "1", ...) as in the plan's ``gpus``.
+
+    The node's kind is decided here: CUDA arenas when NVML reports GPUs (``device`` ``auto`` or ``cuda``),
+    host shared memory otherwise; never a mix.
+    """
     gpus = gpu_inventory(nvml) if device in ("auto", "cuda") else []
     if device == "cuda" and not gpus:
         raise RuntimeError("--device cuda but NVML reports no GPU")
     if gpus:
-        from warmserve.worker.backends import CudaBackend
-
         return {
             str(g.index): Arena(
                 str(g.index), CudaBackend(g.index, arena_bytes_for(g.free, memory_fraction, page_size)), page_size
@@ -95,3 +103,11 @@ def build_arenas(
         str(i): Arena.host(str(i), os.path.join(shm_dir, f"warmserve-{tag}-arena{i}"), size, page_size)
         for i in range(cpu_devices)
     }
+
+
+def node_kind(arenas: Mapping[str, Arena]) -> DeviceKind:
+    """The kind of memory this node's arenas live in (:func:`build_arenas` never mixes kinds)."""
+    kinds = {arena.kind for arena in arenas.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"arenas of mixed kinds: {sorted(kinds)}")
+    return kinds.pop() if kinds else DeviceKind.SHM

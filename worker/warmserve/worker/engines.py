@@ -2,19 +2,24 @@
 
 Every engine is a process group started from :mod:`warmserve.worker.engine_shell`
 (``start_new_session``), so stopping it kills vLLM's engine-core and worker
-children too. Engines are keyed by an opaque string ``uid`` chosen by the caller:
-the agent passes the replica id ``"<ModelDeployment uid>@<gpus>"``
-(:func:`warmserve.worker.plan.replica_id`), so two engines of one model on
-different GPUs of one worker are distinct. Each running engine is recorded in
-``<state_dir>/engines/<uid>.json`` (pid, port, model); a restarted agent adopts live records whose process is
-still an engine shell and deletes stale ones, so engines are never duplicated
-or orphaned.
+children too. Engines are keyed by the :class:`~warmserve.protocol.ReplicaKey` of
+the replica they serve, so two engines of one model on different GPUs of one worker
+are distinct. Each running engine is recorded in ``<state_dir>/engines/<replica id>.json``
+(the string form of the key, made file-safe; pid, port, model); a restarted agent
+adopts live records whose process is still an engine shell and deletes stale ones, so
+engines are never duplicated or orphaned.
+
+Promotion comes in two steps so that a caller can wait for a shell without holding
+anything else: :meth:`EngineManager.acquire_shell` (may wait until a pre-started shell
+has finished its imports) and :meth:`EngineManager.launch` (hands it its arguments;
+returns at once). :meth:`EngineManager.promote` does both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,15 +30,24 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
+from typing import IO, Any, Protocol
 
+from warmserve.protocol import ReplicaKey
 from warmserve.worker.engine_shell import READY_LINE
-from warmserve.worker.files import write_json_atomic
+from warmserve.worker.files import safe_name, write_json_atomic
 
 SHELL_MODULE = "warmserve.worker.engine_shell"
+log = logging.getLogger(__name__)
+
+
+class NoShellError(TimeoutError):
+    """No pre-started engine shell became ready in time (or the manager was shut down)."""
 
 
 @dataclass
 class EngineRecord:
+    """One engine process as recorded on disk (``uid`` is the replica's string form, ``ReplicaKey.id``)."""
+
     uid: str
     model: str
     served_name: str
@@ -63,7 +77,7 @@ class Shell:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         env = {**os.environ, **(env or {})}
-        self.core_proc: subprocess.Popen | None = None
+        self.core_proc: subprocess.Popen[bytes] | None = None
         self.core_ready = threading.Event()
         if core:
             from warmserve.worker.core_zygote import write_client
@@ -80,7 +94,7 @@ class Shell:
                 start_new_session=True,
                 env=env,
             )
-            threading.Thread(target=self._wait_core, daemon=True).start()
+            threading.Thread(target=self._wait_core, args=(_pipe(self.core_proc.stdout),), daemon=True).start()
         else:
             self.core_ready.set()
         self.proc = subprocess.Popen(
@@ -93,44 +107,42 @@ class Shell:
         )
         self._front_ready = threading.Event()
         self.import_s: float | None = None
-        threading.Thread(target=self._wait_ready, daemon=True).start()
+        threading.Thread(target=self._wait_ready, args=(_pipe(self.proc.stdout),), daemon=True).start()
 
     @property
-    def ready(self) -> threading.Event:
-        """Set once both halves finished their imports."""
-        if self._front_ready.is_set() and self.core_ready.is_set():
-            done = threading.Event()
-            done.set()
-            return done
+    def ready(self) -> _Both:
+        """Set once both halves finished their imports (``is_set()`` / ``wait(timeout)``)."""
         return _Both(self._front_ready, self.core_ready)
 
-    def _wait_core(self) -> None:
-        for raw in self.core_proc.stdout:
+    def _wait_core(self, out: IO[bytes]) -> None:
+        for raw in out:
             if raw.decode(errors="replace").startswith(READY_LINE):
                 self.core_ready.set()
                 break
-        for raw in self.core_proc.stdout:
+        for raw in out:
             self._log.write(raw)
 
-    def _wait_ready(self) -> None:
-        for raw in self.proc.stdout:
+    def _wait_ready(self, out: IO[bytes]) -> None:
+        for raw in out:
             line = raw.decode(errors="replace")
             if line.startswith(READY_LINE):
                 self.import_s = float(line.split("import_s=")[1]) if "import_s=" in line else None
                 self._front_ready.set()
                 break
         # from now on vLLM's own stdout goes nowhere we read: drain it to the log
-        for raw in self.proc.stdout:
+        for raw in out:
             self._log.write(raw)
 
     def alive(self) -> bool:
         return self.proc.poll() is None and (self.core_proc is None or self.core_proc.poll() is None)
 
     def launch(self, argv: list[str], env: dict[str, str]) -> int:
+        """Hand the shell its job (one JSON line on stdin); raises OSError if the shell died."""
         job = {"argv": argv, "env": env, "log": self.log_path}
-        self.proc.stdin.write((json.dumps(job) + "\n").encode())
-        self.proc.stdin.flush()
-        self.proc.stdin.close()
+        stdin = _pipe(self.proc.stdin)
+        stdin.write((json.dumps(job) + "\n").encode())
+        stdin.flush()
+        stdin.close()
         return self.proc.pid
 
     def close(self) -> None:
@@ -156,6 +168,12 @@ class _Both:
             if not ev.wait(left):
                 return False
         return True
+
+
+def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
+    if stream is None:  # every pipe of a shell is created with subprocess.PIPE
+        raise OSError("engine shell pipe is not open")
+    return stream
 
 
 def kill_group(pid: int, timeout: float = 15.0) -> None:
@@ -218,8 +236,43 @@ def model_ready(host: str, port: int, served_name: str, timeout: float = 1.0) ->
         return False
 
 
+class Engines(Protocol):
+    """What the agent needs from an engine manager (:class:`EngineManager`; tests pass fakes)."""
+
+    def running(self) -> dict[ReplicaKey, EngineRecord]: ...
+
+    def poll(self, key: ReplicaKey) -> EngineRecord | None: ...
+
+    def alive(self, key: ReplicaKey) -> bool: ...
+
+    def acquire_shell(self, timeout: float) -> Any: ...
+
+    def release_shell(self, shell: Any) -> None: ...
+
+    def launch(
+        self,
+        key: ReplicaKey,
+        shell: Any,
+        model: str,
+        model_dir: str,
+        manifest_path: str | None,
+        report_path: str | None = None,
+        served_name: str | None = None,
+    ) -> EngineRecord: ...
+
+    def stop(self, key: ReplicaKey) -> float: ...
+
+    def adopt(self) -> list[EngineRecord]: ...
+
+    def shutdown(self, stop_engines: bool = True) -> None: ...
+
+
 class EngineManager:
-    """Starts, tracks, stops and adopts engines; keeps ``pool_size`` shells warm."""
+    """Starts, tracks, stops and adopts engines; keeps ``pool_size`` shells warm.
+
+    Thread-safe: a caller may wait in :meth:`acquire_shell` on one thread while another launches, polls or
+    stops engines (the agent waits for shells and stops engines off its reconcile thread).
+    """
 
     def __init__(
         self,
@@ -245,49 +298,77 @@ class EngineManager:
         self.bind_host = bind_host
         self.advertise_host = advertise_host or bind_host
         self.shells: list[Shell] = []
-        self.engines: dict[str, EngineRecord] = {}
-        self._procs: dict[str, Shell] = {}
-        self._lock = threading.Lock()
+        self._engines: dict[ReplicaKey, EngineRecord] = {}
+        self._procs: dict[ReplicaKey, Shell] = {}
+        self._lock = threading.Lock()  # the shell pool
+        self._records = threading.Lock()  # _engines and _procs
+        self._closed = False
 
     # -- shell pool ------------------------------------------------------------------
     def fill_pool(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self.shells = [s for s in self.shells if s.alive()]
             while len(self.shells) < self.pool_size:
-                log = os.path.join(self.dir, f"shell-{time.time_ns()}.log")
-                self.shells.append(Shell(log, self.env, core=self.core_zygote))
+                log_path = os.path.join(self.dir, f"shell-{time.time_ns()}.log")
+                self.shells.append(Shell(log_path, self.env, core=self.core_zygote))
+                log.debug("pre-started engine shell (log %s)", log_path)
 
-    def _take_shell(self, timeout: float) -> Shell:
+    def acquire_shell(self, timeout: float) -> Shell:
+        """Take an idle shell whose imports are done, waiting up to ``timeout`` s (0: only look).
+
+        Raises :class:`NoShellError` when none became ready in time or the manager is shut down. The caller
+        owns the shell: it must :meth:`launch` it or hand it back with :meth:`release_shell`.
+        """
         self.fill_pool()
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise NoShellError("the engine manager is shut down")
                 ready = [s for s in self.shells if s.ready.is_set() and s.alive()]
                 if ready:
-                    shell = ready[0]
-                    self.shells.remove(shell)
-                    return shell
-                if time.monotonic() > deadline:
-                    raise TimeoutError("no engine shell became ready")
-                self._lock.release()
-                time.sleep(0.05)
-                self._lock.acquire()
+                    self.shells.remove(ready[0])
+                    return ready[0]
+            if time.monotonic() >= deadline:
+                raise NoShellError("no engine shell became ready")
+            time.sleep(0.05)
+
+    def release_shell(self, shell: Shell) -> None:
+        """Give back a shell taken with :meth:`acquire_shell` and not launched (closed after a shutdown)."""
+        with self._lock:
+            if not self._closed and shell.alive():
+                self.shells.insert(0, shell)
+                return
+        shell.close()
 
     # -- engines ---------------------------------------------------------------------
-    def promote(
+    def running(self) -> dict[ReplicaKey, EngineRecord]:
+        """The engines this manager started or adopted and has not stopped (a snapshot)."""
+        with self._records:
+            return dict(self._engines)
+
+    def launch(
         self,
-        uid: str,
+        key: ReplicaKey,
+        shell: Shell,
         model: str,
         model_dir: str,
         manifest_path: str | None,
         report_path: str | None = None,
         served_name: str | None = None,
         extra_args: list[str] | None = None,
-        shell_timeout: float = 120.0,
     ) -> EngineRecord:
-        """Hand a ready shell its arguments; returns at once (readiness is polled)."""
-        if uid in self.engines:
-            return self.engines[uid]
+        """Hand an acquired shell its arguments; returns at once (readiness is polled).
+
+        Raises OSError when the shell died meanwhile (the shell is closed then).
+        """
+        with self._records:
+            existing = self._engines.get(key)
+        if existing is not None:
+            self.release_shell(shell)
+            return existing
         served = served_name or model
         port = free_port(self.base_port)
         argv = [
@@ -305,10 +386,13 @@ class EngineManager:
         if manifest_path:
             cfg = {"manifest": manifest_path, **({"report": report_path} if report_path else {})}
             argv += ["--load-format", "warmserve", "--model-loader-extra-config", json.dumps(cfg)]
-        shell = self._take_shell(shell_timeout)
-        pid = shell.launch(argv, {"HF_HUB_OFFLINE": "1", **self.env})
+        try:
+            pid = shell.launch(argv, {"HF_HUB_OFFLINE": "1", **self.env})
+        except OSError:
+            shell.close()
+            raise
         rec = EngineRecord(
-            uid=uid,
+            uid=key.id,
             model=model,
             served_name=served,
             port=port,
@@ -318,15 +402,34 @@ class EngineManager:
             log=shell.log_path,
             core_pid=shell.core_proc.pid if shell.core_proc is not None else None,
         )
-        self.engines[uid] = rec
-        self._procs[uid] = shell
+        with self._records:
+            self._engines[key] = rec
+            self._procs[key] = shell
         self._save(rec)
         if self.refill:
             self.fill_pool()  # refill in the background for the next burst
         return rec
 
-    def poll(self, uid: str) -> EngineRecord | None:
-        rec = self.engines.get(uid)
+    def promote(
+        self,
+        key: ReplicaKey,
+        model: str,
+        model_dir: str,
+        manifest_path: str | None,
+        report_path: str | None = None,
+        served_name: str | None = None,
+        extra_args: list[str] | None = None,
+        shell_timeout: float = 120.0,
+    ) -> EngineRecord:
+        """:meth:`acquire_shell` then :meth:`launch` (blocks while no shell is ready)."""
+        existing = self.running().get(key)
+        if existing is not None:
+            return existing
+        shell = self.acquire_shell(shell_timeout)
+        return self.launch(key, shell, model, model_dir, manifest_path, report_path, served_name, extra_args)
+
+    def poll(self, key: ReplicaKey) -> EngineRecord | None:
+        rec = self.running().get(key)
         if rec is None:
             return None
         if not rec.ready and model_ready("127.0.0.1", rec.port, rec.served_name):
@@ -335,44 +438,51 @@ class EngineManager:
             self._save(rec)
         return rec
 
-    def alive(self, uid: str) -> bool:
-        rec = self.engines.get(uid)
+    def alive(self, key: ReplicaKey) -> bool:
+        with self._records:
+            rec, shell = self._engines.get(key), self._procs.get(key)
         if rec is None:
             return False
-        shell = self._procs.get(uid)
         if shell is not None:
             return shell.alive()
         return is_engine_process(rec.pid) and (rec.core_pid is None or is_engine_process(rec.core_pid))
 
-    def wait_ready(self, uid: str, timeout: float) -> EngineRecord:
+    def wait_ready(self, key: ReplicaKey, timeout: float) -> EngineRecord:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            rec = self.poll(uid)
+            rec = self.poll(key)
             if rec and rec.ready:
                 return rec
-            if not self.alive(uid):
-                raise RuntimeError(f"engine {uid} exited; see {rec.log if rec else '?'}")
+            if not self.alive(key):
+                raise RuntimeError(f"engine {key} exited; see {rec.log if rec else '?'}")
             time.sleep(0.1)
-        raise TimeoutError(f"engine {uid} not ready after {timeout}s")
+        raise TimeoutError(f"engine {key} not ready after {timeout}s")
 
-    def stop(self, uid: str) -> float:
+    def stop(self, key: ReplicaKey) -> float:
+        """Stop an engine and wait for its processes to exit (up to ~15 s); returns the seconds it took."""
         t0 = time.perf_counter()
-        rec = self.engines.pop(uid, None)
-        shell = self._procs.pop(uid, None)
-        if rec is not None:
-            if shell is not None:
-                shell.close()
-            else:
-                for pid in (rec.pid, rec.core_pid):
-                    if pid and is_engine_process(pid):
-                        kill_group(pid)
-        path = os.path.join(self.dir, f"{_safe(uid)}.json")
+        with self._records:
+            rec = self._engines.pop(key, None)
+            shell = self._procs.pop(key, None)
+        if rec is None:
+            return time.perf_counter() - t0
+        if shell is not None:
+            shell.close()
+        else:
+            for pid in (rec.pid, rec.core_pid):
+                if pid and is_engine_process(pid):
+                    kill_group(pid)
+        path = self._path(rec)
         if os.path.exists(path):
             os.unlink(path)
         return time.perf_counter() - t0
 
     def adopt(self) -> list[EngineRecord]:
-        """Re-attach engines recorded by a previous agent; drop records of dead ones."""
+        """Re-attach engines recorded by a previous agent; drop records of dead ones.
+
+        A record is keyed by its replica id; one that is not a replica id (an older worker's) is keyed by its
+        name with no GPUs, so it is reported and stopped like any engine the plan does not serve.
+        """
         adopted = []
         for name in os.listdir(self.dir):
             if not name.endswith(".json"):
@@ -385,24 +495,27 @@ class EngineManager:
                 os.unlink(path)
                 continue
             if is_engine_process(rec.pid):
-                self.engines[rec.uid] = rec
+                key = ReplicaKey.parse(rec.uid) or ReplicaKey(rec.uid, ())
+                with self._records:
+                    self._engines[key] = rec
                 adopted.append(rec)
             else:
                 os.unlink(path)
         return adopted
 
     def shutdown(self, stop_engines: bool = True) -> None:
-        for shell in self.shells:
+        """Close the idle shells (and stop every engine when ``stop_engines``); no shell is handed out after."""
+        with self._lock:
+            self._closed = True
+            shells, self.shells = self.shells, []
+        for shell in shells:
             shell.close()
-        self.shells = []
         if stop_engines:
-            for uid in list(self.engines):
-                self.stop(uid)
+            for key in self.running():
+                self.stop(key)
+
+    def _path(self, rec: EngineRecord) -> str:
+        return os.path.join(self.dir, f"{safe_name(rec.uid)}.json")
 
     def _save(self, rec: EngineRecord) -> None:
-        path = os.path.join(self.dir, f"{_safe(rec.uid)}.json")
-        write_json_atomic(path, asdict(rec))
-
-
-def _safe(uid: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in uid)
+        write_json_atomic(self._path(rec), asdict(rec))

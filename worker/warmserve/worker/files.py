@@ -1,4 +1,4 @@
-"""Crash-safe small-file writes shared by the worker's ledgers, records and state files."""
+"""Small file helpers of the worker: crash-safe JSON writes, file-safe names, local model paths."""
 
 from __future__ import annotations
 
@@ -6,6 +6,31 @@ import json
 import os
 import threading
 from typing import Any
+
+
+class SourceError(ValueError):
+    """A model source the worker cannot read (anything but a local path)."""
+
+
+def source_path(source: str) -> str:
+    """Local path of a model source; only ``file://`` (or a bare absolute path) is local.
+
+    ``pvc://`` and ``hf://`` are resolved by the operator into a mounted ``file://`` path before they reach a
+    worker, so anything else is a per-replica error (:class:`SourceError`).
+    """
+    if source.startswith("file://"):
+        return source[len("file://") :]
+    if source.startswith("/"):
+        return source
+    raise SourceError(
+        f"unsupported model source {source!r}: the worker reads file:// paths "
+        "(pvc:// and hf:// are resolved by the operator into a mounted file:// path)"
+    )
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every character but letters, digits and ``-_.`` replaced by ``_`` (for file names)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def write_json_atomic(path: str, data: Any, indent: int | None = None) -> None:
@@ -18,3 +43,13 @@ def write_json_atomic(path: str, data: Any, indent: int | None = None) -> None:
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=indent)
     os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` when it is missing, unreadable or not an object."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -7,21 +7,22 @@ Uses the official ``kubernetes`` client (synchronous) in a background thread.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import threading
-import time
 from typing import Any, Protocol
 
+from warmserve.protocol import PLAN_ANNOTATION, WorkerState, state_patch
 from warmserve.worker.files import write_json_atomic
-from warmserve.worker.plan import PLAN_ANNOTATION, STATE_ANNOTATION
+
+log = logging.getLogger(__name__)
 
 
 class PodAnnotations(Protocol):
     def latest_plan(self) -> str | None:
         """The newest plan text seen (``None`` until there is one)."""
 
-    def write_state(self, state: dict[str, Any]) -> None: ...
+    def write_state(self, state: WorkerState) -> None: ...
 
     def close(self) -> None: ...
 
@@ -31,7 +32,7 @@ class LocalFiles:
 
     def __init__(self, plan_path: str, state_path: str):
         self.plan_path, self.state_path = plan_path, state_path
-        self._mtime: float | None = None
+        self._mtime: int | None = None
         self._text: str | None = None
 
     def latest_plan(self) -> str | None:
@@ -45,8 +46,8 @@ class LocalFiles:
             self._mtime = mtime
         return self._text
 
-    def write_state(self, state: dict[str, Any]) -> None:
-        write_json_atomic(self.state_path, state, indent=1)
+    def write_state(self, state: WorkerState) -> None:
+        write_json_atomic(self.state_path, state.to_json(), indent=1)
 
     def close(self) -> None:
         pass
@@ -70,7 +71,6 @@ class KubePod:
         self.read_timeout = read_timeout
         self._plan: str | None = None
         self._stop = threading.Event()
-        self.errors: list[str] = []
         self._thread = threading.Thread(target=self._watch_loop, name="plan-watch", daemon=True)
         self._thread.start()
 
@@ -105,25 +105,15 @@ class KubePod:
                 if self._stop.is_set():
                     break
                 if "timed out" not in str(exc).lower():
-                    self.errors.append(str(exc))
+                    log.warning("watching pod %s/%s failed (%s); retrying", self.namespace, self.name, exc)
                     self._stop.wait(1.0)
 
     def latest_plan(self) -> str | None:
         return self._plan
 
-    def write_state(self, state: dict[str, Any]) -> None:
-        body = {"metadata": {"annotations": {STATE_ANNOTATION: json.dumps(state, sort_keys=True)}}}
-        self.api.patch_namespaced_pod(self.name, self.namespace, body)
+    def write_state(self, state: WorkerState) -> None:
+        self.api.patch_namespaced_pod(self.name, self.namespace, state_patch(state))
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.read_timeout + 5)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -113,9 +113,6 @@ class Ledger:
                 return alloc.owner
         return None
 
-    def fits(self, nbytes: int) -> bool:
-        return pages_for(nbytes, self.page_size) <= self.largest_free_run
-
     # -- mutations ---------------------------------------------------------------
     def allocate(self, owner: str, nbytes: int, kind: str = "weights") -> Allocation:
         """Reserve a contiguous run for ``owner`` (first fit); no data is touched."""

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-#: Replica phases of the state contract (DESIGN.md §5); failures are counted from ``errors``.
-PHASES = ("loading", "warm", "starting", "serving", "evicting")
+from warmserve.protocol import Phase, WorkerState
 
 
 class WorkerMetrics:
@@ -40,17 +37,18 @@ class WorkerMetrics:
     def duration(self, op: str, seconds: float) -> None:
         self.seconds.labels(op).observe(seconds)
 
-    def observe_state(self, state: dict[str, Any]) -> None:
-        for dev in state["devices"]:
-            for kind, key in (("total", "totalBytes"), ("used", "usedBytes"), ("free", "freeBytes")):
-                self.arena_bytes.labels(str(dev["index"]), kind).set(dev[key])
-        counts = dict.fromkeys(PHASES, 0)
-        for rep in state["replicas"]:
-            counts[rep["phase"]] = counts.get(rep["phase"], 0) + 1
+    def observe_state(self, state: WorkerState) -> None:
+        """Gauges from a published state: one replica count per phase (failures are counted from ``errors``)."""
+        for dev in state.devices:
+            for kind, value in (("total", dev.total_bytes), ("used", dev.used_bytes), ("free", dev.free_bytes)):
+                self.arena_bytes.labels(str(dev.index), kind).set(value)
+        counts = dict.fromkeys(Phase, 0)
+        for rep in state.replicas:
+            counts[rep.phase] += 1
         for phase, n in counts.items():
-            self.replicas.labels(phase).set(n)
-        self.errors.set(len(state["errors"]))
-        self.generation.set(state["observedGeneration"])
+            self.replicas.labels(str(phase)).set(n)
+        self.errors.set(len(state.errors))
+        self.generation.set(state.observed_generation)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

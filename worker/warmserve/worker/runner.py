@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from warmserve.protocol import WorkerState
 from warmserve.worker.agent import Agent
 from warmserve.worker.kube import PodAnnotations
 
@@ -16,22 +17,26 @@ log = logging.getLogger(__name__)
 
 
 class Runner:
-    """Feeds plan changes to the agent, ticks it, publishes state when it changes."""
+    """Feeds plan changes to the agent, ticks it, publishes state when it changes.
+
+    ``/healthz`` reports stale once no pass has completed for ``stale_after`` seconds (a pass never waits
+    for engines: see :mod:`warmserve.worker.agent`).
+    """
 
     def __init__(self, agent: Agent, pod: PodAnnotations, tick: float = 0.5, stale_after: float = 30.0):
         self.agent, self.pod, self.tick, self.stale_after = agent, pod, tick, stale_after
         self._plan_text: str | None = None
         self._published: str | None = None
         self.last_loop = time.monotonic()
-        self.last_state: dict[str, Any] = {}
+        self.last_state: WorkerState | None = None
 
-    def run_once(self) -> dict[str, Any]:
+    def run_once(self) -> WorkerState:
         plan = self.pod.latest_plan()
         if plan is not None and plan != self._plan_text:
             self._plan_text = plan
             self.agent.apply(plan)
         state = self.agent.step()
-        text = json.dumps(state, sort_keys=True)
+        text = state.dumps()
         if text != self._published:
             try:
                 self.pod.write_state(state)
@@ -62,7 +67,8 @@ def serve_http(runner: Runner, host: str, port: int) -> ThreadingHTTPServer:
                 ok = runner.healthy()
                 body, ctype, code = (b"ok" if ok else b"stale"), "text/plain", 200 if ok else 503
             elif self.path == "/state":
-                body, ctype, code = json.dumps(runner.last_state).encode(), "application/json", 200
+                state = runner.last_state.to_json() if runner.last_state is not None else {}
+                body, ctype, code = json.dumps(state).encode(), "application/json", 200
             else:
                 body, ctype, code = b"not found", "text/plain", 404
             self.send_response(code)

@@ -1,12 +1,13 @@
 """Weight store: stream safetensors shards straight into arena pages.
 
-One replica = one TP-rank shard of one model on one device. The store is keyed
-by an opaque string ``uid`` chosen by the caller; the agent passes the replica id
-``"<ModelDeployment uid>@<gpus>"`` (:func:`warmserve.worker.plan.replica_id`), so
-two replicas of one model on different GPUs are different keys. Prewarming a
-replica: parse the headers, allocate one contiguous page run for all its
-tensors (fails cleanly with :class:`ArenaFullError` when it cannot fit), then
-stream the bytes in. Two data paths:
+The store holds *shards*: one TP rank of one replica on one device, keyed by a
+:class:`ShardKey` ``(ReplicaKey(uid, gpus), rank)``, so two replicas of one model
+on different GPUs are different keys. Its string form (``"<uid>@<gpus>/rank<r>"``)
+names the shard's pages in the arena ledger and its meta file, which is how a
+restarted agent finds the same keys again (:meth:`WeightStore.adopt`). Prewarming a
+shard: parse the headers, reserve one contiguous page run for all its tensors
+(fails cleanly with :class:`ArenaFullError` when it cannot fit), then stream the
+bytes in. Two data paths:
 
 * **direct** (host-addressable arenas, i.e. shared memory): a reader thread
   ``preadv``\\s each tensor's byte range straight into its arena slot: one copy,
@@ -28,12 +29,16 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum, auto
+from types import MappingProxyType
+from typing import Any
 
+from warmserve.protocol import ReplicaKey
 from warmserve.worker.arena import Arena
-from warmserve.worker.files import write_json_atomic
-from warmserve.worker.ledger import ArenaFullError, tensors_from_json, tensors_to_json
+from warmserve.worker.files import read_json, write_json_atomic
+from warmserve.worker.ledger import ArenaFullError, TensorSlot, tensors_from_json, tensors_to_json
 from warmserve.worker.safetensors_index import TensorRecord, WeightFileError, read_index, shard_files
 
 #: Fused vLLM parameters and the checkpoint tensors they are made of, in order.
@@ -50,7 +55,7 @@ CHUNK = 16 * 1024 * 1024
 def layout_order(names: list[str]) -> list[str]:
     """Order tensor names so each packed group's members are adjacent and in order."""
 
-    def key(name: str) -> tuple:
+    def key(name: str) -> tuple[str, str, str, int]:
         m = _NAME_RE.match(name)
         if m and m.group("member") in _MEMBER:
             group, index = _MEMBER[m.group("member")]
@@ -60,49 +65,113 @@ def layout_order(names: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-@dataclass
-class ReplicaLoad:
-    """Progress and outcome of one prewarm; read by the agent for its state."""
+@dataclass(frozen=True, order=True)
+class ShardKey:
+    """One tensor-parallel rank of one replica: what a run of arena pages holds."""
 
-    uid: str
+    replica: ReplicaKey
+    rank: int = 0
+
+    @property
+    def owner(self) -> str:
+        """The string form (``"<uid>@<gpus>/rank<r>"``): ledger owner and meta file name in the arena."""
+        return f"{self.replica.id}/rank{self.rank}"
+
+    def __str__(self) -> str:
+        return self.owner
+
+    @classmethod
+    def of_owner(cls, owner: str, device: str) -> ShardKey | None:
+        """The key of a ledger owner found in a re-opened arena; ``None`` for pages that are not a shard.
+
+        An owner written by an older worker (``"<name>/rank<r>"`` without GPUs) is keyed by its name on the
+        device that holds it, so it is reported and evicted like any unplanned shard.
+        """
+        name, sep, rank = owner.rpartition("/rank")
+        if not sep or not name or not rank.isdigit():
+            return None
+        replica = ReplicaKey.parse(name) or ReplicaKey(name, (int(device),) if device.isdigit() else ())
+        return cls(replica, int(rank))
+
+
+class ShardPhase(StrEnum):
+    """Where a shard's load stands (the store's own bookkeeping; the agent maps it to replica phases)."""
+
+    LOADING = auto()
+    WARM = auto()
+    FAILED = auto()
+    EVICTED = auto()
+
+
+@dataclass
+class Shard:
+    """Progress and outcome of one shard's prewarm; the agent reads it for its state."""
+
+    key: ShardKey
     model: str
     source: str
     device: str
     tp: int = 1
-    rank: int = 0
-    phase: str = "loading"  # loading | warm | failed | evicted
+    phase: ShardPhase = ShardPhase.LOADING
     bytes_total: int = 0
     bytes_done: int = 0
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     seconds: float | None = None
+    #: Its pages' name in the arena ledger: ``key.owner``, or the name an older worker gave them.
     owner: str = ""
+
+    def __post_init__(self) -> None:
+        self.owner = self.owner or self.key.owner
+
+    @property
+    def replica(self) -> ReplicaKey:
+        return self.key.replica
+
+    @property
+    def rank(self) -> int:
+        return self.key.rank
 
     @property
     def progress(self) -> float:
-        return 1.0 if self.phase == "warm" else (self.bytes_done / self.bytes_total if self.bytes_total else 0.0)
+        if self.phase == ShardPhase.WARM:
+            return 1.0
+        return self.bytes_done / self.bytes_total if self.bytes_total else 0.0
+
+
+#: ``on_done(shard, phase)``: called by the loader when a load ends (see :meth:`WeightStore.prewarm`).
+OnDone = Callable[[Shard, ShardPhase], None]
 
 
 class WeightStore:
-    """Prewarms, lists and evicts replicas held in one or more arenas."""
+    """Prewarms, lists and evicts shards held in one or more arenas.
+
+    The shard table is changed only by the caller's thread (``prewarm``, ``evict``, ``forget_failed``,
+    ``adopt``); loader threads update the progress fields of their own :class:`Shard`. Others read it through
+    :meth:`shards` / :meth:`get`.
+    """
 
     def __init__(
-        self, arenas: dict[str, Arena], *, staged: bool | None = None, chunk: int = CHUNK, staging_buffers: int = 3
+        self, arenas: Mapping[str, Arena], *, staged: bool | None = None, chunk: int = CHUNK, staging_buffers: int = 3
     ):
         self.arenas = arenas
         self.staged = staged
         self.chunk = chunk
         self.staging_buffers = staging_buffers
-        self.loads: dict[str, ReplicaLoad] = {}
-        self._threads: dict[str, threading.Thread] = {}
-        self._cancel: dict[str, threading.Event] = {}
+        self._shards: dict[ShardKey, Shard] = {}
+        self._threads: dict[ShardKey, threading.Thread] = {}
+        self._cancel: dict[ShardKey, threading.Event] = {}
 
-    @staticmethod
-    def owner_key(uid: str, rank: int) -> str:
-        return f"{uid}/rank{rank}"
+    # -- queries -----------------------------------------------------------------------
+    def shards(self) -> Mapping[ShardKey, Shard]:
+        """Every shard held or being loaded (a read-only snapshot of the table)."""
+        return MappingProxyType(dict(self._shards))
+
+    def get(self, key: ShardKey) -> Shard | None:
+        return self._shards.get(key)
 
     # -- prewarm ---------------------------------------------------------------------
-    def plan(self, source_dir: str, tp: int, rank: int) -> list[TensorRecord]:
+    def _tensor_records(self, source_dir: str, tp: int, rank: int) -> list[TensorRecord]:
         records: list[TensorRecord] = []
         for path in shard_files(source_dir, tp, rank):
             records.extend(read_index(path))
@@ -113,92 +182,99 @@ class WeightStore:
 
     def prewarm(
         self,
-        uid: str,
+        key: ShardKey,
         model: str,
         source_dir: str,
         device: str,
         tp: int = 1,
-        rank: int = 0,
+        *,
         wait: bool = False,
-        on_done: Callable[[ReplicaLoad, str], None] | None = None,
-    ) -> ReplicaLoad:
-        """Start loading one replica shard in a background thread (idempotent per uid/rank).
+        on_done: OnDone | None = None,
+    ) -> Shard:
+        """Start loading one shard in a background thread (idempotent while it is loading or warm).
 
-        ``on_done(load, phase)`` runs when the load ends, *before* ``load.phase`` shows the outcome, so what
-        the callback records (timings) is in place by the time anyone sees the shard warm.
+        ``on_done(shard, phase)`` runs when the load ends, *before* ``shard.phase`` shows the outcome, so what
+        the callback records (timings) is in place by the time anyone sees the shard warm. A load that fails
+        before any byte is read (bad headers, no room) returns a ``failed`` shard at once.
         """
-        owner = self.owner_key(uid, rank)
-        existing = self.loads.get(owner)
-        if existing and existing.phase in ("loading", "warm"):
+        existing = self._shards.get(key)
+        if existing and existing.phase in (ShardPhase.LOADING, ShardPhase.WARM):
             return existing
-        load = ReplicaLoad(uid=uid, model=model, source=source_dir, device=device, tp=tp, rank=rank, owner=owner)
-        self.loads[owner] = load
+        shard = Shard(key=key, model=model, source=source_dir, device=device, tp=tp)
+        self._shards[key] = shard
         arena = self.arenas[device]
         try:
-            records = self.plan(source_dir, tp, rank)
+            records = self._tensor_records(source_dir, tp, key.rank)
             by_name = {r.name: r for r in records}
             order = layout_order(list(by_name))
             total = sum(r.nbytes for r in records) + 256 * len(records)
-            arena.allocate(owner, total)
-            arena.ledger.place_tensors(
-                owner, [(n, by_name[n].dtype, by_name[n].shape, by_name[n].nbytes) for n in order]
+            slots = arena.reserve(
+                shard.owner, [(n, by_name[n].dtype, by_name[n].shape, by_name[n].nbytes) for n in order], total
             )
         except (WeightFileError, ArenaFullError) as exc:
-            load.error = str(exc)
+            shard.error = str(exc)
             if on_done:
-                on_done(load, "failed")
-            load.phase = "failed"
-            return load
-        load.bytes_total = sum(r.nbytes for r in records)
+                on_done(shard, ShardPhase.FAILED)
+            shard.phase = ShardPhase.FAILED
+            return shard
+        shard.bytes_total = sum(r.nbytes for r in records)
         cancel = threading.Event()
-        self._cancel[owner] = cancel
+        self._cancel[key] = cancel
         thread = threading.Thread(
-            target=self._run, args=(load, arena, records, cancel, on_done), name=f"prewarm-{owner}", daemon=True
+            target=self._run,
+            args=(shard, arena, records, slots, cancel, on_done),
+            name=f"prewarm-{shard.owner}",
+            daemon=True,
         )
-        self._threads[owner] = thread
+        self._threads[key] = thread
         thread.start()
         if wait:
             thread.join()
-        return load
+        return shard
 
     def _run(
         self,
-        load: ReplicaLoad,
+        shard: Shard,
         arena: Arena,
         records: list[TensorRecord],
+        slots: dict[str, TensorSlot],
         cancel: threading.Event,
-        on_done: Callable[[ReplicaLoad, str], None] | None,
+        on_done: OnDone | None,
     ) -> None:
-        slots = arena.ledger.get(load.owner).tensors
-        staged = self.staged if self.staged is not None else not arena.backend.host_addressable
+        staged = self.staged if self.staged is not None else not arena.kind.host_addressable
         try:
             if staged:
-                self._copy_staged(load, arena, records, slots, cancel)
+                self._copy_staged(shard, arena, records, slots, cancel)
             else:
-                self._copy_direct(load, arena, records, slots, cancel)
+                self._copy_direct(shard, arena, records, slots, cancel)
             if cancel.is_set():
                 raise InterruptedError("evicted while loading")
-            load.seconds = time.monotonic() - load.started
+            shard.seconds = time.monotonic() - shard.started
             arena.persist()
-            _write_meta(self.meta_path(arena, load.owner), load, arena.ledger.get(load.owner).tensors)
-            phase = "warm"
+            _write_meta(arena.meta_path(shard.owner), shard, slots)
+            phase = ShardPhase.WARM
         except (OSError, WeightFileError, InterruptedError) as exc:
-            load.error = f"{load.source}: {exc}" if not isinstance(exc, InterruptedError) else str(exc)
-            phase = "failed" if not isinstance(exc, InterruptedError) else "evicted"
-            with arena.lock:
-                if arena.ledger.get(load.owner) is not None:
-                    arena.free(load.owner)
+            interrupted = isinstance(exc, InterruptedError)
+            shard.error = str(exc) if interrupted else f"{shard.source}: {exc}"
+            phase = ShardPhase.EVICTED if interrupted else ShardPhase.FAILED
+            arena.release(shard.owner)
         if on_done:
-            on_done(load, phase)
-        load.phase = phase
+            on_done(shard, phase)
+        shard.phase = phase
 
-    def _copy_direct(self, load, arena, records, slots, cancel) -> None:
-        backend = arena.backend
+    def _copy_direct(
+        self,
+        shard: Shard,
+        arena: Arena,
+        records: list[TensorRecord],
+        slots: dict[str, TensorSlot],
+        cancel: threading.Event,
+    ) -> None:
         for path, recs in _by_file(records).items():
             fd = os.open(path, os.O_RDONLY)
             try:
                 for rec in recs:
-                    dst = backend.direct_buffer(slots[rec.name].offset, rec.nbytes)
+                    dst = arena.direct_buffer(slots[rec.name].offset, rec.nbytes)
                     done = 0
                     while done < rec.nbytes:
                         if cancel.is_set():
@@ -207,16 +283,23 @@ class WeightStore:
                         if n <= 0:
                             raise WeightFileError(f"{path}: unexpected end of file in {rec.name}")
                         done += n
-                        load.bytes_done += n
+                        shard.bytes_done += n
             finally:
                 os.close(fd)
 
-    def _copy_staged(self, load, arena, records, slots, cancel) -> None:
+    def _copy_staged(
+        self,
+        shard: Shard,
+        arena: Arena,
+        records: list[TensorRecord],
+        slots: dict[str, TensorSlot],
+        cancel: threading.Event,
+    ) -> None:
         """Reader thread → ring of staging buffers → copier (this thread)."""
-        free_bufs: queue.Queue = queue.Queue()
+        free_bufs: queue.Queue[bytearray] = queue.Queue()
         for _ in range(self.staging_buffers):
             free_bufs.put(bytearray(self.chunk))
-        full: queue.Queue = queue.Queue()
+        full: queue.Queue[tuple[bytearray, memoryview, int] | None] = queue.Queue()
         errors: list[BaseException] = []
 
         def reader() -> None:
@@ -242,105 +325,103 @@ class WeightStore:
             finally:
                 full.put(None)
 
-        thread = threading.Thread(target=reader, name=f"reader-{load.owner}", daemon=True)
+        thread = threading.Thread(target=reader, name=f"reader-{shard.owner}", daemon=True)
         thread.start()
         while True:
             item = full.get()
             if item is None:
                 break
             buf, view, offset = item
-            arena.backend.write(offset, view)
-            load.bytes_done += len(view)
+            arena.write(offset, view)
+            shard.bytes_done += len(view)
             view.release()
             free_bufs.put(buf)
         thread.join()
         if errors:
             raise errors[0]
 
-    # -- queries / eviction ------------------------------------------------------------
-    def wait(self, uid: str, rank: int = 0, timeout: float | None = None) -> ReplicaLoad:
-        owner = self.owner_key(uid, rank)
-        thread = self._threads.get(owner)
-        if thread:
-            thread.join(timeout)
-        return self.loads[owner]
-
-    def evict(self, uid: str, rank: int = 0) -> float:
-        """Free a replica's pages; returns the seconds the bookkeeping took."""
-        owner = self.owner_key(uid, rank)
+    # -- eviction / release --------------------------------------------------------------
+    def evict(self, key: ShardKey) -> float:
+        """Free a shard's pages (cancelling its load if it is still loading); returns the seconds it took."""
         t0 = time.perf_counter()
-        cancel = self._cancel.get(owner)
+        cancel = self._cancel.get(key)
         if cancel is not None:
             cancel.set()
-        thread = self._threads.get(owner)
+        thread = self._threads.get(key)
         if thread and thread.is_alive():
             thread.join()  # the loader frees its own pages on cancel
-        load = self.loads.pop(owner, None)
+        shard = self._shards.pop(key, None)
+        owner = shard.owner if shard is not None else key.owner
         for arena in self.arenas.values():
-            with arena.lock:
-                if arena.ledger.get(owner) is not None:
-                    arena.free(owner)
-            meta = self.meta_path(arena, owner)
+            arena.release(owner)
+            meta = arena.meta_path(owner)
             if meta and os.path.exists(meta):
                 os.unlink(meta)
-        if load:
-            load.phase = "evicted"
-        self._threads.pop(owner, None)
-        self._cancel.pop(owner, None)
+        if shard:
+            shard.phase = ShardPhase.EVICTED
+        self._threads.pop(key, None)
+        self._cancel.pop(key, None)
         return time.perf_counter() - t0
 
-    def adopt(self, arena_name: str) -> list[ReplicaLoad]:
-        """Recreate ``warm`` records for every completed shard found in a re-opened arena."""
-        arena = self.arenas[arena_name]
+    def forget_failed(self, key: ShardKey) -> Shard | None:
+        """Drop the record of a failed shard (it holds no pages); returns it, or ``None`` if it had not failed."""
+        shard = self._shards.get(key)
+        if shard is None or shard.phase != ShardPhase.FAILED:
+            return None
+        self._threads.pop(key, None)
+        self._cancel.pop(key, None)
+        return self._shards.pop(key)
+
+    # -- restart adoption -----------------------------------------------------------------
+    def adopt(self, device: str) -> list[Shard]:
+        """Recreate ``warm`` records for every completed shard found in a re-opened arena.
+
+        Pages of a load that never finished (no meta file) are given back.
+        """
+        arena = self.arenas[device]
         adopted = []
-        for owner, alloc in arena.ledger.allocations().items():
-            if alloc.kind != "weights" or "/rank" not in owner:
+        for owner in arena.owners("weights"):
+            key = ShardKey.of_owner(owner, device)
+            if key is None:
                 continue
-            uid, rank = owner.rsplit("/rank", 1)
-            meta = self.meta_path(arena, owner)
-            info = _read_json(meta) if meta else {}
+            meta = arena.meta_path(owner)
+            info = read_json(meta) if meta else {}
             if not info.get("tensors"):
-                # pages of a load that never finished: give them back
-                with arena.lock:
-                    arena.free(owner)
+                arena.release(owner)
                 continue
-            alloc.tensors = tensors_from_json(info["tensors"])
-            load = ReplicaLoad(
-                uid=uid,
-                model=info.get("model", ""),
-                source=info.get("source", ""),
-                device=arena_name,
+            slots = tensors_from_json(info["tensors"])
+            arena.restore(owner, slots)
+            shard = Shard(
+                key=key,
+                model=str(info.get("model", "")),
+                source=str(info.get("source", "")),
+                device=device,
                 tp=int(info.get("tp", 1)),
-                rank=int(rank),
-                phase="warm",
+                phase=ShardPhase.WARM,
                 owner=owner,
             )
-            load.bytes_total = load.bytes_done = sum(t.nbytes for t in alloc.tensors.values())
-            self.loads[owner] = load
-            adopted.append(load)
+            shard.bytes_total = shard.bytes_done = sum(t.nbytes for t in slots.values())
+            self._shards[key] = shard
+            adopted.append(shard)
         return adopted
 
-    @staticmethod
-    def meta_path(arena: Arena, owner: str) -> str | None:
-        if not arena.ledger_path:
-            return None
-        return f"{arena.ledger_path}.{owner.replace('/', '_')}.meta.json"
-
-    def manifest(self, uid: str, rank: int = 0) -> dict:
+    # -- promotion -----------------------------------------------------------------------
+    def manifest(self, key: ShardKey) -> dict[str, Any]:
         """What the vLLM loader needs to map one warm shard: arena handle + tensor table."""
-        owner = self.owner_key(uid, rank)
-        load = self.loads[owner]
-        if load.phase != "warm":
-            raise RuntimeError(f"{owner} is {load.phase}, not warm")
-        arena = self.arenas[load.device]
-        alloc = arena.ledger.get(owner)
+        shard = self._shards[key]
+        if shard.phase != ShardPhase.WARM:
+            raise RuntimeError(f"{shard.owner} is {shard.phase}, not warm")
+        arena = self.arenas[shard.device]
+        slots = arena.tensors(shard.owner)
+        if slots is None:
+            raise RuntimeError(f"{shard.owner} holds no pages in arena {arena.name}")
         return {
-            "owner": owner,
-            "model": load.model,
+            "owner": shard.owner,
+            "model": shard.model,
             "arena": arena.handle(),
             "tensors": {
                 t.name: {"dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
-                for t in alloc.tensors.values()
+                for t in slots.values()
             },
             "packed": {g: list(m) for g, m in PACKED_GROUPS.items()},
         }
@@ -353,22 +434,17 @@ def _by_file(records: list[TensorRecord]) -> dict[str, list[TensorRecord]]:
     return out
 
 
-def _write_meta(path: str | None, load: ReplicaLoad, slots: dict) -> None:
+def _write_meta(path: str | None, shard: Shard, slots: dict[str, TensorSlot]) -> None:
     """Record what a warm shard is (and where its tensors are), so a restarted agent can adopt it."""
-
     if not path:
         return
     write_json_atomic(
         path,
-        {"uid": load.uid, "model": load.model, "source": load.source, "tp": load.tp, "tensors": tensors_to_json(slots)},
+        {
+            "uid": shard.replica.id,
+            "model": shard.model,
+            "source": shard.source,
+            "tp": shard.tp,
+            "tensors": tensors_to_json(slots),
+        },
     )
-
-
-def _read_json(path: str) -> dict:
-    import json
-
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {}

@@ -26,6 +26,7 @@ import json
 import os
 import time
 from copy import copy
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,7 @@ from vllm.model_executor.model_loader.utils import process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from warmserve.worker.binding import (
+    arena_kind,
     bind_parameters,
     count_arena_views,
     iter_arena_tensors,
@@ -66,20 +68,21 @@ class WarmServeModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
         extra = copy(load_config.model_loader_extra_config or {})
-        self.manifest_path: str | None = extra.pop("manifest", None) or os.environ.get("WARMSERVE_MANIFEST")
+        manifest_path: str | None = extra.pop("manifest", None) or os.environ.get("WARMSERVE_MANIFEST")
         self.report_path: str | None = extra.pop("report", None)
         if extra:
             raise ValueError(f"unexpected extra config keys for load format {LOAD_FORMAT}: {sorted(extra)}")
-        if not self.manifest_path:
+        if not manifest_path:
             raise ValueError(f"load format {LOAD_FORMAT} needs model_loader_extra_config.manifest")
+        self.manifest_path: str = manifest_path
 
-    def _manifest(self) -> dict:
+    def _manifest(self) -> dict[str, Any]:
         with open(self.manifest_path) as fh:
             return json.load(fh)
 
     def get_external_weight_memory(self, vllm_config: VllmConfig) -> int:
         manifest = self._manifest()
-        if manifest["arena"]["kind"] != "cuda":
+        if not arena_kind(manifest["arena"]).on_gpu:
             return 0
         return sum(int(t["nbytes"]) for t in manifest["tensors"].values())
 
@@ -89,18 +92,19 @@ class WarmServeModelLoader(BaseModelLoader):
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         manifest = self._manifest()
         arena = open_arena_tensor(
-            manifest["arena"], torch.accelerator.current_device_index() if manifest["arena"]["kind"] == "cuda" else 0
+            manifest["arena"], torch.accelerator.current_device_index() if arena_kind(manifest["arena"]).on_gpu else 0
         )
         self._bind(model, manifest, arena)
 
-    def _bind(self, model: nn.Module, manifest: dict, arena: torch.Tensor) -> dict:
+    def _bind(self, model: nn.Module, manifest: dict[str, Any], arena: torch.Tensor) -> dict[str, Any]:
         t0 = time.perf_counter()
         report = bind_parameters(model, manifest, arena)
         copied_bytes = 0
         if report.unmapped:
             # Parameters we cannot view (dtype cast, other layout): copy them from
             # the arena through the model's own loader. Memory to memory; no files.
-            loaded = model.load_weights(iter_arena_tensors(manifest, arena, report.sources_for_unmapped))
+            load_weights = cast(Any, model).load_weights  # vLLM models define it; nn.Module's typing does not
+            loaded = load_weights(iter_arena_tensors(manifest, arena, report.sources_for_unmapped))
             missing = [n for n in report.unmapped if loaded is not None and n not in loaded]
             if missing:
                 raise RuntimeError(f"warmserve: arena has no weights for parameters {missing[:5]}")
@@ -117,12 +121,16 @@ class WarmServeModelLoader(BaseModelLoader):
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         manifest = self._manifest()
         device_config = vllm_config.device_config
+        # vLLM has resolved the device and the dtype by the time a loader runs (its own loaders rely on it)
         target_device = torch.device(
-            device_config.device if self.load_config.device is None else self.load_config.device
+            cast(
+                "torch.device | str",
+                device_config.device if self.load_config.device is None else self.load_config.device,
+            )
         )
         device_index = target_device.index if target_device.index is not None else 0
         arena = open_arena_tensor(manifest["arena"], device_index)
-        with set_default_torch_dtype(model_config.dtype):
+        with set_default_torch_dtype(cast(torch.dtype, model_config.dtype)):
             with target_device:
                 t0 = time.perf_counter()
                 model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)

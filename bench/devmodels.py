@@ -3,13 +3,21 @@
 A model directory gets ``config.json``, ``generation_config.json``, random
 weights as ``model.safetensors`` (bf16) and a byte-level BPE tokenizer trained
 on a few sentences. Weights are never committed: callers generate them into a
-temporary directory.
+temporary directory. Used by ``tests/worker`` and the benchmarks beside this file
+(imported as a sibling module), and from the command line::
+
+    python bench/devmodels.py OUT_DIR [--layers N] [--hidden N] [--heads N] [--kv-heads N]
+                                      [--intermediate N] [--vocab N] [--max-positions N] [--seed N] [--large]
+
+Needs ``torch``, ``safetensors``, ``transformers`` and ``tokenizers`` (the worker's vLLM environment).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -65,7 +73,7 @@ def make_llama(
         vocab_size=vocab,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
         architectures=["LlamaForCausalLM"],
         bos_token_id=0,
         eos_token_id=1,
@@ -104,3 +112,24 @@ def make_llama(
 
 #: ≈ 1.1 GB in bf16: big enough that loading dominates a cold start, as on real GPUs.
 LARGE = {"hidden": 1536, "layers": 17, "heads": 12, "kv_heads": 4, "intermediate": 4096, "vocab": 32000}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="model directory to write (created if missing)")
+    parser.add_argument("--large", action="store_true", help="the ~1.1 GB benchmark model (LARGE); flags override")
+    defaults = {"hidden": 128, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 256, "vocab": 512}
+    for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default {defaults[name]}")
+    parser.add_argument("--max-positions", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    shape = dict(LARGE if args.large else defaults)
+    shape |= {name: getattr(args, name) for name in defaults if getattr(args, name) is not None}
+    path = make_llama(args.out_dir, **shape, seed=args.seed, max_positions=args.max_positions)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
