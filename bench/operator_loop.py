@@ -24,9 +24,9 @@ import time
 import numpy as np
 
 from warmserve.controller.planner import ModelEntry, PlannerMemory, RoundInput, WorkerSnapshot, plan_round
-from warmserve.controller.protocol import Plan, ReplicaState, WorkerState, next_generation
 from warmserve.core.policy import WarmServePolicy
 from warmserve.core.types import GB, Demand, ModelProfile
+from warmserve.protocol import Phase, Plan, ReplicaState, WorkerState, next_generation
 
 SIZES = [(13_476_839_424, 1), (26_031_738_880, 2), (68_000_000_000, 4), (137_953_316_864, 8)]
 
@@ -71,10 +71,9 @@ def scenario(
 def reports(plan: Plan | None) -> WorkerState | None:
     if plan is None:
         return None
-    replicas = tuple(
-        ReplicaState(r.model, r.uid, g.gpus, "serving" if r.role == "serve" else "warm", 1.0, None, r.role == "serve")
-        for g in plan.groups
-        for r in g.replicas
+    replicas = tuple(  # a worker that applied the plan completely: replicas loaded, engines serving
+        ReplicaState(r.model, r.uid, r.gpus, Phase.SERVING if r.serves else Phase.WARM, 1.0, None, r.serves)
+        for r in plan.replicas.values()
     )
     return WorkerState(plan.generation, (), replicas)
 
@@ -94,14 +93,15 @@ def run(
     models = make_models(n_models, rng)
     pods = [f"worker-{i:03d}" for i in range(workers)]
     policy = WarmServePolicy({m.uid: m.profile for m in models})
-    memory, plans = PlannerMemory(), dict.fromkeys(pods)
+    memory = PlannerMemory()
+    plans: dict[str, Plan | None] = dict.fromkeys(pods)
     timings, cpu_timings, changed, replicas, engines, starts = [], [], [], [], [], []
     for r, (load, demand) in enumerate(scenario(models, warmup + rounds, rng, noise_cv, burst_p, total_inflight)):
         snapshots = [WorkerSnapshot(p, gpus, int(80 * GB * 0.9), plans[p], reports(plans[p])) for p in pods]
         started, cpu_started = time.perf_counter(), time.process_time()
         out = plan_round(policy, RoundInput(5.0 * r, snapshots, models, load, demand, memory))
         writes = 0
-        new_plans = {}
+        new_plans: dict[str, Plan | None] = {}
         for pod in pods:
             plan = next_generation(plans[pod], out.plans[pod])
             if plan is not plans[pod]:
@@ -111,6 +111,7 @@ def run(
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
         memory, plans = out.memory, new_plans
+        assert out.state is not None
         if r >= warmup:
             timings.append(elapsed * 1000)
             cpu_timings.append(cpu * 1000)

@@ -331,25 +331,27 @@ class SimulatedWorkers:
         self._loading: set[tuple[str, str, tuple[int, ...]]] = set()
 
     def state_for(self, pod: dict[str, Any], plan: Any) -> dict[str, Any]:
+        from warmserve.protocol import Phase, Role
+
         replicas, used = [], [0] * self.gpus
         ip = pod["status"]["podIP"]
         for group in plan.groups:
             for i, r in enumerate(group.replicas):
                 key = (pod["metadata"]["name"], r.uid, group.gpus)
-                if r.role == "serve":
-                    phase, ready, endpoint = "serving", True, f"{ip}:{8000 + group.gpus[0] * 10 + i}"
+                if r.role == Role.SERVE:
+                    phase, ready, endpoint = Phase.SERVING, True, f"{ip}:{8000 + group.gpus[0] * 10 + i}"
                 elif key in self._loading:
-                    phase, ready, endpoint = "warm", False, None
+                    phase, ready, endpoint = Phase.WARM, False, None
                 else:
                     self._loading.add(key)
-                    phase, ready, endpoint = "loading", False, None
+                    phase, ready, endpoint = Phase.LOADING, False, None
                 replicas.append(
                     {
                         "model": r.model,
                         "uid": r.uid,
                         "gpus": list(group.gpus),
                         "phase": phase,
-                        "progress": 1.0 if phase != "loading" else 0.5,
+                        "progress": 1.0 if phase != Phase.LOADING else 0.5,
                         "endpoint": endpoint,
                         "ready": ready,
                     }
@@ -373,7 +375,7 @@ class SimulatedWorkers:
 
         from warmserve.controller.builders import selector_labels
         from warmserve.controller.k8s import PODS
-        from warmserve.controller.protocol import STATE_ANNOTATION, plan_of_pod
+        from warmserve.protocol import STATE_ANNOTATION, plan_of_pod
 
         for pod in await self.api.list(PODS, NS, selector_labels(self.pool)):
             plan = plan_of_pod(pod)

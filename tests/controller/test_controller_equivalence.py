@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from warmserve.controller.planner import ModelEntry, PlannerMemory, RoundInput, WorkerSnapshot, plan_round
-from warmserve.controller.protocol import Plan, WorkerState
-from warmserve.controller.protocol import ReplicaState as RS
 from warmserve.core.autoscaler import EngineView
 from warmserve.core.cluster import ClusterState
 from warmserve.core.policy import EngineLoad, StepInput, WarmServePolicy
 from warmserve.core.types import GB, Demand, ModelProfile, NodeSpec
+from warmserve.protocol import Phase, Plan, Role, WorkerState
+from warmserve.protocol import ReplicaState as RS
 
 GPU_BYTES = 72 * GB
 
@@ -111,7 +111,15 @@ def snapshot(state: ClusterState, scores: dict[int, float]) -> tuple:
 def worker_reports(pod: str, plan: Plan) -> WorkerState:
     """A worker that applied `plan` completely: warm replicas loaded, engines serving."""
     replicas = tuple(
-        RS(r.model, r.uid, g.gpus, "serving" if r.role == "serve" else "warm", 1.0, None, r.role == "serve")
+        RS(
+            r.model,
+            r.uid,
+            g.gpus,
+            Phase.SERVING if r.role == Role.SERVE else Phase.WARM,
+            1.0,
+            None,
+            r.role == Role.SERVE,
+        )
         for g in plan.groups
         for r in g.replicas
     )

@@ -1,10 +1,10 @@
 """The operator's side of the plan/state protocol against the worker agent's own code.
 
-The operator writes plans and reads states; the worker (issue 4) reads plans and writes states. These tests
-run the worker's real plan parser on plans the operator renders, and the operator's real state parser on the
-state that a real `warmserve.worker.agent.Agent` (real shared-memory arenas, real weight store, real
-reconcile pass; only the vLLM engine processes are replaced) writes for an operator-rendered plan. There is
-one contract, DESIGN.md §5, and neither side carries a compatibility branch.
+The operator writes plans and reads states; the worker reads plans and writes states. Both parse with the
+one protocol module (`warmserve.protocol`; docs/design.md, "Protocol"), so these tests check what that
+module alone cannot: plans the operator's planner renders are accepted by a real worker `Agent`, and the
+state a real `Agent` (real shared-memory arenas, real weight store, real reconcile pass; only the vLLM engine
+processes are replaced) writes for an operator-rendered plan is what the operator's status and planner read.
 """
 
 from __future__ import annotations
@@ -25,12 +25,24 @@ from warmserve.controller.planner import (
     plan_round,
     rebuild_state,
 )
-from warmserve.controller.protocol import Plan, PlanGroup, PlanReplica, ProtocolError, WorkerError, parse_state
 from warmserve.controller.reconcile import WorkerView, observe_models
 from warmserve.core.policy import WarmServePolicy
 from warmserve.core.types import GB, Demand, ModelProfile
+from warmserve.protocol import (
+    Phase,
+    Plan,
+    PlanGroup,
+    PlanReplica,
+    ProtocolError,
+    ReplicaKey,
+    Role,
+    WorkerError,
+    WorkerState,
+    parse_plan,
+    parse_state,
+)
 
-worker_plan = pytest.importorskip("warmserve.worker.plan")
+agent_module = pytest.importorskip("warmserve.worker.agent")
 MIB = 1 << 20
 
 
@@ -40,7 +52,7 @@ def _entry(name: str, size: int, tp: int) -> ModelEntry:
     )
 
 
-def test_rendered_plans_parse_with_the_workers_parser():
+def test_rendered_plans_parse_and_a_worker_accepts_them(tmp_path):
     models = [_entry("a", 13 * GB, 1), _entry("b", 26 * GB, 2), _entry("c", 130 * GB, 4)]
     workers = [WorkerSnapshot(f"w{i}", 8, 72 * GB) for i in range(3)]
     demand = {m.uid: Demand(4.0, 10.0) for m in models}
@@ -50,12 +62,12 @@ def test_rendered_plans_parse_with_the_workers_parser():
     )
     checked = 0
     for plan in out.plans.values():
-        parsed = worker_plan.parse_plan(plan.to_json())
-        assert parsed.generation == plan.generation
+        parsed = parse_plan(plan.dumps())  # the annotation text, read the way the worker reads it
+        assert parsed == plan
         assert len(parsed.replicas) == sum(len(g.replicas) for g in plan.groups)
         for g in plan.groups:
             for r in g.replicas:
-                got = parsed.replicas[(r.uid, tuple(g.gpus[: r.tp]))]
+                got = parsed.replicas[ReplicaKey(r.uid, tuple(g.gpus[: r.tp]))]
                 assert (got.model, got.source, got.tp, got.role, got.kv_lend, got.gpus) == (
                     r.model,
                     r.source,
@@ -64,16 +76,18 @@ def test_rendered_plans_parse_with_the_workers_parser():
                     r.kv_lend,
                     g.gpus,
                 )
-                assert got.path == r.source[len("file://") :]
+        agent = agent_module.Agent({}, str(tmp_path / f"state-{checked}"))
+        agent.apply(plan.dumps())
+        assert agent.plan_error is None and agent.plan == plan
         checked += 1
     assert checked >= 1
 
 
 def test_two_replicas_of_one_model_on_one_worker_are_accepted():
-    replica = PlanReplica("a", "uid-a", "file:///models/a", 1, "serve", 0)
+    replica = PlanReplica("a", "uid-a", "file:///models/a", 1, Role.SERVE, 0)
     plan = Plan.build(3, [PlanGroup((0,), (replica,)), PlanGroup((1,), (replica,))])
-    parsed = worker_plan.parse_plan(plan.to_json())
-    assert sorted(parsed.replicas) == [("uid-a", (0,)), ("uid-a", (1,))]
+    parsed = parse_plan(plan.to_json())
+    assert sorted(parsed.replicas) == [ReplicaKey("uid-a", (0,)), ReplicaKey("uid-a", (1,))]
     assert {r.device_of_rank(0) for r in parsed.replicas.values()} == {"0", "1"}
 
 
@@ -88,8 +102,8 @@ def test_the_same_replica_twice_on_the_same_gpus_is_still_a_duplicate():
             }
         ],
     }
-    with pytest.raises(worker_plan.PlanError, match="duplicate replica"):
-        worker_plan.parse_plan(text)
+    with pytest.raises(ProtocolError, match="duplicate replica"):
+        parse_plan(text)
 
 
 def _write_safetensors(directory, seed: int, nbytes: int) -> str:
@@ -102,36 +116,43 @@ def _write_safetensors(directory, seed: int, nbytes: int) -> str:
 
 
 class _Engines:
-    """The EngineManager surface the agent uses, with real `EngineRecord`s and no vLLM processes.
-
-    An engine becomes ready on its second poll, like an API server answering `/v1/models` a bit later.
-    """
+    """The engine-manager surface the agent uses (`warmserve.worker.engines.Engines`) with real `EngineRecord`s
+    and no vLLM processes: a shell is always ready, an engine is ready on its second poll (like an API server
+    answering `/v1/models` a bit later)."""
 
     def __init__(self, host: str):
         from warmserve.worker.engines import EngineRecord
 
         self.record, self.host = EngineRecord, host
         self.engines: dict = {}
-        self.polls: dict[str, int] = {}
+        self.polls: dict = {}
 
-    def promote(self, uid, model, model_dir, manifest_path, report_path=None, served_name=None, **_):
-        rec = self.record(
-            uid, model, served_name or model, 8000 + len(self.engines), 1000 + len(self.engines), host=self.host
-        )
-        self.engines[uid] = rec
+    def running(self):
+        return dict(self.engines)
+
+    def acquire_shell(self, timeout):
+        return "shell"
+
+    def release_shell(self, shell):
+        pass
+
+    def launch(self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None):
+        n = len(self.engines)
+        rec = self.record(key.id, model, served_name or model, 8000 + n, 1000 + n, host=self.host)
+        self.engines[key] = rec
         return rec
 
-    def poll(self, uid):
-        self.polls[uid] = self.polls.get(uid, 0) + 1
-        rec = self.engines[uid]
-        rec.ready = rec.ready or self.polls[uid] >= 2
+    def poll(self, key):
+        self.polls[key] = self.polls.get(key, 0) + 1
+        rec = self.engines[key]
+        rec.ready = rec.ready or self.polls[key] >= 2
         return rec
 
-    def alive(self, uid):
-        return uid in self.engines
+    def alive(self, key):
+        return key in self.engines
 
-    def stop(self, uid):
-        self.engines.pop(uid, None)
+    def stop(self, key):
+        self.engines.pop(key, None)
         return 0.0
 
     def adopt(self):
@@ -144,15 +165,15 @@ class _Engines:
 @pytest.fixture
 def worker_agent(tmp_path):
     """A real worker Agent over two real shared-memory arenas ("GPUs" 0 and 1)."""
-    from warmserve.worker.agent import Agent
     from warmserve.worker.arena import Arena
 
     prefix = f"/dev/shm/warmserve-interop-{uuid.uuid4().hex[:10]}"
     arenas = {str(i): Arena.host(str(i), f"{prefix}-{i}", 4 * MIB, page_size=64 * 1024) for i in range(2)}
-    agent = Agent(arenas, str(tmp_path / "state"), _Engines("10.1.2.3"))
+    agent = agent_module.Agent(arenas, str(tmp_path / "state"), _Engines("10.1.2.3"))
     try:
         yield agent
     finally:
+        agent.shutdown()
         for arena in arenas.values():
             arena.close()
         for name in os.listdir("/dev/shm"):
@@ -160,7 +181,7 @@ def worker_agent(tmp_path):
                 os.unlink(os.path.join("/dev/shm", name))
 
 
-def _step_until(agent, predicate, timeout: float = 20.0) -> dict:
+def _step_until(agent, predicate, timeout: float = 20.0) -> WorkerState:
     deadline = time.monotonic() + timeout
     while True:
         state = agent.step()
@@ -171,27 +192,27 @@ def _step_until(agent, predicate, timeout: float = 20.0) -> dict:
 
 def test_operator_reads_the_state_the_worker_writes(worker_agent, tmp_path):
     # before any plan: generation 0, both devices, nothing held
-    empty = parse_state(json.loads(json.dumps(worker_agent.step())))
+    empty = parse_state(worker_agent.step().dumps())
     assert empty.observed_generation == 0 and [d.index for d in empty.devices] == [0, 1]
     assert empty.replicas == () and empty.errors == ()
 
     a = _write_safetensors(tmp_path / "models" / "a", 1, 300_000)
     b = _write_safetensors(tmp_path / "models" / "b", 2, 200_000)
-    serve_a = PlanReplica("a", "uid-a", f"file://{a}", 1, "serve", 0)
-    warm_a = PlanReplica("a", "uid-a", f"file://{a}", 1, "warm", 0)
-    warm_b = PlanReplica("b", "uid-b", f"file://{b}", 1, "warm", 0)
-    ghost = PlanReplica("c", "uid-c", f"file://{tmp_path}/no-such-model", 1, "warm", 0)
+    serve_a = PlanReplica("a", "uid-a", f"file://{a}", 1, Role.SERVE, 0)
+    warm_a = PlanReplica("a", "uid-a", f"file://{a}", 1, Role.WARM, 0)
+    warm_b = PlanReplica("b", "uid-b", f"file://{b}", 1, Role.WARM, 0)
+    ghost = PlanReplica("c", "uid-c", f"file://{tmp_path}/no-such-model", 1, Role.WARM, 0)
     # an engine of `a` on GPU 0 and a warm replica of the same model on GPU 1 of the same worker
     plan = Plan.build(7, [PlanGroup((0,), (serve_a,)), PlanGroup((1,), (warm_a, warm_b, ghost))])
     worker_agent.apply(plan.dumps())  # the annotation text the operator writes
 
-    def settled(s):
-        phases = {(r["uid"], tuple(r["gpus"])): r["phase"] for r in s["replicas"]}
-        return phases == {("uid-a", (0,)): "serving", ("uid-a", (1,)): "warm", ("uid-b", (1,)): "warm"}
+    def settled(s: WorkerState) -> bool:
+        phases = {(r.uid, r.gpus): r.phase for r in s.replicas}
+        return phases == {("uid-a", (0,)): Phase.SERVING, ("uid-a", (1,)): Phase.WARM, ("uid-b", (1,)): Phase.WARM}
 
     written = _step_until(worker_agent, settled)
-    assert settled(written), json.dumps(written, indent=1)
-    state = parse_state(json.dumps(written, sort_keys=True))  # the annotation text the worker writes
+    assert settled(written), written.dumps()
+    state = parse_state(written.dumps())  # the annotation text the worker writes
 
     assert state.observed_generation == 7
     assert [d.index for d in state.devices] == [0, 1]
@@ -201,7 +222,7 @@ def test_operator_reads_the_state_the_worker_writes(worker_agent, tmp_path):
     assert set(by_key) == {("uid-a", (0,)), ("uid-a", (1,)), ("uid-b", (1,))}
     serving, warm = by_key[("uid-a", (0,))], by_key[("uid-a", (1,))]
     assert serving.serving and serving.ready and serving.endpoint == "10.1.2.3:8000" and serving.progress == 1.0
-    assert warm.phase == "warm" and not warm.ready and warm.endpoint is None and not warm.dedicated
+    assert warm.phase == Phase.WARM and not warm.ready and warm.endpoint is None and not warm.dedicated
     (error,) = state.errors  # the missing model: an error with its uid/gpus, not a replica phase
     assert (error.uid, error.gpus) == ("uid-c", (1,)) and "no such model directory" in error.reason
 

@@ -29,8 +29,8 @@ from warmserve.controller.builders import selector_labels
 from warmserve.controller.k8s import MODELDEPLOYMENTS, PODS, WARMPOOLS
 from warmserve.controller.loop import LEND_WINDOW_ROUNDS, SCALE_WINDOW_SECONDS, PoolLoop
 from warmserve.controller.planner import ModelEntry
-from warmserve.controller.protocol import plan_of_pod
 from warmserve.core.types import GpuGroup, ModelProfile
+from warmserve.protocol import Role, plan_of_pod
 
 LOG = logging.getLogger("test")
 GPUS = 4
@@ -57,7 +57,7 @@ def state_from_plans(pods: list[dict], reference: PersistentReference) -> tuple:
         for g in plan.groups if plan else ():
             for r in g.replicas:
                 group = GpuGroup(n, min(g.gpus), len(g.gpus))
-                if r.role == "serve":
+                if r.role == Role.SERVE:
                     state.start_instance(r.uid, group, profiles[r.uid].shard_bytes, 0.0)
                     for gpu in state.gpus_of(group):
                         state.set_lent(gpu, r.kv_lend)
@@ -65,7 +65,7 @@ def state_from_plans(pods: list[dict], reference: PersistentReference) -> tuple:
         plan = plan_of_pod(pod)
         for g in plan.groups if plan else ():
             for r in g.replicas:
-                if r.role == "warm":
+                if r.role == Role.WARM:
                     state.add_replica(r.uid, GpuGroup(n, min(g.gpus), len(g.gpus)), profiles[r.uid].shard_bytes)
     replicas, engines, lent = snapshot(state, {})
     return [x[:4] for x in replicas], engines, lent

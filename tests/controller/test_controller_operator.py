@@ -27,7 +27,7 @@ from controller_support import (
 )
 
 from warmserve.controller.k8s import CONFIGMAPS, MODELDEPLOYMENTS, PODS, WARMPOOLS
-from warmserve.controller.protocol import PLAN_ANNOTATION, plan_of_pod
+from warmserve.protocol import PLAN_ANNOTATION, Role, plan_of_pod
 
 POOLS = "warmserve.io/v1alpha1/warmpools"
 MDS = "warmserve.io/v1alpha1/modeldeployments"
@@ -191,7 +191,7 @@ async def test_rising_load_history_prewarms_then_promotes_the_right_model(emulat
             def warm_a():
                 p = plans(emulator)
                 replicas = [r for plan in p.values() if plan for g in plan.groups for r in g.replicas]
-                return replicas and all(r.uid == ua and r.role == "warm" for r in replicas) and replicas
+                return replicas and all(r.uid == ua and r.role == Role.WARM for r in replicas) and replicas
 
             await wait_for(warm_a, what="A prewarmed")
             await wait_for(
@@ -215,7 +215,7 @@ async def test_rising_load_history_prewarms_then_promotes_the_right_model(emulat
                     if plan
                     for g in plan.groups
                     for r in g.replicas
-                    if r.role == "serve" and r.uid == ua
+                    if r.role == Role.SERVE and r.uid == ua
                 ]
                 return len(serve) >= 1 and serve
 
@@ -243,25 +243,26 @@ async def test_restart_creates_no_duplicates_and_keeps_forecast_history(emulator
     scraper.load = {"m1": 3.0}
     for i in range(2):
         await client.create(PODS, NS, worker_pod("pool1", i))
-    first = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper)
+    first_loops, second_loops = [], []  # the PoolLoop each operator's daemon runs
+    first = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper, on_loop=first_loops.append)
     async with running_operator(emulator, first):
         await client.create(WARMPOOLS, NS, pool_body())
         md = (await client.create(MODELDEPLOYMENTS, NS, model_body("m1", prewarm={"minWarmReplicas": 1})))[0]
         uid = md["metadata"]["uid"]
         await wait_for(lambda: any(plans(emulator).values()), what="first plan")
-        await wait_for(lambda: first.loops and next(iter(first.loops.values())).rounds >= 2)
+        await wait_for(lambda: first_loops and first_loops[-1].rounds >= 2)
         clock.now += 3600  # close the window: history recorded and saved
         await wait_for(lambda: get_obj(emulator, "v1/configmaps", "pool1-load-history"), what="history ConfigMap")
         await wait_for(lambda: (m := get_obj(emulator, MDS, "m1")) and m["status"].get("observedLoad"))
         before_plans = {k: v.generation for k, v in plans(emulator).items() if v}
-        before_history = dict(next(iter(first.loops.values())).history.series[uid]["avg"])
+        before_history = dict(first_loops[-1].history.series[uid]["avg"])
         before_forecast = get_obj(emulator, MDS, "m1")["status"]["forecast"]
     ds_posts_before = len(list(emulator["post", emulator.resource("apps/v1/daemonsets")]))
 
-    second = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper)
+    second = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper, on_loop=second_loops.append)
     async with running_operator(emulator, second):
-        await wait_for(lambda: second.loops and next(iter(second.loops.values())).rounds >= 3, what="second loop")
-        loop = next(iter(second.loops.values()))
+        await wait_for(lambda: second_loops and second_loops[-1].rounds >= 3, what="second loop")
+        loop = second_loops[-1]
         assert dict(loop.history.series[uid]["avg"]) == before_history, "history restored from the ConfigMap"
         assert before_history and next(iter(before_history.values())) == 3.0
         after_plans = {k: v.generation for k, v in plans(emulator).items() if v}

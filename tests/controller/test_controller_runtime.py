@@ -13,11 +13,11 @@ from aiohttp import web
 from warmserve.controller import lifecycle
 from warmserve.controller.__main__ import JsonFormatter
 from warmserve.controller.metrics import OperatorMetrics
-from warmserve.controller.protocol import ReplicaState, WorkerState
 from warmserve.controller.reconcile import WorkerView
 from warmserve.controller.runtime import Runtime
 from warmserve.controller.scrape import PrometheusScraper, WorkerMetricsScraper
 from warmserve.controller.settings import ControllerConfig
+from warmserve.protocol import Phase, ReplicaState, WorkerState
 
 
 def free_port() -> int:
@@ -84,7 +84,7 @@ async def test_worker_scraper_reads_engines_when_workers_have_no_gauge():
         }
     )
     try:
-        state = WorkerState(1, (), (ReplicaState("llama", "u", (0,), "serving", 1.0, f"127.0.0.1:{eport}", True),))
+        state = WorkerState(1, (), (ReplicaState("llama", "u", (0,), Phase.SERVING, 1.0, f"127.0.0.1:{eport}", True),))
         view = WorkerView("w0", "n0", "127.0.0.1", 8, True, None, state)
         scraper = WorkerMetricsScraper(wport, timeout_seconds=2)
         assert await scraper.sample([view]) == {"llama": 4.0}

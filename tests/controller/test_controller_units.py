@@ -13,18 +13,6 @@ from warmserve.controller import conditions as c
 from warmserve.controller import reconcile
 from warmserve.controller.history import LoadHistory, WindowAccumulator
 from warmserve.controller.planwriter import without_model
-from warmserve.controller.protocol import (
-    PLAN_ANNOTATION,
-    STATE_ANNOTATION,
-    Plan,
-    PlanGroup,
-    PlanReplica,
-    ProtocolError,
-    next_generation,
-    parse_plan,
-    parse_state,
-    plan_of_pod,
-)
 from warmserve.controller.scrape import parse_inflight, parse_prometheus_vector
 from warmserve.controller.settings import ControllerConfig
 from warmserve.controller.spec import parse_model_spec, parse_pool_spec
@@ -35,12 +23,25 @@ from warmserve.controller.weights import (
     resolve_weight_bytes,
     safetensors_weight_bytes,
 )
+from warmserve.protocol import (
+    PLAN_ANNOTATION,
+    STATE_ANNOTATION,
+    Plan,
+    PlanGroup,
+    PlanReplica,
+    ProtocolError,
+    Role,
+    next_generation,
+    parse_plan,
+    parse_state,
+    plan_of_pod,
+)
 
 GIB = 1 << 30
 
 
 # ---------------------------------------------------------------- protocol
-def _replica(model="m", uid="u1", role="warm", tp=1, lend=0):
+def _replica(model="m", uid="u1", role=Role.WARM, tp=1, lend=0):
     return PlanReplica(model, uid, f"pvc://w/{model}", tp, role, lend)
 
 
@@ -49,7 +50,7 @@ def test_plan_round_trips_through_the_documented_json_shape():
         7,
         [
             PlanGroup((2, 3), (_replica("b", "u2", tp=2),)),
-            PlanGroup((0,), (_replica("a", "u1", role="serve", lend=123), _replica("c", "u3"))),
+            PlanGroup((0,), (_replica("a", "u1", role=Role.SERVE, lend=123), _replica("c", "u3"))),
         ],
     )
     doc = json.loads(plan.dumps())
@@ -71,6 +72,9 @@ def test_plan_is_canonical_so_equal_contents_compare_equal():
     assert a.same_contents(b) and a.dumps() != b.dumps()
 
 
+_REP = {"model": "m", "uid": "u", "source": "s", "tp": 1, "role": "warm", "kvLend": 0}
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -85,6 +89,13 @@ def test_plan_is_canonical_so_equal_contents_compare_equal():
                 "groups": [{"gpus": [0], "replicas": [{"model": "m", "uid": "u", "source": "s", "role": "hot"}]}],
             }
         ),
+        # stricter than the operator's old parser: what a plan the operator renders never contains
+        json.dumps({"generation": True, "groups": []}),
+        json.dumps({"generation": 1, "groups": [{"gpus": [], "replicas": [_REP]}]}),
+        json.dumps({"generation": 1, "groups": [{"gpus": [0, 0], "replicas": [_REP]}]}),
+        json.dumps({"generation": 1, "groups": [{"gpus": [0], "replicas": [{**_REP, "tp": 1.0}]}]}),
+        json.dumps({"generation": 1, "groups": [{"gpus": [0], "replicas": [{**_REP, "uid": ""}]}]}),
+        json.dumps({"generation": 1, "groups": [{"gpus": [0], "replicas": [_REP, _REP]}]}),
     ],
 )
 def test_malformed_plan_is_a_protocol_error(text):
@@ -137,7 +148,10 @@ def test_plan_of_pod_tolerates_garbage():
 def test_without_model_removes_every_replica_of_that_uid():
     plan = Plan.build(
         4,
-        [PlanGroup((0,), (_replica("a", "u1"), _replica("b", "u2"))), PlanGroup((1,), (_replica("a", "u1", "serve"),))],
+        [
+            PlanGroup((0,), (_replica("a", "u1"), _replica("b", "u2"))),
+            PlanGroup((1,), (_replica("a", "u1", Role.SERVE),)),
+        ],
     )
     stripped = without_model(plan, "u1")
     assert stripped.uids() == {"u2"} and [g.gpus for g in stripped.groups] == [(0,)]
@@ -298,7 +312,7 @@ def _pod(name, plan=None, state=None, phase="Running", ip="10.0.0.1"):
 
 
 def test_status_from_worker_states():
-    plan = Plan.build(5, [PlanGroup((0,), (_replica("a", "ua", "serve"),)), PlanGroup((1,), (_replica("b", "ub"),))])
+    plan = Plan.build(5, [PlanGroup((0,), (_replica("a", "ua", Role.SERVE),)), PlanGroup((1,), (_replica("b", "ub"),))])
     state = {
         "observedGeneration": 5,
         "devices": [
@@ -323,7 +337,6 @@ def test_status_from_worker_states():
     pool = reconcile.pool_status(
         workers,
         expected_workers=2,
-        workload="DaemonSet/x",
         plan_generation=5,
         existing_conditions=None,
         generation=1,
@@ -346,7 +359,7 @@ def test_garbled_state_degrades_the_pool_instead_of_crashing():
     pod["metadata"]["annotations"][STATE_ANNOTATION] = "{nope"
     worker = reconcile.view_worker(pod, 8)
     status = reconcile.pool_status(
-        [worker], expected_workers=1, workload="x", plan_generation=0, existing_conditions=None, generation=1, now="T"
+        [worker], expected_workers=1, plan_generation=0, existing_conditions=None, generation=1, now="T"
     )
     assert {x["type"]: x["status"] for x in status["conditions"]}["Degraded"] == "True"
 

@@ -12,9 +12,9 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from warmserve.controller.protocol import POOL_LABEL
 from warmserve.controller.settings import OPERATOR_NAME
 from warmserve.controller.spec import PoolSpec
+from warmserve.protocol import POOL_LABEL
 
 APP_NAME = "warmserve"
 WORKER_COMPONENT = "worker"
@@ -237,7 +237,7 @@ def build_worker_daemonset(pool_name: str, namespace: str, pool: PoolSpec) -> di
     }
 
 
-def build_history_configmap(pool_name: str, namespace: str, payload_b64: str) -> dict[str, Any]:
+def build_history_configmap(pool_name: str, namespace: str | None, payload_b64: str) -> dict[str, Any]:
     """The ConfigMap that keeps a pool's per-window load history across operator restarts."""
     return {
         "apiVersion": "v1",

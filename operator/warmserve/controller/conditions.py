@@ -75,7 +75,7 @@ def merge_conditions(
             "status": cond.status,
             "reason": cond.reason,
             "message": cond.message,
-            "lastTransitionTime": now if flipped else old["lastTransitionTime"],
+            "lastTransitionTime": now if flipped or old is None else old["lastTransitionTime"],
         }
         if generation is not None:
             new["observedGeneration"] = generation

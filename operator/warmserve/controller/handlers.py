@@ -3,7 +3,8 @@
 `register(registry, runtime)` puts the handlers into a given registry, so the production entry point
 (`python -m warmserve.controller`) and the tests (a fresh registry per operator) share exactly this wiring.
 Handlers return nothing (a return value would land in `status.<handler id>`); status is written through
-`patch.status` or by the control loop.
+`patch.status` or by the control loop, each field by one owner (docs/operator.md, "Status owners"). A pool's
+handlers and its daemon share kopf's per-object `memo` (the handler tells the loop about a refused workload).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import kopf
 
 from warmserve.controller import lifecycle, models, pools
-from warmserve.controller.protocol import GROUP, VERSION
 from warmserve.controller.runtime import Runtime
+from warmserve.protocol import GROUP, VERSION
 
 POOLS = (GROUP, VERSION, "warmpools")
 MODELS = (GROUP, VERSION, "modeldeployments")
@@ -33,8 +34,8 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.on.resume(*POOLS, registry=registry, id="pool-resume")
     @kopf.on.create(*POOLS, registry=registry, id="pool-create")
     @kopf.on.update(*POOLS, registry=registry, id="pool-update", field="spec")
-    async def pool_reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
-        await pools.reconcile_pool(runtime, body, patch, logger)
+    async def pool_reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+        await pools.reconcile_pool(runtime, body, patch, memo, logger)
 
     @kopf.daemon(
         *POOLS,
@@ -43,8 +44,8 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         cancellation_timeout=10,
         when=lambda **_: runtime.config.loop_enabled,
     )
-    async def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, logger: Any, **_: Any) -> None:
-        await pools.run_loop(runtime, body, stopped, logger)
+    async def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+        await pools.run_loop(runtime, body, memo, stopped, logger)
 
     # ---------------------------------------------------- ModelDeployment
     @kopf.on.resume(*MODELS, registry=registry, id="model-resume")

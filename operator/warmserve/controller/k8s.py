@@ -22,6 +22,8 @@ from typing import Any
 import aiohttp
 import kopf
 
+from warmserve.protocol import GROUP, VERSION
+
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -50,8 +52,8 @@ class Resource:
 PODS = Resource("", "v1", "pods")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 DAEMONSETS = Resource("apps", "v1", "daemonsets")
-WARMPOOLS = Resource("warmserve.io", "v1alpha1", "warmpools")
-MODELDEPLOYMENTS = Resource("warmserve.io", "v1alpha1", "modeldeployments")
+WARMPOOLS = Resource(GROUP, VERSION, "warmpools")
+MODELDEPLOYMENTS = Resource(GROUP, VERSION, "modeldeployments")
 
 
 class ApiError(Exception):

@@ -1,68 +1,52 @@
-"""ModelDeployment reconcile and delete (called by handlers.py)."""
+"""ModelDeployment reconcile and delete (called by handlers.py).
+
+Who writes a ModelDeployment's status (docs/operator.md, "Status owners"): the round of its pool's loop, as
+long as the pool exists and loops run; this handler only for a model no round covers — `poolRef` empty or
+naming no WarmPool, or the operator started with `--no-loop`. Both compute it with `decide.model_status`
+from the same facts (weight bytes from `Runtime.weights`, validation from `reconcile.validate_model`), so an
+object moving from one writer to the other does not flap.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import kopf
 
 from warmserve.controller import reconcile
 from warmserve.controller.conditions import now_rfc3339
+from warmserve.controller.decide import ObservedModel, model_status
 from warmserve.controller.k8s import PODS, WARMPOOLS, ApiError
 from warmserve.controller.planwriter import strip_model_from_pool
 from warmserve.controller.runtime import Runtime
-from warmserve.controller.spec import ModelSpec, parse_model_spec, parse_pool_spec
-from warmserve.controller.weights import resolve_weight_bytes
-
-
-async def weight_bytes_of(runtime: Runtime, model: ModelSpec) -> tuple[int | None, str, str]:
-    """From the spec, else the safetensors headers (read once per source, off the event loop)."""
-    if model.weight_bytes:
-        return model.weight_bytes, "spec", "weightBytes given in the spec"
-    cached = runtime.weight_cache.get(model.source)
-    if cached is not None and cached[0] is not None:
-        return cached
-    result = await asyncio.to_thread(resolve_weight_bytes, None, model.source, runtime.config.pvc_root)
-    runtime.weight_cache[model.source] = result
-    return result
+from warmserve.controller.spec import parse_model_spec, parse_pool_spec
 
 
 async def reconcile_model(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, logger: Any) -> None:
     with runtime.metrics.timed("ModelDeployment", "reconcile"):
         api = runtime.require_api()
         meta = body.get("metadata") or {}
-        name, namespace, uid = meta["name"], meta.get("namespace"), meta.get("uid", "")
+        name, status = meta["name"], body.get("status") or {}
         model = parse_model_spec(name, body.get("spec"))
-        pool = None
+        pool_obj = None
         if model.pool:
             try:
-                pool_obj = await api.get(WARMPOOLS, namespace, model.pool)
+                pool_obj = await api.get(WARMPOOLS, meta.get("namespace"), model.pool)
             except ApiError as exc:
                 raise kopf.TemporaryError(f"reading WarmPool {model.pool}: {exc}", delay=5) from exc
-            pool = parse_pool_spec(pool_obj.get("spec")) if pool_obj else None
-        weight, origin, weight_msg = await weight_bytes_of(runtime, model)
-        validation = reconcile.validate_model(model, pool, weight)
+        pool = parse_pool_spec(pool_obj.get("spec")) if pool_obj else None
+        weight = await runtime.weights.resolve(model.weight_bytes, model.source, status)
+        validation = reconcile.validate_model(model, pool, weight.bytes)
         if not validation.ok:
             logger.warning(f"ModelDeployment {name} is not valid: {validation.reason}: {validation.message}")
-        elif origin == "safetensors":
-            logger.info(f"{name}: {weight_msg}")
-        runtime.validations[uid] = (validation, weight)
-        status = reconcile.model_status(
-            model,
-            validation,
-            runtime.observations.get(uid),
-            weight_bytes=weight,
-            weight_origin=origin,
-            existing_conditions=(body.get("status") or {}).get("conditions"),
-            generation=meta.get("generation"),
-            now=now_rfc3339(),
-        )
-        for key in ("forecast", "observedLoad"):
-            if key in runtime.model_extras.get(uid, {}):
-                status[key] = runtime.model_extras[uid][key]
-        if reconcile.status_changed(body.get("status"), status):
-            patch.status.update(status)
+        elif weight.origin == "safetensors":
+            logger.info(f"{name}: {weight.message}")
+        if pool_obj is not None and runtime.config.loop_enabled:
+            return  # the round of the pool's loop owns this status and writes it within one interval
+        observed = ObservedModel(name, str(meta.get("uid", "")), meta.get("generation"), model, weight, status)
+        new = model_status(observed, validation, None, None, now_rfc3339())
+        if reconcile.status_changed(status, new):
+            patch.status.update(new)
 
 
 async def delete_model(runtime: Runtime, body: kopf.Body, logger: Any) -> None:
@@ -71,14 +55,11 @@ async def delete_model(runtime: Runtime, body: kopf.Body, logger: Any) -> None:
     meta = body.get("metadata") or {}
     uid, namespace = meta.get("uid", ""), meta.get("namespace")
     model = parse_model_spec(meta["name"], body.get("spec"))
-    runtime.validations.pop(uid, None)
-    runtime.observations.pop(uid, None)
-    runtime.model_extras.pop(uid, None)
     if not model.pool:
         return
     async with runtime.pool_lock(namespace, model.pool):
         try:
-            changed = await strip_model_from_pool(api, PODS, namespace, model.pool, uid, runtime)
+            changed = await strip_model_from_pool(api, PODS, namespace, model.pool, uid, runtime.metrics)
         except ApiError as exc:
             raise kopf.TemporaryError(f"removing {meta['name']} from plans: {exc}", delay=2) from exc
     if changed:

@@ -30,13 +30,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from warmserve.controller.protocol import Plan, PlanGroup, PlanReplica, WorkerState
 from warmserve.core.autoscaler import EngineView
 from warmserve.core.cluster import ClusterState, PlanError
 from warmserve.core.policy import EngineLoad, NoEffects, StepInput, StepRecord, WarmServePolicy
 from warmserve.core.types import Demand, GpuGroup, ModelProfile, NodeSpec
+from warmserve.protocol import Phase, Plan, PlanGroup, PlanReplica, Role, WorkerState
 
-EntityKey = tuple[str, tuple[int, ...], str, str]  # (pod, gpus, uid, role)
+EntityKey = tuple[str, tuple[int, ...], str, Role]  # (pod, gpus, uid, role)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class RoundOutput:
     record: StepRecord | None = None  # what the core step decided, in order
 
 
-def _reported(worker: WorkerSnapshot) -> dict[tuple[str, tuple[int, ...]], str]:
+def _reported(worker: WorkerSnapshot) -> dict[tuple[str, tuple[int, ...]], Phase]:
     if worker.state is None:
         return {}
     return {(r.uid, tuple(sorted(r.gpus))): r.phase for r in worker.state.replicas}
@@ -127,7 +127,7 @@ def rebuild_state(
                 order = memory.seq.get(key, math.inf)
                 # the worker reports a replica on the GPUs it occupies: the first `tp` of its group
                 phase = reported.get((r.uid, tuple(g.gpus[: r.tp])))
-                entities.append((order, 0 if r.role == "serve" else 1, n, key, r, phase))
+                entities.append((order, 0 if r.role == Role.SERVE else 1, n, key, r, phase))
     entities.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
     ids: dict[int, EntityKey] = {}
     for _, _, n, key, r, phase in entities:
@@ -135,14 +135,16 @@ def rebuild_state(
         group = GpuGroup(n, min(gpus), len(gpus))
         shard = known[uid].profile.shard_bytes
         try:
-            if role == "serve":
+            # the core's ClusterState has its own phases: an engine serves once its worker reports `serving`, a
+            # replica is warm once reported `warm`; anything else is still starting or loading
+            if role == Role.SERVE:
                 promo = state.start_instance(uid, group, shard, memory.started_at.get(key, -math.inf))
-                promo.instance.phase = "serving" if phase == "serving" else "starting"
+                promo.instance.phase = "serving" if phase == Phase.SERVING else "starting"
                 for gpu in state.gpus_of(group):
                     state.set_lent(gpu, max(0, min(r.kv_lend, state.capacity(gpu) - shard)))
                 ids[promo.instance.iid] = key
             else:
-                replica = state.add_replica(uid, group, shard, "warm" if phase == "warm" else "loading")
+                replica = state.add_replica(uid, group, shard, "warm" if phase == Phase.WARM else "loading")
                 ids[replica.rid] = key
         except PlanError:
             continue  # the pool shrank or the plan is stale: the policy re-plans it
@@ -156,11 +158,11 @@ def render_plans(state: ClusterState, pods: Sequence[str], models: Mapping[str, 
         m = models[inst.model]
         lend = min((state.lent(g) for g in state.gpus_of(inst.group)), default=0)
         key = (inst.group.node, tuple(inst.group.gpus))
-        groups.setdefault(key, []).append(PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, "serve", lend))
+        groups.setdefault(key, []).append(PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, Role.SERVE, lend))
     for rep in state.replicas.values():
         m = models[rep.model]
         key = (rep.group.node, tuple(rep.group.gpus))
-        groups.setdefault(key, []).append(PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, "warm", 0))
+        groups.setdefault(key, []).append(PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, Role.WARM, 0))
     per_pod: dict[int, list[PlanGroup]] = {}
     for (node, gpus), replicas in groups.items():
         per_pod.setdefault(node, []).append(PlanGroup(gpus, tuple(replicas)))
@@ -178,10 +180,10 @@ def _remember(
     memory = PlannerMemory(next_seq=previous.next_seq)
     entities: list[tuple[int, EntityKey, float | None, float | None]] = []
     for inst in state.instances.values():
-        key = (pods[inst.group.node], tuple(inst.group.gpus), inst.model, "serve")
+        key: EntityKey = (pods[inst.group.node], tuple(inst.group.gpus), inst.model, Role.SERVE)
         entities.append((inst.iid, key, None, inst.started_at))
     for rep in state.replicas.values():
-        key = (pods[rep.group.node], tuple(rep.group.gpus), rep.model, "warm")
+        key = (pods[rep.group.node], tuple(rep.group.gpus), rep.model, Role.WARM)
         entities.append((rep.rid, key, policy.scores.get(rep.rid), None))
     for ident, key, score, started in sorted(entities):
         old = ids.get(ident)
@@ -197,6 +199,11 @@ def _remember(
             if key in previous.ready_at:
                 memory.ready_at[key] = previous.ready_at[key]
     return memory
+
+
+def _ready_since(ready_at: Mapping[EntityKey, float], key: EntityKey | None, now: float) -> float:
+    """When an engine became ready (protection runs from then); `now` for one not known to be ready."""
+    return ready_at.get(key, now) if key is not None else now
 
 
 def _instances_by_model(state: ClusterState) -> dict[str, list]:
@@ -239,7 +246,9 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
         serving = [i for i in engines if i.phase != "draining"]
         share = float(inp.load.get(m.uid, 0.0)) / len(serving) if serving else 0.0
         # protection runs from readiness, as in the simulator; an engine not serving yet is protected
-        views[m.uid] = [EngineView(i.iid, ready_at.get(ids.get(i.iid), inp.now), round(share)) for i in serving]
+        views[m.uid] = [
+            EngineView(i.iid, _ready_since(ready_at, ids.get(i.iid), inp.now), round(share)) for i in serving
+        ]
     demand = {uid: inp.demand.get(uid, Demand(0.0, 0.0)) for uid in models} if place else None
     step = StepInput(
         now=inp.now,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warmserve.controller import conditions as c
-from warmserve.controller.protocol import Plan, ProtocolError, WorkerState, plan_of_pod, state_of_pod
 from warmserve.controller.spec import ModelSpec, PoolSpec
+from warmserve.protocol import Phase, Plan, ProtocolError, ReplicaState, Role, WorkerState, plan_of_pod, state_of_pod
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,11 @@ class WorkerView:
     node: str
     ip: str
     gpus: int
-    ready: bool
+    ready: bool  # Running and not being deleted: the planner places replicas on it
     plan: Plan | None
     state: WorkerState | None
     state_error: str = ""
+    deleting: bool = False  # being deleted: still reported in status, no longer planned or scraped
 
 
 def view_worker(pod: Mapping[str, Any], gpus: int) -> WorkerView:
@@ -126,10 +127,11 @@ def view_worker(pod: Mapping[str, Any], gpus: int) -> WorkerView:
         plan=plan_of_pod(pod),
         state=state,
         state_error=error,
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 
-def _device_role(replicas: Sequence[Any]) -> str:
+def _device_role(replicas: Sequence[ReplicaState]) -> str:
     if any(r.dedicated for r in replicas):
         return "dedicated"
     return "universal" if replicas else "idle"
@@ -139,14 +141,14 @@ def pool_status(
     workers: Sequence[WorkerView],
     *,
     expected_workers: int,
-    workload: str,
     plan_generation: int,
     existing_conditions: Iterable[Mapping[str, Any]] | None,
     generation: int | None,
     now: str,
     workload_problem: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The WarmPool's status from its worker pods (a workload the API refused wins over worker counts)."""
+    """The status fields the pool round owns, from the worker pods (a workload the API refused wins over worker
+    counts). `observedGeneration` and `workload` belong to the WarmPool handler (`pools.reconcile_pool`)."""
     entries, reporting, errors, free_total = [], 0, [], 0
     for w in sorted(workers, key=lambda w: w.pod):
         entry: dict[str, Any] = {"pod": w.pod, "node": w.node, "gpus": w.gpus}
@@ -188,8 +190,6 @@ def pool_status(
         else c.Condition(c.DEGRADED, c.FALSE, "NoErrors", "")
     )
     return {
-        "observedGeneration": generation,
-        "workload": workload,
         "expectedWorkers": expected_workers,
         "readyWorkers": reporting,
         "planGeneration": plan_generation,
@@ -220,9 +220,9 @@ def observe_models(workers: Sequence[WorkerView]) -> dict[str, ModelObservation]
     for w in workers:
         if w.plan is not None:
             for g in w.plan.groups:
-                for r in g.replicas:
-                    o = obs.setdefault(r.uid, ModelObservation())
-                    if r.role == "serve":
+                for planned in g.replicas:
+                    o = obs.setdefault(planned.uid, ModelObservation())
+                    if planned.role == Role.SERVE:
                         o.desired_serve += 1
                     else:
                         o.desired_warm += 1
@@ -236,9 +236,9 @@ def observe_models(workers: Sequence[WorkerView]) -> dict[str, ModelObservation]
                     o.ready += 1
                     if r.endpoint:
                         o.endpoints.append(r.endpoint)
-            elif r.phase == "warm":
+            elif r.phase == Phase.WARM:
                 o.prewarmed += 1
-            elif r.phase == "loading":
+            elif r.phase == Phase.LOADING:
                 o.prewarming += 1
         for e in w.state.errors:
             if e.uid in obs:
@@ -310,7 +310,7 @@ def model_status(
     generation: int | None,
     now: str,
 ) -> dict[str, Any]:
-    """The ModelDeployment's status (forecast and observedLoad are added by the control loop)."""
+    """Every ModelDeployment status field but `forecast` and `observedLoad` (which `decide.load_status` adds)."""
     o = observed or ModelObservation()
     status: dict[str, Any] = {
         "observedGeneration": generation,

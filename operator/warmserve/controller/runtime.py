@@ -1,7 +1,10 @@
-"""The operator's process-wide state, created once and handed to every handler through `register()`.
+"""The operator's process-wide services, created once and handed to every handler through `register()`.
 
-Keeping it in one explicit object (instead of module globals) lets the tests run a fresh operator per test,
-point it at an emulated API server, and inject a fake load scraper and clock.
+Keeping them in one explicit object (instead of module globals) lets the tests run a fresh operator per test,
+point it at an emulated API server, and inject a fake load scraper and clock. It holds services, not shared
+data: what a pool's loop knows stays in its `PoolLoop`, what a WarmPool handler tells that loop goes through
+kopf's per-object memo (`pools.record_workload_problem`), and status is written by the owners listed in
+docs/operator.md ("Status owners").
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import kopf
 from warmserve.controller import k8s
 from warmserve.controller.metrics import OperatorMetrics
 from warmserve.controller.settings import ControllerConfig
+from warmserve.controller.weights import WeightResolver
 
 Credentials = Callable[[kopf.OperatorSettings], kopf.ConnectionInfo]
 
@@ -27,15 +31,14 @@ class Runtime:
     credentials: Credentials = k8s.login
     clock: Callable[[], float] = time.time
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
-    scraper_factory: Callable[..., Any] | None = None  # (pool spec, runtime) → LoadScraper; None = default
+    scraper_factory: Callable[..., Any] | None = None  # (runtime, pool spec) → LoadScraper; None = default
+    on_loop: Callable[[Any], None] | None = None  # called with every PoolLoop a daemon starts (tests look inside)
     api: k8s.Api | None = None
-    loops: dict[str, Any] = field(default_factory=dict)  # WarmPool uid → PoolLoop
-    weight_cache: dict[str, tuple[int | None, str, str]] = field(default_factory=dict)
-    validations: dict[str, Any] = field(default_factory=dict)  # ModelDeployment uid → (Validation, bytes)
-    observations: dict[str, Any] = field(default_factory=dict)  # ModelDeployment uid → ModelObservation
-    model_extras: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid → forecast/observedLoad
-    workload_problems: dict[str, tuple[str, str]] = field(default_factory=dict)  # pool uid → (reason, message)
+    weights: WeightResolver = field(init=False)  # the one place weight bytes are decided
     _locks: dict[tuple[str | None, str], asyncio.Lock] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weights = WeightResolver(self.config.pvc_root)
 
     def pool_lock(self, namespace: str | None, pool: str) -> asyncio.Lock:
         """Serialises plan writes of one pool between the control loop and ModelDeployment deletion."""

@@ -4,14 +4,21 @@ A safetensors file starts with an 8-byte little-endian header length N and N byt
 names to {dtype, shape, data_offsets}; the data follows. The byte size of the weights is the sum of
 `data_offsets[1] - data_offsets[0]`. Reading 8 + N bytes per file is cheap even for a 140 GB model, so the
 operator can fill in `weightBytes` when a user leaves it out and the source is readable from the operator.
+
+`WeightResolver` is the one place the operator decides a model's weight bytes (the ModelDeployment handler and
+the pool round's observe stage both ask it), so the two can never disagree.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
@@ -83,3 +90,40 @@ def resolve_weight_bytes(spec_bytes: int | None, source: str, pvc_root: str = ""
         return safetensors_weight_bytes(path), "safetensors", f"read from safetensors headers under {path}"
     except (OSError, WeightsError) as exc:
         return None, "unknown", f"weightBytes not given and the headers could not be read: {exc}"
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """A model's weight bytes (None: unknown), where they come from (`spec`, `safetensors`, `unknown`) and why."""
+
+    bytes: int | None
+    origin: str
+    message: str
+
+
+class WeightResolver:
+    """Weight bytes of a ModelDeployment: the spec's `weightBytes`, else its safetensors headers, else the bytes
+    recorded in its status by an earlier read.
+
+    Header reads run off the event loop and a successful read is cached per source (a failed one is retried
+    next time, so a model directory that appears later is picked up).
+    """
+
+    def __init__(self, pvc_root: str = "") -> None:
+        self.pvc_root = pvc_root
+        self._read: dict[str, WeightInfo] = {}  # source → successful header read
+
+    async def resolve(self, spec_bytes: int | None, source: str, status: Mapping[str, Any] | None = None) -> WeightInfo:
+        if spec_bytes:
+            return WeightInfo(spec_bytes, "spec", "weightBytes given in the spec")
+        cached = self._read.get(source)
+        if cached is not None:
+            return cached
+        found = WeightInfo(*await asyncio.to_thread(resolve_weight_bytes, None, source, self.pvc_root))
+        if found.bytes is not None:
+            self._read[source] = found
+            return found
+        recorded = (status or {}).get("weightBytes")
+        if recorded:
+            return WeightInfo(int(recorded), "safetensors", "weightBytes recorded in status by an earlier header read")
+        return found

@@ -1,0 +1,122 @@
+"""The act stage of a pool round: carry out a `Decision` and report it.
+
+`act` does, in this order: report the window that closed and save the load history (a failed save is logged
+and retried at the next window); under the pool's lock (shared with ModelDeployment deletion) count the
+promotions and write the changed plans; set the plan metrics; patch the WarmPool status and each
+ModelDeployment status whose fields changed. `Actuator` is the interface it writes through; `KubeActuator`
+is the operator's implementation over `k8s.Api`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, cast
+
+import kopf
+
+from warmserve.controller import builders
+from warmserve.controller.decide import Decision, Observation
+from warmserve.controller.forecasts import ForecastUpdate
+from warmserve.controller.k8s import CONFIGMAPS, MODELDEPLOYMENTS, PODS, WARMPOOLS, ApiError
+from warmserve.controller.metrics import OperatorMetrics
+from warmserve.controller.planwriter import patch_plan
+from warmserve.controller.runtime import Runtime
+from warmserve.protocol import Plan
+
+
+class Actuator(Protocol):
+    """Where one pool's round writes; a single-machine driver implements the same calls."""
+
+    def exclusive(self) -> AbstractAsyncContextManager[Any]:
+        """Held while plans are written: no other writer changes the pool's plans meanwhile."""
+        ...
+
+    async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> None:
+        """Persist the encoded load history; failures are logged, not raised (the next window retries)."""
+        ...
+
+    async def write_plan(self, pod: str, plan: Plan) -> None: ...
+
+    async def patch_pool_status(self, status: Mapping[str, Any]) -> None: ...
+
+    async def patch_model_status(self, name: str, status: Mapping[str, Any]) -> None:
+        """Patch a ModelDeployment's status; one deleted meanwhile is skipped."""
+        ...
+
+
+async def act(
+    obs: Observation,
+    update: ForecastUpdate,
+    decision: Decision,
+    actuator: Actuator,
+    metrics: OperatorMetrics,
+    logger: Any,
+    plan_seconds: float,
+) -> None:
+    pool = decision.pool
+    for closed in update.closed:
+        for stat, value in (("avg", closed.avg), ("peak", closed.peak)):
+            metrics.observed.labels(pool, closed.served_name, stat).set(value)
+            if closed.predicted is not None:
+                err = abs(getattr(closed.predicted, stat) - value)
+                metrics.forecast_abs_error.labels(pool, closed.served_name, stat).set(err)
+    if update.history is not None:
+        await actuator.save_history(update.history, obs.pool.body, logger)
+    for served_name, stat, value in update.forecast:
+        metrics.forecast.labels(pool, served_name, stat).set(value)
+
+    async with actuator.exclusive():
+        for uid, source in decision.promotions:
+            metrics.promotions.labels(pool, uid, source).inc()
+        for write in decision.plans:
+            await actuator.write_plan(write.pod, write.plan)
+            metrics.plan_changes.labels(pool).inc()
+            logger.info(f"plan {write.plan.generation} written to {write.pod}")
+    metrics.plan_generation.labels(pool).set(decision.generation)
+    metrics.reconcile_seconds.labels("WarmPool", "plan").observe(plan_seconds)
+
+    if decision.pool_status.changed:
+        await actuator.patch_pool_status(decision.pool_status.status)
+    for md in decision.model_statuses:
+        if md.changed:
+            await actuator.patch_model_status(md.name, md.status)
+
+
+class KubeActuator:
+    """Writes one WarmPool's round through the Kubernetes API (`k8s.Api`)."""
+
+    def __init__(self, runtime: Runtime, namespace: str | None, name: str) -> None:
+        self.runtime = runtime
+        self.namespace = namespace
+        self.name = name
+
+    def exclusive(self) -> AbstractAsyncContextManager[Any]:
+        return self.runtime.pool_lock(self.namespace, self.name)
+
+    async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> None:
+        api = self.runtime.require_api()
+        body = builders.build_history_configmap(self.name, self.namespace, encoded)
+        kopf.adopt(body, owner=cast(kopf.Body, dict(owner)))
+        try:
+            _, created = await api.create(CONFIGMAPS, self.namespace, body)
+            if not created:
+                patch = {"binaryData": body["binaryData"]}
+                await api.patch(CONFIGMAPS, self.namespace, body["metadata"]["name"], patch)
+        except ApiError as exc:
+            logger.warning(f"load history not saved (will retry next window): {exc}")
+
+    async def write_plan(self, pod: str, plan: Plan) -> None:
+        await patch_plan(self.runtime.require_api(), PODS, self.namespace, pod, plan)
+
+    async def patch_pool_status(self, status: Mapping[str, Any]) -> None:
+        api = self.runtime.require_api()
+        await api.patch(WARMPOOLS, self.namespace, self.name, {"status": dict(status)}, status=True)
+
+    async def patch_model_status(self, name: str, status: Mapping[str, Any]) -> None:
+        api = self.runtime.require_api()
+        try:
+            await api.patch(MODELDEPLOYMENTS, self.namespace, name, {"status": dict(status)}, status=True)
+        except ApiError as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to report
+                raise

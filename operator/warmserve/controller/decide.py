@@ -1,0 +1,300 @@
+"""The decide stage of a pool round, pure: what the workers must hold and what the status says.
+
+A round is three stages (`loop.PoolLoop.tick` runs them; docs/operator.md, "The control loop"):
+
+    observe (I/O: pods, ModelDeployments, weight bytes, load)  → Observation     (observe.py)
+    decide  (pure: this module; the planner + status)          → Decision
+    act     (I/O: history, plans, status, metrics)                               (act.py)
+
+Between observe and decide, `forecasts.Forecasts` turns the sampled load into windows, history and forecast
+demand. Nothing here does I/O, reads a clock or imports kopf or a Kubernetes client: the same Observation,
+forecasts and planner memory always give the same Decision, so a driver other than the operator (a
+single-machine one) can reuse it with its own observe and act stages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+from warmserve.controller import reconcile
+from warmserve.controller.forecasts import ForecastView
+from warmserve.controller.planner import ModelEntry, PlannerMemory, RoundInput, RoundOutput, WorkerSnapshot, plan_round
+from warmserve.controller.reconcile import Validation, WorkerView
+from warmserve.controller.spec import ModelSpec, PoolSpec
+from warmserve.controller.weights import WeightInfo
+from warmserve.core.autoscaler import AutoscalerParams
+from warmserve.core.placement import PlacementParams
+from warmserve.core.policy import PolicyParams, WarmServePolicy
+from warmserve.core.types import ModelProfile
+from warmserve.protocol import Plan, next_generation
+
+
+# -------------------------------------------------------------------------------------------- observation
+@dataclass(frozen=True)
+class ObservedPool:
+    """The WarmPool as the round read it."""
+
+    name: str
+    namespace: str | None
+    uid: str
+    generation: int | None
+    spec: PoolSpec
+    status: Mapping[str, Any]  # the status as read (conditions to merge, fields to compare)
+    body: Mapping[str, Any] = field(default_factory=dict, compare=False)  # owner of what act creates
+    desired_workers: int | None = None  # worker pods the workload wants (DaemonSet desiredNumberScheduled)
+    workload_problem: tuple[str, str] | None = None  # (reason, message) when the API refused the workload
+
+
+@dataclass(frozen=True)
+class ObservedModel:
+    """One ModelDeployment of the pool (not being deleted) and its weight bytes."""
+
+    name: str
+    uid: str
+    generation: int | None
+    spec: ModelSpec
+    weight: WeightInfo
+    status: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the round plans: every observed model's validation, and the valid ones the policy may place."""
+
+    entries: tuple[ModelEntry, ...]  # sorted by uid
+    validations: Mapping[str, Validation]  # every observed model, by uid
+
+    def load_by_uid(self, samples: Mapping[str, float]) -> dict[str, float]:
+        """Samples keyed by served model name → keyed by the uid of the planned model serving that name."""
+        by_name = {e.served_name: e.uid for e in self.entries}
+        return {by_name[k]: v for k, v in samples.items() if k in by_name}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one round read, at one time; decide derives everything else from it."""
+
+    now: float  # the operator's clock (seconds), for the planner and the windows
+    stamp: str  # RFC 3339 wall-clock time, for condition transitions
+    pool: ObservedPool
+    workers: tuple[WorkerView, ...]  # every worker pod of the pool, as listed (pods being deleted included)
+    models: tuple[ObservedModel, ...]  # the pool's ModelDeployments not being deleted, as listed
+    load: Mapping[str, float]  # served model name → in-flight requests now
+
+    @property
+    def live_workers(self) -> tuple[WorkerView, ...]:
+        """The pods the round plans for (not being deleted), by name."""
+        return tuple(sorted((w for w in self.workers if not w.deleting), key=lambda w: w.pod))
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return catalog(self.pool.spec, self.models)
+
+
+def catalog(pool: PoolSpec, models: Sequence[ObservedModel]) -> Catalog:
+    """Validate every model against the pool; the valid ones that may hold a replica become plan entries."""
+    entries, validations = [], {}
+    for m in models:
+        spec, weight = m.spec, m.weight.bytes
+        validation = reconcile.validate_model(spec, pool, weight)
+        validations[m.uid] = validation
+        if weight is None or not validation.ok or (not spec.prewarm_enabled and spec.max_replicas == 0):
+            continue
+        profile = ModelProfile(
+            name=m.uid,
+            weight_bytes=int(weight),
+            tp=spec.tp,
+            max_batch=spec.max_concurrency,
+            priority=spec.priority,
+            min_warm=spec.min_warm_replicas if spec.prewarm_enabled else 0,
+        )
+        source = reconcile.worker_source(spec.source, pool) or spec.source
+        entries.append(ModelEntry(m.uid, spec.served_name, source, profile, spec.min_replicas, spec.max_replicas))
+    entries.sort(key=lambda e: e.uid)
+    return Catalog(tuple(entries), validations)
+
+
+# ----------------------------------------------------------------------------------------------- decision
+@dataclass(frozen=True)
+class PlanWrite:
+    """A plan to write on a pod: its contents changed, and it carries the next generation."""
+
+    pod: str
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """The status fields the round owns for one object, and whether they differ from what was read."""
+
+    name: str
+    status: Mapping[str, Any]
+    changed: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one round decided; the act stage carries it out."""
+
+    pool: str
+    plans: tuple[PlanWrite, ...]  # only pods whose plan contents changed, in pod order
+    generation: int  # the pool's plan generation once `plans` are written
+    promotions: tuple[tuple[str, str], ...]  # (uid, "hit" | "loading" | "cold") per engine started
+    memory: PlannerMemory  # the planner memory for the next round
+    pool_status: StatusUpdate
+    model_statuses: tuple[StatusUpdate, ...]  # every observed model, as listed
+    outcome: RoundOutput = field(compare=False, repr=False, default_factory=lambda: RoundOutput(plans={}))
+
+
+@dataclass
+class PlannerState:
+    """What the decide stage carries between rounds: the policy (rebuilt when the models or the pool's
+    parameters change; the planner restores its scores from the memory every round) and the memory."""
+
+    policy: WarmServePolicy | None = None
+    memory: PlannerMemory = field(default_factory=PlannerMemory)
+
+    def policy_for(self, profiles: Mapping[str, ModelProfile], params: PolicyParams) -> WarmServePolicy:
+        if self.policy is None or profiles != self.policy.profiles or params != self.policy.params:
+            self.policy = WarmServePolicy(profiles, params)
+        return self.policy
+
+
+def policy_params(pool: PoolSpec) -> PolicyParams:
+    """The pool's spec.policy as the core's parameters (the simulator's defaults when unset)."""
+    return PolicyParams(
+        placement=PlacementParams(upper=pool.scale_up_utilization, load_bandwidth=pool.load_bandwidth_gbps * 1e9),
+        autoscaler=AutoscalerParams(
+            upper=pool.scale_up_utilization,
+            lower=pool.scale_down_utilization,
+            protection_s=pool.protection_seconds,
+        ),
+    )
+
+
+def arena_bytes(worker: WorkerView, pool: PoolSpec) -> int:
+    """Bytes of one device's arena: what the worker reports (its smallest device), else the pool's spec."""
+    if worker.state is not None and worker.state.devices:
+        return min(d.total_bytes for d in worker.state.devices) or pool.device_arena_bytes
+    return pool.device_arena_bytes
+
+
+def number_plans(workers: Sequence[WorkerView], desired: Mapping[str, Plan]) -> tuple[tuple[PlanWrite, ...], int]:
+    """The plans to write (contents changed: generation = previous + 1, read back from the pod) and the pool's
+    plan generation after writing them."""
+    writes = []
+    generation = max((w.plan.generation for w in workers if w.plan), default=0)
+    for w in workers:
+        plan = desired.get(w.pod)
+        if plan is None:
+            continue
+        new = next_generation(w.plan, plan)
+        if w.plan is not None and new is w.plan:
+            continue
+        writes.append(PlanWrite(w.pod, new))
+        generation = max(generation, new.generation)
+    return tuple(writes), generation
+
+
+def iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def load_status(uid: str, forecasts: ForecastView) -> dict[str, Any]:
+    """A ModelDeployment's `forecast` (current window) and `observedLoad` (last closed window)."""
+    out: dict[str, Any] = {}
+    if forecasts.window is None:
+        return out
+    if uid in forecasts.demand:
+        d = forecasts.demand[uid]
+        out["forecast"] = {
+            "windowStart": iso(forecasts.window * forecasts.window_seconds),
+            "windowSeconds": forecasts.window_seconds,
+            "avg": round(d.avg, 4),
+            "peak": round(d.peak, 4),
+        }
+    if uid in forecasts.last_observed:
+        avg, peak = forecasts.last_observed[uid]
+        out["observedLoad"] = {
+            "windowStart": iso((forecasts.window - 1) * forecasts.window_seconds),
+            "avg": round(avg, 4),
+            "peak": round(peak, 4),
+        }
+    return out
+
+
+def model_status(
+    model: ObservedModel,
+    validation: Validation,
+    observed: reconcile.ModelObservation | None,
+    forecasts: ForecastView | None,
+    now: str,
+) -> dict[str, Any]:
+    """Every status field of a ModelDeployment (the ModelDeployment handler uses it too, without a round)."""
+    status = reconcile.model_status(
+        model.spec,
+        validation,
+        observed,
+        weight_bytes=model.weight.bytes,
+        weight_origin=model.weight.origin,
+        existing_conditions=model.status.get("conditions"),
+        generation=model.generation,
+        now=now,
+    )
+    if forecasts is not None:
+        status.update(load_status(model.uid, forecasts))
+    return status
+
+
+def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> Decision:
+    """Plan the pool (the simulator's control step on the state rebuilt from the pods' plans) and derive
+    the status of the pool and of its models from the workers as they will be once the plans are written.
+
+    Uses `planner.policy` as a cache and returns the next memory in the Decision (the caller keeps it).
+    """
+    pool, cat, live = obs.pool.spec, obs.catalog, obs.live_workers
+    policy = planner.policy_for({e.uid: e.profile for e in cat.entries}, policy_params(pool))
+    snapshots = [
+        WorkerSnapshot(w.pod, pool.devices_per_worker, arena_bytes(w, pool), w.plan, w.state) for w in live if w.ready
+    ]
+    outcome = plan_round(
+        policy,
+        RoundInput(
+            obs.now, snapshots, cat.entries, forecasts.mean_load, forecasts.demand, planner.memory, forecasts.peak_load
+        ),
+    )
+    writes, generation = number_plans(live, outcome.plans)
+
+    # status describes the pods as they are once this round's plans are on them
+    written = {w.pod: w.plan for w in writes}
+    after = [replace(w, plan=written[w.pod]) if w.pod in written else w for w in obs.workers]
+    status = reconcile.pool_status(
+        after,
+        expected_workers=obs.pool.desired_workers or len(obs.workers),
+        plan_generation=generation,
+        existing_conditions=obs.pool.status.get("conditions"),
+        generation=obs.pool.generation,
+        now=obs.stamp,
+        workload_problem=obs.pool.workload_problem,
+    )
+    if forecasts.window is not None:
+        status["lastForecastWindow"] = iso(forecasts.window * forecasts.window_seconds)
+    observed = reconcile.observe_models(after)
+    models = []
+    for m in obs.models:
+        md_status = model_status(m, cat.validations[m.uid], observed.get(m.uid), forecasts, obs.stamp)
+        models.append(StatusUpdate(m.name, md_status, reconcile.status_changed(m.status, md_status)))
+    return Decision(
+        pool=obs.pool.name,
+        plans=writes,
+        generation=generation,
+        promotions=tuple(outcome.promotions),
+        memory=outcome.memory,
+        pool_status=StatusUpdate(obs.pool.name, status, reconcile.status_changed(obs.pool.status, status)),
+        model_statuses=tuple(models),
+        outcome=outcome,
+    )

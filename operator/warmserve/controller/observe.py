@@ -1,0 +1,112 @@
+"""The observe stage of a pool round: read what the decide stage needs into one immutable `Observation`.
+
+`Observer` is the interface the round uses; `KubeObserver` is the operator's implementation: the pool's worker
+pods (plan and state annotations), its ModelDeployments and their weight bytes (`WeightResolver`), the
+workload's desired pod count, and a load sample from the pool's load source. A failed load source is counted
+and skipped (the round plans on no load rather than not at all); API failures raise `ApiError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from warmserve.controller import builders, reconcile
+from warmserve.controller.conditions import now_rfc3339
+from warmserve.controller.decide import Observation, ObservedModel, ObservedPool
+from warmserve.controller.history import LoadHistory
+from warmserve.controller.k8s import CONFIGMAPS, DAEMONSETS, MODELDEPLOYMENTS, PODS
+from warmserve.controller.runtime import Runtime
+from warmserve.controller.scrape import LoadScraper, PrometheusScraper, WorkerMetricsScraper
+from warmserve.controller.spec import PoolSpec, parse_model_spec, parse_pool_spec
+
+WorkloadProblem = Callable[[], tuple[str, str] | None]
+
+
+class Observer(Protocol):
+    """Reads one pool's world; a single-machine driver implements the same two calls."""
+
+    async def load_history(self, pool: PoolSpec) -> LoadHistory:
+        """The persisted load history of the pool (empty when there is none)."""
+        ...
+
+    async def observe(self, body: Mapping[str, Any], now: float, logger: Any) -> Observation:
+        """Everything one round decides on, read at `now` for the pool object `body`."""
+        ...
+
+
+def default_scraper(runtime: Runtime, pool: PoolSpec) -> LoadScraper:
+    if pool.load_source.kind == "prometheus":
+        return PrometheusScraper(
+            pool.load_source.prometheus_url, pool.load_source.query, runtime.config.scrape_timeout_seconds
+        )
+    return WorkerMetricsScraper(pool.worker.port, runtime.config.scrape_timeout_seconds)
+
+
+def _deleting(obj: Mapping[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
+class KubeObserver:
+    """Observes a WarmPool through the Kubernetes API (`k8s.Api`) and its load source."""
+
+    def __init__(
+        self, runtime: Runtime, namespace: str | None, name: str, workload_problem: WorkloadProblem | None = None
+    ) -> None:
+        self.runtime = runtime
+        self.namespace = namespace
+        self.name = name
+        self.workload_problem = workload_problem or (lambda: None)
+
+    async def load_history(self, pool: PoolSpec) -> LoadHistory:
+        api = self.runtime.require_api()
+        capacity = pool.forecast.history_days * pool.forecast.period
+        cm = await api.get(CONFIGMAPS, self.namespace, builders.history_configmap_name(self.name))
+        text = ((cm or {}).get("binaryData") or {}).get(builders.HISTORY_KEY, "")
+        history = LoadHistory.decode(text, pool.forecast.window_seconds, capacity) if text else None
+        return history or LoadHistory(pool.forecast.window_seconds, capacity)
+
+    async def observe(self, body: Mapping[str, Any], now: float, logger: Any) -> Observation:
+        runtime, api = self.runtime, self.runtime.require_api()
+        pool = parse_pool_spec(body.get("spec"))
+        pods = await api.list(PODS, self.namespace, builders.selector_labels(self.name))
+        workers = tuple(reconcile.view_worker(p, pool.gpu.count) for p in pods)
+        models = []
+        for md in await api.list(MODELDEPLOYMENTS, self.namespace):
+            if ((md.get("spec") or {}).get("poolRef") or {}).get("name") != self.name or _deleting(md):
+                continue
+            meta, status = md["metadata"], md.get("status") or {}
+            spec = parse_model_spec(meta["name"], md.get("spec"))
+            weight = await runtime.weights.resolve(spec.weight_bytes, spec.source, status)
+            models.append(ObservedModel(meta["name"], meta["uid"], meta.get("generation"), spec, weight, status))
+
+        try:
+            factory = runtime.scraper_factory or default_scraper
+            live = sorted((w for w in workers if not w.deleting), key=lambda w: w.pod)
+            load = await factory(runtime, pool).sample(live)
+        except Exception as exc:  # a broken metrics source must not stop planning
+            runtime.metrics.scrape_errors.labels(self.name).inc()
+            logger.warning(f"load scrape failed: {exc}")
+            load = {}
+
+        workload = await api.get(DAEMONSETS, self.namespace, builders.worker_workload_name(self.name))
+        desired = ((workload or {}).get("status") or {}).get("desiredNumberScheduled")
+        meta = body.get("metadata") or {}
+        return Observation(
+            now=now,
+            stamp=now_rfc3339(),
+            pool=ObservedPool(
+                name=self.name,
+                namespace=self.namespace,
+                uid=str(meta.get("uid", "")),
+                generation=meta.get("generation"),
+                spec=pool,
+                status=body.get("status") or {},
+                body=body,
+                desired_workers=int(desired) if desired else None,
+                workload_problem=self.workload_problem(),
+            ),
+            workers=workers,
+            models=tuple(models),
+            load=dict(load),
+        )
