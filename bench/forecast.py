@@ -1,6 +1,6 @@
 """Forecast accuracy of every forecaster on real traces, walk-forward on held-out days.
 
-    python bench/forecast.py --json out/forecast.json [--traces ../shared/data/traces]
+    python bench/forecast.py --json out/forecast.json [--traces DIR]
 
 What is measured
 * Load = offered concurrency (in-flight requests, :mod:`warmserve.core.load`) from the per-second
@@ -174,7 +174,7 @@ def evaluate(series: Series, log) -> dict[str, dict]:
 
 def reference(series: Series) -> dict[str, dict[str, float]]:
     a, b = series.test
-    fixed = {
+    fixed: dict[str, fc.Forecaster] = {
         "csp_original": fc.CorrectiveSeasonal(days=b // series.period, corrections=10),
         "csp_defaults": fc.CorrectiveSeasonal(),
         "smooth-csp_defaults": fc.SmoothedCorrectiveSeasonal(),

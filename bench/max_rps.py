@@ -16,10 +16,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from warmserve.sim.engine import POLICIES, Simulation
 from warmserve.sim.scenarios import paper
 from warmserve.workload.build import build_workload
+
+
+class PolicyResult(TypedDict):
+    max_rps: float
+    probes: list[list[float]]  # [rps, p99 TTFT] per probed rate
 
 
 def p99_at(policy: str, rps: float, seed: int) -> float:
@@ -28,7 +34,7 @@ def p99_at(policy: str, rps: float, seed: int) -> float:
     return result.summary(scenario.ttft_slo_s)["ttft_p99_s"]
 
 
-def max_rps(policy: str, slo: float, grid: list[float], seed: int) -> tuple[float, list]:
+def max_rps(policy: str, slo: float, grid: list[float], seed: int) -> tuple[float, list[list[float]]]:
     """Largest rate of ``grid`` with p99 TTFT ≤ slo (0 if none), and every probe."""
     probes = [[rps, p99_at(policy, rps, seed)] for rps in grid]
     passing = [rps for rps, p99 in probes if p99 <= slo]
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    results = {}
+    results: dict[str, PolicyResult] = {}
     started = time.perf_counter()
     for policy in args.policies.split(","):
         rate, probes = max_rps(policy, args.slo, [float(x) for x in args.grid.split(",")], args.seed)

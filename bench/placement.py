@@ -111,12 +111,12 @@ def build_workload(models: int, gpus: int, seed: int, engine_share: float = ENGI
     kinds = rng.choice(len(MODEL_CLASSES), size=models, p=shares / shares.sum())
     profiles: dict[str, ModelProfile] = {}
     for i, kind in enumerate(kinds):
-        label, nbytes, tps, _ = MODEL_CLASSES[kind]
+        label, nbytes, tp_choices, _ = MODEL_CLASSES[kind]
         name = f"m{i:03d}-{label}"
         profiles[name] = ModelProfile(
             name,
             weight_bytes=int(nbytes * rng.uniform(0.95, 1.05)),
-            tp=int(rng.choice(tps)),
+            tp=int(rng.choice(tp_choices)),
             max_batch=MAX_BATCH,
             priority=2.0 if rng.random() < 0.05 else 1.0,
         )

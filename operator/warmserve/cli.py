@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from warmserve.core.forecast import FORECASTER_KINDS
 from warmserve.sim.costs import CostModel
 from warmserve.sim.engine import INITIAL_STATES, POLICIES
 from warmserve.sim.scenarios import SCENARIOS
+
+# Subcommands that hand their arguments to a component's own parser, and the extra that component needs.
+COMPONENT_EXTRAS = {"operator": "operator", "worker": "worker", "router": "operator"}
 
 
 def _policies(text: str) -> list[str]:
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("operator", "run the Kubernetes operator (same as python -m warmserve.controller; --help lists settings)"),
         ("worker", "run the GPU-pod worker agent (same as python -m warmserve.worker; --help lists options)"),
+        ("router", "run the OpenAI-compatible router (same as python -m warmserve.router; --help lists options)"),
     ):
         sub.add_parser(name, help=text, description=text, add_help=False)  # its arguments are passed through
     return parser
@@ -137,15 +142,25 @@ def simulate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("operator", "worker"):  # imported lazily: they need the operator / worker extras
+    if args.command in COMPONENT_EXTRAS:  # imported lazily: they need the operator / worker extras
+        component_main: Callable[[list[str]], int | None]
         try:
             if args.command == "operator":
-                from warmserve.controller.__main__ import main as component_main
+                from warmserve.controller.__main__ import main as operator_main
+
+                component_main = operator_main
+            elif args.command == "router":
+                from warmserve.router.__main__ import main as router_main
+
+                component_main = router_main
             else:
-                from warmserve.worker.__main__ import main as component_main
+                from warmserve.worker.__main__ import main as worker_main
+
+                component_main = worker_main
         except ImportError as error:
+            extra = COMPONENT_EXTRAS[args.command]
             print(
-                f"warmserve {args.command}: {error}; install it with pip install 'warmserve[{args.command}]'",
+                f"warmserve {args.command}: {error}; install it with pip install 'warmserve[{extra}]'",
                 file=sys.stderr,
             )
             return 2

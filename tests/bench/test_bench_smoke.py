@@ -68,6 +68,7 @@ def test_proactive_bench_counts_lent_replicas(tmp_path):
     assert pressure["engine_starts"]["hit"] > data["pressure"]["warmserve-noproactive"]["engine_starts"]["hit"]
 
 
+@pytest.mark.vllm  # two real vLLM servers
 def test_colocation_bench_measures_a_prefill_beside_a_decoding_engine(tmp_path):
     args = ("--repeats", "2", "--prompt-tokens", "64", "--neighbour-tokens", "32")
     data = run("colocation.py", *args, tmp_path=tmp_path)

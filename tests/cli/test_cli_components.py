@@ -1,4 +1,5 @@
-"""`warmserve operator` and `warmserve worker` hand their arguments to the components' own parsers."""
+"""`warmserve operator`, `warmserve worker` and `warmserve router` hand their arguments to the components' own
+parsers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import pytest
 from warmserve.cli import main
 
 
-@pytest.mark.parametrize(("command", "usage"), [("operator", "warmserve.controller"), ("worker", "warmserve.worker")])
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [("operator", "warmserve.controller"), ("worker", "warmserve.worker"), ("router", "warmserve router")],
+)
 def test_component_help_comes_from_the_component(command, usage, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

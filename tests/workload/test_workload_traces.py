@@ -1,4 +1,4 @@
-"""Trace loaders against the real files in ../shared/data/traces (figures from its README)."""
+"""Trace loaders against the full trace files (``trace_root()``; figures from the traces' README)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from warmserve.workload import traces
 def root() -> Path:
     try:
         return traces.trace_root()
-    except FileNotFoundError as exc:  # only outside a checkout with ../shared
+    except FileNotFoundError as exc:  # where the full traces are not available
         pytest.skip(str(exc))
 
 

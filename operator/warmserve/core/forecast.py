@@ -9,7 +9,7 @@ the same answers.
 
 Kinds (:func:`make_forecaster`):
 
-* ``csp``: the paper's Corrective Seasonal Predictor, exactly as in DESIGN.md §1.
+* ``csp``: the paper's Corrective Seasonal Predictor (docs/design.md, Decisions).
 * ``last``: last observed value (persistence).
 * ``seasonal-naive``: same window one day earlier.
 * ``smooth-csp``: ours. CSP with a seasonal term averaged over neighbouring windows too (denoised)
@@ -23,6 +23,7 @@ Every class also offers ``predict_series(series, period, start)``: the same pred
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -43,7 +44,8 @@ _RATIO_MIN, _RATIO_MAX = 0.25, 4.0
 class Forecaster(Protocol):
     """Predicts ``history[t]`` from ``history[:t]``; NaN = masked; result ≥ 0; fast."""
 
-    name: str
+    @property
+    def name(self) -> str: ...  # read-only: the forecasters are frozen dataclasses
 
     def predict(self, history: np.ndarray, t: int, period: int) -> float: ...
 
@@ -143,7 +145,7 @@ class SeasonalNaive:
 
 @dataclass(frozen=True)
 class CorrectiveSeasonal:
-    """The paper's Corrective Seasonal Predictor (CSP), DESIGN.md §1 / original-code-digest §3.1.
+    """The paper's Corrective Seasonal Predictor (CSP), as the original code computes it (docs/design.md).
 
     For window ``t``:
 
@@ -312,20 +314,23 @@ class SmoothedCorrectiveSeasonal:
         return np.maximum(out[start:], 0.0)
 
 
-FORECASTER_KINDS: tuple[str, ...] = ("csp", "last", "seasonal-naive", "smooth-csp")
+# The constructors take different numeric fields (days, corrections, decay, halfwidth) and check them
+# themselves, so a kind maps to a constructor of any arguments that returns a Forecaster.
+_CONSTRUCTORS: dict[str, Callable[..., Forecaster]] = {
+    "csp": CorrectiveSeasonal,
+    "last": LastValue,
+    "seasonal-naive": SeasonalNaive,
+    "smooth-csp": SmoothedCorrectiveSeasonal,
+}
+FORECASTER_KINDS: tuple[str, ...] = tuple(_CONSTRUCTORS)
 
 
-def make_forecaster(kind: str, **params: int) -> Forecaster:
+def make_forecaster(kind: str, **params: float) -> Forecaster:
     """Build a forecaster by kind; ``params`` are the class's fields (e.g. ``days``, ``corrections``)."""
-    if kind == "csp":
-        return CorrectiveSeasonal(**params)
-    if kind == "last":
-        return LastValue(**params)
-    if kind == "seasonal-naive":
-        return SeasonalNaive(**params)
-    if kind == "smooth-csp":
-        return SmoothedCorrectiveSeasonal(**params)
-    raise ValueError(f"unknown forecaster kind {kind!r}; expected one of {FORECASTER_KINDS}")
+    constructor = _CONSTRUCTORS.get(kind)
+    if constructor is None:
+        raise ValueError(f"unknown forecaster kind {kind!r}; expected one of {FORECASTER_KINDS}")
+    return constructor(**params)
 
 
 def walk_forward(forecaster: Forecaster, series: np.ndarray, period: int, start: int = 0) -> np.ndarray:

@@ -128,6 +128,7 @@ class _Grid:
         self.ov_score = [np.zeros(total >> level) for level in range(self.levels)]
         self.ov_kept = [np.zeros(total >> level, dtype=np.int32) for level in range(self.levels)]
         self.exact_score = [np.zeros(total >> level) for level in range(self.levels)]  # replicas exactly on a group
+        self.ov_pending: list[np.ndarray] = []  # like ov_score, over not-yet-visited replicas (set by plan_placement)
 
     def overlap(self, level: int, arrays: list[np.ndarray]) -> np.ndarray:
         """Per size-``2**level`` group, the total of ``arrays`` over every group nested with it."""
@@ -293,7 +294,7 @@ def _place_one(
     overlap_sum = grid.ov_score[level]
     if fits.any():
         interferes = grid.ov_kept[level] > 0
-        on_engine = grid.engine.reshape(-1, size).any(axis=1)
+        on_engine = np.asarray(grid.engine.reshape(-1, size).any(axis=1))  # (numpy's stubs allow a scalar)
         candidates = np.flatnonzero(fits)
         order = np.lexsort((candidates, overlap_sum[candidates], interferes[candidates], on_engine[candidates]))
         return grid.group_of(level, int(candidates[order[0]]))

@@ -141,12 +141,17 @@ class WarmServePolicy:
     def choose_group(self, state: ClusterState, model: str) -> tuple[GpuGroup, str] | None:
         """Group for a new engine of ``model`` and where its weights come from ("hit", "loading", "cold")."""
         profile = self.profiles[model]
-        best: tuple[tuple, GpuGroup, str] | None = None
+        # key: (0 hit / 1 loading / 2 cold, score destroyed, tie-break: replica id, or the group when cold)
+        best: tuple[tuple[int, float, int | GpuGroup], GpuGroup, str] | None = None
         for replica in state.replicas_of(model):
             if state.group_has_engine(replica.group):
                 continue
             source = "hit" if replica.warm else "loading"
-            key = (0 if replica.warm else 1, self._eviction_cost(state, replica.group, replica.rid), replica.rid)
+            key: tuple[int, float, int | GpuGroup] = (
+                0 if replica.warm else 1,
+                self._eviction_cost(state, replica.group, replica.rid),
+                replica.rid,
+            )
             if best is None or key < best[0]:
                 best = (key, replica.group, source)
         if best is not None:
@@ -232,13 +237,13 @@ class WarmServePolicy:
         for model in self.profiles if inp.scale else ():
             low, high = inp.bounds.get(model, (0, None))
             engines = list(inp.engines.get(model, ()))
-            decision = self.scale(inp.now, model, float(inp.load.get(model, 0.0)), engines, low, high)
-            for iid in decision.stop:
+            scaling = self.scale(inp.now, model, float(inp.load.get(model, 0.0)), engines, low, high)
+            for iid in scaling.stop:
                 instance = state.instances[iid]
                 instance.phase = "draining"
                 record.draining.append((model, instance.group))
                 effects.draining(instance)
-            for _ in range(decision.start):
+            for _ in range(scaling.start):
                 if self.start_engine(state, model, inp.now, effects, record) is None:
                     break
         return record

@@ -30,7 +30,7 @@ class CostModel:
 
 COST_SOURCES: dict[str, str] = {
     "load_bandwidth": "PCIe Gen4 x16 host→device with pinned memory ≈ 25 GB/s (Gen5 ≈ 50 GB/s); the original "
-    "WarmServe estimates cold loads at bytes/TP/32 GB/s from pinned host memory (DESIGN.md §7).",
+    "WarmServe code estimates cold loads at bytes/TP/32 GB/s from pinned host memory (docs/design.md).",
     "promote_s": "vLLM sleep mode level-1 wake on A100: 0.26–0.82 s for small models (vLLM blog, 2025-10-26); a "
     "promotion maps prewarmed weights without copying, so a wake that copies weights back bounds it from above.",
     "engine_start_s": "cold engine start excluding weight loading. A full vLLM reload of a 0.6 B model (weights "

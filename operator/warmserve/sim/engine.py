@@ -565,7 +565,7 @@ class Simulation:
             layout: dict[int, range] = {}
             for m in order:
                 tp = self.profiles[m].tp
-                best = min(range(0, mesh, tp), key=lambda s, tp=tp: (max(weights[s : s + tp]), s))
+                best = min((max(weights[s : s + tp]), s) for s in range(0, mesh, tp))[1]  # least loaded, then first
                 layout[m] = range(best, best + tp)
                 for g in layout[m]:
                     weights[g] += self.profiles[m].shard_bytes

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TypedDict
 
 from warmserve.core.types import GB, ModelProfile, NodeSpec
 from warmserve.workload.build import WorkloadSpec
 
+
+class Architecture(TypedDict):
+    """The ``ModelProfile`` fields one architecture fixes (``ModelProfile(name, **LLAMA2_7B)``)."""
+
+    weight_bytes: int
+    tp: int
+    prefill_s: float
+    decode_s_per_token: float
+    kv_bytes_per_token: int
+
+
 # Llama-2 in fp16, the byte sizes of the original's models.yaml (13.48, 26.03 and 137.96 GB). Latencies
 # (prefill at a 1,024-token prompt, decode per token) from the original code's common.py. KV bytes per
 # token from the architectures: 2 (K, V) × layers × KV heads × head dim × 2 bytes.
-LLAMA2_7B = dict(
+LLAMA2_7B = Architecture(
     weight_bytes=int(13.48 * GB), tp=1, prefill_s=0.035, decode_s_per_token=0.015, kv_bytes_per_token=2 * 32 * 4096 * 2
 )
-LLAMA2_13B = dict(
+LLAMA2_13B = Architecture(
     weight_bytes=int(26.03 * GB), tp=2, prefill_s=0.070, decode_s_per_token=0.020, kv_bytes_per_token=2 * 40 * 5120 * 2
 )
-LLAMA2_70B = dict(
+LLAMA2_70B = Architecture(
     weight_bytes=int(137.96 * GB), tp=4, prefill_s=0.100, decode_s_per_token=0.030, kv_bytes_per_token=2 * 80 * 1024 * 2
 )
 

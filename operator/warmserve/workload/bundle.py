@@ -1,6 +1,6 @@
-"""The compact trace bundle shipped inside the package, so ``warmserve simulate`` needs no ``../shared``.
+"""The compact trace bundle shipped inside the package, so ``warmserve simulate`` needs no trace download.
 
-What it holds (all derived from ``../shared/data/traces`` by :func:`build_bundle`, nothing synthetic):
+What it holds (all derived from the full traces by :func:`build_bundle`, nothing synthetic; docs/design.md):
 
 * ``azure2024_code``: Azure 2024 code per-second request counts, (7, 86400), Fri..Thu, stored uint16.
 * ``azure2023_conv`` / ``azure2023_code``: Azure 2023 [input, output] token pairs, stored uint16.
@@ -12,7 +12,7 @@ arrays :func:`load_bundle` returns equal the arrays the :mod:`warmserve.workload
 The ``.npz`` is written with fixed zip timestamps so rebuilding gives byte-identical files.
 
 Rebuild (defaults: ``trace_root()`` and this package's ``data/``):
-``python -m warmserve.workload.bundle [--traces ../shared/data/traces] [--out DIR]``
+``python -m warmserve.workload.bundle [--traces DIR] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def load_bundle_from_traces(root: Path | str) -> Bundle:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the shipped trace bundle from ../shared/data/traces")
+    parser = argparse.ArgumentParser(description="Build the shipped trace bundle from the full traces")
     parser.add_argument("--traces", type=Path, default=None, help="trace folder (default: trace_root())")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: package data/)")
     args = parser.parse_args(argv)

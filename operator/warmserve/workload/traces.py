@@ -1,4 +1,4 @@
-"""Loaders for the real production traces in ``../shared/data/traces`` (see its README.md).
+"""Loaders for the full production traces (not in the repository: :func:`trace_root`, docs/design.md).
 
 Every loader returns plain numpy arrays and reads only the files it needs. The shipped bundle
 (:mod:`warmserve.workload.bundle`) is built from these loaders, so both paths give identical arrays.
@@ -43,9 +43,9 @@ _AGGREGATE_COLUMNS = {"m-large": 1, "m-mid": 2, "m-small": 3}
 def trace_root() -> Path:
     """Directory holding the real traces.
 
-    ``$WARMSERVE_TRACES`` wins when set; otherwise ``<repo>/../shared/data/traces`` next to a source
-    checkout (repo = the directory above ``operator/``). Raises FileNotFoundError when neither exists,
-    so callers (tests, benches) can skip or fall back to the shipped bundle.
+    ``$WARMSERVE_TRACES`` wins when set; otherwise ``shared/data/traces`` in the directory that holds a
+    source checkout (the checkout = the directory above ``operator/``). Raises FileNotFoundError when
+    neither exists, so callers (tests, benches) can skip or fall back to the shipped bundle.
     """
     env = os.environ.get("WARMSERVE_TRACES")
     if env:
