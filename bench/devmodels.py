@@ -28,6 +28,12 @@ CORPUS = [
 ] * 20
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def build_tokenizer(directory: str, vocab_size: int = 400) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -40,6 +46,8 @@ def build_tokenizer(directory: str, vocab_size: int = 400) -> None:
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    # a plain chat template, so /v1/chat/completions (and the openai client's chat API) works
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
 
 

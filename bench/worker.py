@@ -153,6 +153,7 @@ def inproc(model_dir: str, llm_kwargs: dict, warm: bool) -> dict:
         env={**os.environ, **ENV},
         start_new_session=True,
     )
+    assert proc.stdout is not None and proc.stdin is not None  # both are pipes
     try:
         line = proc.stdout.readline().decode()
         if not line.startswith("WARMSERVE-SHELL-READY"):

@@ -12,10 +12,11 @@ retries the handler) or the control loop (which counts it and tries again next r
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +190,49 @@ class Api:
     ) -> dict[str, Any]:
         path = res.path(namespace, name, "status" if status else None)
         return await self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    async def list_with_version(
+        self, res: Resource, namespace: str | None, label_selector: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], str]:
+        """List objects and the list's resourceVersion (where a watch of the same objects starts)."""
+        params = {"labelSelector": label_selector} if label_selector else None
+        data = await self.request("GET", res.path(namespace), params=params) or {}
+        return list(data.get("items") or []), str((data.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch(
+        self,
+        res: Resource,
+        namespace: str | None,
+        resource_version: str,
+        label_selector: str | None = None,
+        timeout_seconds: int = 300,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(event type, object) from a watch stream that starts after `resource_version`; ends when the API
+        server closes the stream (the caller lists and watches again). Raises `ApiError` when it fails."""
+        session, info = await self._ensure()
+        params = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        if label_selector:
+            params["labelSelector"] = label_selector
+        headers = {"Accept": "application/json", **info.as_http_headers()}
+        url = info.server.rstrip("/") + res.path(namespace)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
+        try:
+            async with session.get(url, params=params, headers=headers, timeout=timeout) as resp:
+                if resp.status >= 400:
+                    raise ApiError(resp.status, resp.reason or "", (await resp.text())[:500])
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":  # e.g. 410 Gone: the version is too old; list again
+                        raise ApiError(
+                            int((event.get("object") or {}).get("code") or 0), "WatchError", line.decode()[:500]
+                        )
+                    yield str(event.get("type")), dict(event.get("object") or {})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(0, type(exc).__name__, str(exc)) from exc
 
     async def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
         try:

@@ -54,6 +54,7 @@ class Dispatcher:
         self._models: dict[str, _Model] = {}
         self._inflight: dict[Backend, int] = {}
         self._down: dict[Backend, float] = {}  # engine → clock time until which it is set aside
+        self.on_hold: Callable[[str], None] | None = None  # told when a request must wait (wake the planner)
 
     # -- what the metrics and the operator read -------------------------------------------------------------
     def requests(self, model: str) -> int:
@@ -140,6 +141,8 @@ class Dispatcher:
             raise QueueFull(f"{self.max_queue} requests for {model!r} are already waiting for an engine")
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         m.waiting.append(future)
+        if self.on_hold is not None:
+            self.on_hold(model)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, deadline - self.clock()))
         except TimeoutError:

@@ -1,0 +1,1 @@
+"""`warmserve up`: the whole system on one machine (see driver.py)."""
