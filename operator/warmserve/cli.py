@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,7 +15,13 @@ from warmserve.sim.engine import INITIAL_STATES, POLICIES
 from warmserve.sim.scenarios import SCENARIOS
 
 # Subcommands that hand their arguments to a component's own parser, and the extra that component needs.
-COMPONENT_EXTRAS = {"operator": "operator", "worker": "worker", "router": "operator"}
+#: subcommand → (module whose main() runs it, the extra it needs)
+COMPONENTS = {
+    "up": ("warmserve.local.__main__", "operator,worker,vllm"),
+    "operator": ("warmserve.controller.__main__", "operator"),
+    "worker": ("warmserve.worker.__main__", "worker"),
+    "router": ("warmserve.router.__main__", "operator"),
+}
 
 
 def _policies(text: str) -> list[str]:
@@ -83,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--quiet", action="store_true", help="no progress output")
     for name, text in (
+        ("up", "serve the models of a YAML file on this machine, no Kubernetes (-f models.yaml; --help lists options)"),
         ("operator", "run the Kubernetes operator (same as python -m warmserve.controller; --help lists settings)"),
         ("worker", "run the GPU-pod worker agent (same as python -m warmserve.worker; --help lists options)"),
         ("router", "run the OpenAI-compatible router (same as python -m warmserve.router; --help lists options)"),
@@ -142,23 +150,11 @@ def simulate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in COMPONENT_EXTRAS:  # imported lazily: they need the operator / worker extras
-        component_main: Callable[[list[str]], int | None]
+    if args.command in COMPONENTS:  # imported lazily: they need the operator / worker extras
+        module, extra = COMPONENTS[args.command]
         try:
-            if args.command == "operator":
-                from warmserve.controller.__main__ import main as operator_main
-
-                component_main = operator_main
-            elif args.command == "router":
-                from warmserve.router.__main__ import main as router_main
-
-                component_main = router_main
-            else:
-                from warmserve.worker.__main__ import main as worker_main
-
-                component_main = worker_main
+            component_main: Callable[[list[str]], int | None] = importlib.import_module(module).main
         except ImportError as error:
-            extra = COMPONENT_EXTRAS[args.command]
             print(
                 f"warmserve {args.command}: {error}; install it with pip install 'warmserve[{extra}]'",
                 file=sys.stderr,
