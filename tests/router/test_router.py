@@ -27,7 +27,7 @@ async def router_client():
 
     async def make(**settings) -> tuple[Router, TestClient]:
         router = Router(RouterSettings(**settings))
-        client = TestClient(TestServer(router.app()))
+        client = TestClient(TestServer(router.app(), handler_cancellation=True))
         await client.start_server()
         clients.append(client)
         return router, client
@@ -229,3 +229,39 @@ def test_build_snapshot_uses_ready_serving_replicas_of_known_models_only():
     assert [b.url for b in snap.backends_of("m1")] == ["http://10.0.0.5:8001", "http://10.0.0.5:8002"]
     assert snap.backends_of("m2") == ()
     assert [r.endpoint for r in rejected] == ["169.254.169.254:8005"]
+
+
+async def test_a_client_that_goes_away_releases_its_place_in_the_queue(router_client):
+    router, client = await router_client()
+    router.publish(snapshot(["a"], []))
+    pending = asyncio.create_task(completion(client, "a"))
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        if router.dispatcher.waiting("a") == 1:
+            break
+    assert router.dispatcher.waiting("a") == 1
+    pending.cancel()
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        if router.dispatcher.requests("a") == 0:
+            break
+    assert router.dispatcher.waiting("a") == 0 and router.dispatcher.requests("a") == 0
+    page = await (await client.get("/metrics")).text()
+    assert metric(page, "warmserve_router_responses_total", model="a", code="499") == 1
+
+
+async def test_demand_long_poll_answers_when_a_request_is_held(router_client):
+    router, client = await router_client()
+    router.publish(snapshot(["a"], []))
+    first = await (await client.get("/v1/warmserve/demand", params={"after": "-1", "timeout": "0"})).json()
+    assert first["holds"] == 0
+    poll = asyncio.create_task(client.get("/v1/warmserve/demand", params={"after": "0", "boot": first["boot"]}))
+    await asyncio.sleep(0.2)
+    assert not poll.done()
+    held = asyncio.create_task(completion(client, "a"))
+    answer = await (await asyncio.wait_for(poll, 5)).json()
+    assert answer["holds"] == 1 and answer["models"]["a"] == {"requests": 1, "waiting": 1}
+    held.cancel()
+    # a poller that saw another router process is answered at once
+    other = await (await client.get("/v1/warmserve/demand", params={"after": "5", "boot": "old"})).json()
+    assert other["boot"] == first["boot"]

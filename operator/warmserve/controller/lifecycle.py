@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import kopf
 
-from warmserve.controller import k8s
+from warmserve.controller import demand, k8s
 from warmserve.controller.runtime import Runtime
 from warmserve.controller.settings import ANNOTATION_PREFIX, FINALIZER
 
 log = logging.getLogger(__name__)
+_background: set[asyncio.Task[None]] = set()  # the router demand watcher, while the operator runs
 
 
 def configure(settings: kopf.OperatorSettings, runtime: Runtime) -> None:
@@ -43,6 +45,12 @@ async def startup(runtime: Runtime, settings: kopf.OperatorSettings, logger: Any
         runtime.metrics.serve(runtime.config.metrics_port)
     except OSError as exc:  # a port clash must not keep the operator from reconciling
         logger.warning(f"metrics endpoint on port {runtime.config.metrics_port} not started: {exc}")
+    if runtime.config.router_url:
+        task = asyncio.create_task(
+            demand.watch_router(runtime.config.router_url, runtime.wakeups), name="router-demand"
+        )
+        _background.add(task)
+        task.add_done_callback(_background.discard)
     logger.info(
         "warmserve operator started",
         extra={
@@ -53,6 +61,8 @@ async def startup(runtime: Runtime, settings: kopf.OperatorSettings, logger: Any
 
 
 async def cleanup(runtime: Runtime, logger: Any) -> None:
+    for task in list(_background):
+        task.cancel()
     if runtime.api is not None:
         await runtime.api.close()
         runtime.api = None

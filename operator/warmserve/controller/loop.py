@@ -17,6 +17,7 @@ forecasts, the planner state and a round counter.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -105,14 +106,32 @@ async def run(
     loop = PoolLoop(runtime, meta.get("namespace"), meta["name"], workload_problem=workload_problem)
     if runtime.on_loop is not None:
         runtime.on_loop(loop)
-    while not stopped:
-        try:
-            await loop.tick(body, logger)
-        except (ApiError, kopf.TemporaryError) as exc:
-            runtime.metrics.reconcile_errors.labels("WarmPool", "round").inc()
-            logger.warning(f"control round failed, retrying next interval: {exc}")
-        except Exception as exc:
-            runtime.metrics.reconcile_errors.labels("WarmPool", "round").inc()
-            logger.exception(f"control round crashed, retrying next interval: {exc}")
-        interval = parse_pool_spec(body.get("spec")).interval_seconds
+    wake = runtime.wakeups.register()
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                await loop.tick(body, logger)
+            except (ApiError, kopf.TemporaryError) as exc:
+                runtime.metrics.reconcile_errors.labels("WarmPool", "round").inc()
+                logger.warning(f"control round failed, retrying next interval: {exc}")
+            except Exception as exc:
+                runtime.metrics.reconcile_errors.labels("WarmPool", "round").inc()
+                logger.exception(f"control round crashed, retrying next interval: {exc}")
+            await _sleep(stopped, wake, parse_pool_spec(body.get("spec")).interval_seconds)
+    finally:
+        runtime.wakeups.unregister(wake)
+
+
+async def _sleep(stopped: Any, wake: asyncio.Event, interval: float) -> None:
+    """Until the next round: the pool's interval, or sooner when the router holds a request (a wake-up)."""
+
+    async def until_stopped() -> None:
         await stopped.wait(interval)
+
+    waits = [asyncio.ensure_future(until_stopped()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

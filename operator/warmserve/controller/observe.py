@@ -17,7 +17,7 @@ from warmserve.controller.decide import Observation, ObservedModel, ObservedPool
 from warmserve.controller.history import LoadHistory
 from warmserve.controller.k8s import CONFIGMAPS, DAEMONSETS, MODELDEPLOYMENTS, PODS
 from warmserve.controller.runtime import Runtime
-from warmserve.controller.scrape import LoadScraper, PrometheusScraper, WorkerMetricsScraper
+from warmserve.controller.scrape import LoadScraper, PrometheusScraper, RouterScraper, WorkerMetricsScraper
 from warmserve.controller.spec import PoolSpec, parse_model_spec, parse_pool_spec
 
 WorkloadProblem = Callable[[], tuple[str, str] | None]
@@ -40,6 +40,8 @@ def default_scraper(runtime: Runtime, pool: PoolSpec) -> LoadScraper:
         return PrometheusScraper(
             pool.load_source.prometheus_url, pool.load_source.query, runtime.config.scrape_timeout_seconds
         )
+    if runtime.config.router_url:
+        return RouterScraper(runtime.config.router_url, runtime.config.scrape_timeout_seconds)
     return WorkerMetricsScraper(pool.worker.port, runtime.config.scrape_timeout_seconds)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import kopf
 
 from warmserve.controller import k8s
+from warmserve.controller.demand import Wakeups
 from warmserve.controller.metrics import OperatorMetrics
 from warmserve.controller.settings import ControllerConfig
 from warmserve.controller.weights import WeightResolver
@@ -35,6 +36,7 @@ class Runtime:
     on_loop: Callable[[Any], None] | None = None  # called with every PoolLoop a daemon starts (tests look inside)
     api: k8s.Api | None = None
     weights: WeightResolver = field(init=False)  # the one place weight bytes are decided
+    wakeups: Wakeups = field(default_factory=Wakeups)  # set by the router's demand: run the pool rounds now
     _locks: dict[tuple[str | None, str], asyncio.Lock] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

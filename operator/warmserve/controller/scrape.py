@@ -103,6 +103,32 @@ class WorkerMetricsScraper:
         return own or merge(v for _, v in results)
 
 
+def parse_router_demand(text: str) -> dict[str, float]:
+    """{model: requests in the router} from the router's exposition (`warmserve_inflight_requests`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            model = sample.labels.get("model")
+            if sample.name == "warmserve_inflight_requests" and model and sample.value == sample.value:
+                out[model] = out.get(model, 0.0) + sample.value
+    return out
+
+
+class RouterScraper:
+    """The router's per-model demand: every request it holds or has sent to an engine (docs/operator.md)."""
+
+    def __init__(self, url: str, timeout_seconds: float = 2.0) -> None:
+        self.url = url.rstrip("/") + "/metrics"
+        self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+
+    async def sample(self, workers: Sequence[WorkerView]) -> dict[str, float]:
+        async with aiohttp.ClientSession(timeout=self.timeout) as session, session.get(self.url) as resp:
+            resp.raise_for_status()
+            return parse_router_demand(await resp.text())
+
+
 class PrometheusScraper:
     def __init__(self, url: str, query: str = "", timeout_seconds: float = 2.0) -> None:
         self.url = url.rstrip("/") + "/api/v1/query"

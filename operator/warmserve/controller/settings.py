@@ -16,6 +16,7 @@ manifests set them through env on the operator Deployment.
 | WARMSERVE_PVC_ROOT               | --pvc-root          | "" (pvc:// sources not read)    |
 | WARMSERVE_SCRAPE_TIMEOUT_SECONDS | --scrape-timeout    | 2.0                             |
 | WARMSERVE_POST_EVENTS            | --no-events         | true                            |
+| WARMSERVE_ROUTER_URL             | --router-url        | "" (load from the workers)      |
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class ControllerConfig:
     pvc_root: str = ""
     scrape_timeout_seconds: float = 2.0
     post_events: bool = True
+    router_url: str = ""  # the router's base URL: its demand is every pool's load, and it wakes a round at once
 
     @property
     def clusterwide(self) -> bool:
@@ -83,6 +85,7 @@ class ControllerConfig:
             pvc_root=env.get("WARMSERVE_PVC_ROOT", d.pvc_root),
             scrape_timeout_seconds=float(env.get("WARMSERVE_SCRAPE_TIMEOUT_SECONDS", d.scrape_timeout_seconds)),
             post_events=_bool(env.get("WARMSERVE_POST_EVENTS"), d.post_events),
+            router_url=env.get("WARMSERVE_ROUTER_URL", d.router_url),
         )
 
     @classmethod
@@ -100,6 +103,12 @@ class ControllerConfig:
         p.add_argument("--pvc-root", default=base.pvc_root, help="where pvc:// claims are mounted")
         p.add_argument("--scrape-timeout", type=float, default=base.scrape_timeout_seconds)
         p.add_argument("--no-events", action="store_true", help="do not post Kubernetes events")
+        p.add_argument(
+            "--router-url",
+            default=base.router_url,
+            help="the router (e.g. http://warmserve-router.warmserve-system:8080): load from its demand, and a "
+            "request held for a model without engines starts a round at once",
+        )
         a = p.parse_args(argv)
         return cls(
             namespaces=tuple(a.namespaces) if a.namespaces else base.namespaces,
@@ -113,4 +122,5 @@ class ControllerConfig:
             pvc_root=a.pvc_root,
             scrape_timeout_seconds=a.scrape_timeout,
             post_events=base.post_events and not a.no_events,
+            router_url=a.router_url,
         )

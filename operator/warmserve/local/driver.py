@@ -231,7 +231,7 @@ class Up:
         )
         self.runtime = Runtime()
         self.wake = asyncio.Event()
-        self.router.dispatcher.on_hold = lambda _model: self.wake.set()
+        self.router.on_hold = lambda _model: self.wake.set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pod = MemoryPod(self._on_state)
         self.pool_loop = PoolLoop(
@@ -293,7 +293,7 @@ class Up:
     # -- the loop -------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        runner = web.AppRunner(self.router.app(), access_log=None)
+        runner = web.AppRunner(self.router.app(), access_log=None, handler_cancellation=True)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.settings.host, self.settings.port)

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,22 @@ class Router:
         self.dispatcher = Dispatcher(max_queue=self.settings.max_queue, clock=clock)
         self.metrics = RouterMetrics(self.dispatcher)
         self._session: aiohttp.ClientSession | None = None
+        # a counter of "a request had to wait for an engine" events and a condition for `GET /v1/warmserve/demand`
+        self.holds = 0
+        self.boot = uuid.uuid4().hex  # tells a demand poller that the router restarted (counts start again)
+        self._held = asyncio.Condition()
+        self.on_hold: Callable[[str], None] | None = None  # in-process listeners (warmserve up)
+        self.dispatcher.on_hold = self._on_hold
+
+    def _on_hold(self, model: str) -> None:
+        self.holds += 1
+        if self.on_hold is not None:
+            self.on_hold(model)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._held:
+            self._held.notify_all()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def publish(self, snapshot: Snapshot) -> None:
@@ -124,6 +141,7 @@ class Router:
         app.router.add_get("/v1/models", self.models)
         for route in ROUTES:
             app.router.add_post(route, self.proxy)
+        app.router.add_get("/v1/warmserve/demand", self.demand)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
@@ -136,6 +154,22 @@ class Router:
             for name in sorted(self.dispatcher.snapshot.models)
         ]
         return web.json_response({"object": "list", "data": data})
+
+    async def demand(self, request: web.Request) -> web.Response:
+        """Per-model demand, answered as soon as a request had to wait after hold number `after` (a long poll
+        of at most `timeout` seconds): how the operator hears of a model without engines within a second."""
+        try:
+            after = int(request.query.get("after", "-1"))
+            timeout = min(max(float(request.query.get("timeout", "30")), 0.0), 60.0)
+        except ValueError:
+            return openai_error(400, "after must be an integer and timeout a number", "invalid_request_error")
+        if self.holds <= after and request.query.get("boot", self.boot) == self.boot:
+            async with self._held:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._held.wait_for(lambda: self.holds > after), timeout)
+        d = self.dispatcher
+        models = {m: {"requests": d.requests(m), "waiting": d.waiting(m)} for m in d.models()}
+        return web.json_response({"holds": self.holds, "boot": self.boot, "models": models})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -169,7 +203,7 @@ class Router:
             response = await self._route(request, body, model, arrival)
             code = str(response.status)
             return response
-        except ConnectionResetError:
+        except (ConnectionResetError, asyncio.CancelledError):  # the client went away (handler cancellation)
             code = "499"
             raise
         finally:
@@ -261,4 +295,12 @@ class Router:
 
 def run(router: Router, host: str, port: int, drain_seconds: float = 60.0) -> None:
     """Serve until SIGINT/SIGTERM, then give held and running requests `drain_seconds` to finish."""
-    web.run_app(router.app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=drain_seconds)
+    web.run_app(
+        router.app(),
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=drain_seconds,
+        handler_cancellation=True,  # a client that goes away releases its place in the queue
+    )
