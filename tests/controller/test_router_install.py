@@ -161,8 +161,13 @@ def test_router_renders_by_default_and_not_when_disabled():
         off = render(values)
         assert router_docs(off) == []
         assert not [d for d in off if "router" in d["metadata"]["name"]]
-    # Turning the router off removes its objects and changes nothing else.
-    assert render({"router": {"enabled": False}}) == [d for d in on if d not in router]
+    # Turning the router off removes its objects and changes nothing else but the operator's router URL.
+    rest = [d for d in on if d not in router]
+    for d in rest:
+        if d["kind"] == "Deployment":
+            c = container(d)
+            c["env"] = [e for e in c.get("env", []) if e["name"] != "WARMSERVE_ROUTER_URL"]
+    assert render({"router": {"enabled": False}}) == rest
 
 
 def _router_rbac(docs):
@@ -483,3 +488,15 @@ def test_plain_router_is_read_only_hardened_and_selected():
     operator = next(d for d in docs if d["kind"] == "Deployment" and d is not deployment)
     assert c["image"] == container(operator)["image"]
     assert {e["name"]: e["value"] for e in container(operator)["env"]}["WARMSERVE_NAMESPACES"] == ""
+
+
+def test_the_operator_reads_the_router_when_it_is_installed():
+    def router_url(values: dict[str, Any]) -> str | None:
+        operator = next(
+            d for d in render(values) if d["kind"] == "Deployment" and "router" not in d["metadata"]["name"]
+        )
+        env = {e["name"]: e.get("value") for e in container(operator).get("env", [])}
+        return env.get("WARMSERVE_ROUTER_URL")
+
+    assert router_url({}) == f"http://{RELEASE}-router.{NAMESPACE}.svc:8080"
+    assert router_url({"router": {"enabled": False}}) is None
