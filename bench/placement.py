@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from warmserve.core.autoscaler import EngineView
-from warmserve.core.cluster import ClusterState, Role
+from warmserve.core.cluster import ClusterState, EnginePhase, Role
 from warmserve.core.placement import PlacementDecision, replica_slots
 from warmserve.core.policy import EngineLoad, PolicyParams, WarmServePolicy
 from warmserve.core.types import GB, Demand, ModelProfile, NodeSpec
@@ -181,7 +181,7 @@ def control_step(state: ClusterState, policy: WarmServePolicy, demand: dict[str,
             choose_ms.append((time.perf_counter() - t0) * 1e3)
             if choice is None:
                 break
-            state.start_instance(name, choice[0], profile.shard_bytes, now).instance.phase = "serving"
+            state.start_instance(name, choice[0], profile.shard_bytes, now).instance.phase = EnginePhase.SERVING
     loads = {}
     for iid, instance in state.instances.items():
         profile = policy.profiles[instance.model]
@@ -214,7 +214,7 @@ def control_step(state: ClusterState, policy: WarmServePolicy, demand: dict[str,
 
 def beyond_slots(state: ClusterState, policy: WarmServePolicy, demand: dict[str, Demand]) -> set[int]:
     """Replicas the placement drops for score 0, by the rule of its docstring (not timed)."""
-    running = Counter(i.model for i in state.instances.values() if i.phase != "draining")
+    running = Counter(i.model for i in state.instances.values() if i.phase != EnginePhase.DRAINING)
     dropped = set()
     for name in {r.model for r in state.replicas.values()}:
         profile = policy.profiles[name]

@@ -68,7 +68,7 @@ async def act(
 
     async with actuator.exclusive():
         for uid, source in decision.promotions:
-            metrics.promotions.labels(pool, uid, source).inc()
+            metrics.promotions.labels(pool, uid, str(source)).inc()
         for write in decision.plans:
             await actuator.write_plan(write.pod, write.plan)
             metrics.plan_changes.labels(pool).inc()

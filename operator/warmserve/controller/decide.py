@@ -27,6 +27,7 @@ from warmserve.controller.reconcile import Validation, WorkerView
 from warmserve.controller.spec import ModelSpec, PoolSpec
 from warmserve.controller.weights import WeightInfo
 from warmserve.core.autoscaler import AutoscalerParams
+from warmserve.core.cluster import StartSource
 from warmserve.core.placement import PlacementParams
 from warmserve.core.policy import PolicyParams, WarmServePolicy
 from warmserve.core.types import ModelProfile
@@ -143,7 +144,7 @@ class Decision:
     pool: str
     plans: tuple[PlanWrite, ...]  # only pods whose plan contents changed, in pod order
     generation: int  # the pool's plan generation once `plans` are written
-    promotions: tuple[tuple[str, str], ...]  # (uid, "hit" | "loading" | "cold") per engine started
+    promotions: tuple[tuple[str, StartSource], ...]  # (uid, source) per engine started
     memory: PlannerMemory  # the planner memory for the next round
     pool_status: StatusUpdate
     model_statuses: tuple[StatusUpdate, ...]  # every observed model, as listed

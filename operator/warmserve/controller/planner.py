@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from warmserve.core.autoscaler import EngineView
-from warmserve.core.cluster import ClusterState, PlanError
+from warmserve.core.cluster import ClusterState, EnginePhase, PlanError, ReplicaPhase, StartSource
 from warmserve.core.policy import EngineLoad, NoEffects, StepInput, StepRecord, WarmServePolicy
 from warmserve.core.types import Demand, GpuGroup, ModelProfile, NodeSpec
 from warmserve.protocol import Phase, Plan, PlanGroup, PlanReplica, Role, WorkerState
@@ -88,7 +88,7 @@ class RoundInput:
 class RoundOutput:
     plans: dict[str, Plan]  # pod → desired plan (generation 0: the writer numbers it)
     memory: PlannerMemory = field(default_factory=PlannerMemory)
-    promotions: list[tuple[str, str]] = field(default_factory=list)  # (uid, "hit" | "loading" | "cold")
+    promotions: list[tuple[str, StartSource]] = field(default_factory=list)  # (uid, source) per engine started
     stops: list[str] = field(default_factory=list)  # uids whose engine stopped
     state: ClusterState | None = None
     record: StepRecord | None = None  # what the core step decided, in order
@@ -98,6 +98,17 @@ def _reported(worker: WorkerSnapshot) -> dict[tuple[str, tuple[int, ...]], Phase
     if worker.state is None:
         return {}
     return {(r.uid, tuple(sorted(r.gpus))): r.phase for r in worker.state.replicas}
+
+
+# The worker's wire phases (`warmserve.protocol.Phase`) are a different vocabulary from the core's books: an
+# engine serves once its worker reports `serving`, a replica is warm once reported `warm`; anything else
+# (not reported yet, starting, loading, evicting) is still starting or loading.
+def _engine_phase(reported: Phase | None) -> EnginePhase:
+    return EnginePhase.SERVING if reported == Phase.SERVING else EnginePhase.STARTING
+
+
+def _replica_phase(reported: Phase | None) -> ReplicaPhase:
+    return ReplicaPhase.WARM if reported == Phase.WARM else ReplicaPhase.LOADING
 
 
 def rebuild_state(
@@ -135,16 +146,15 @@ def rebuild_state(
         group = GpuGroup(n, min(gpus), len(gpus))
         shard = known[uid].profile.shard_bytes
         try:
-            # the core's ClusterState has its own phases: an engine serves once its worker reports `serving`, a
-            # replica is warm once reported `warm`; anything else is still starting or loading
+            # the core's ClusterState has its own phases (see `_engine_phase`, `_replica_phase`)
             if role == Role.SERVE:
                 promo = state.start_instance(uid, group, shard, memory.started_at.get(key, -math.inf))
-                promo.instance.phase = "serving" if phase == Phase.SERVING else "starting"
+                promo.instance.phase = _engine_phase(phase)
                 for gpu in state.gpus_of(group):
                     state.set_lent(gpu, max(0, min(r.kv_lend, state.capacity(gpu) - shard)))
                 ids[promo.instance.iid] = key
             else:
-                replica = state.add_replica(uid, group, shard, "warm" if phase == Phase.WARM else "loading")
+                replica = state.add_replica(uid, group, shard, _replica_phase(phase))
                 ids[replica.rid] = key
         except PlanError:
             continue  # the pool shrank or the plan is stale: the policy re-plans it
@@ -227,7 +237,7 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
     policy.scores = {i: inp.memory.scores[k] for i, k in ids.items() if k in inp.memory.scores}
     ready_at = dict(inp.memory.ready_at)
     for iid, inst in state.instances.items():
-        if inst.phase == "serving":
+        if inst.phase == EnginePhase.SERVING:
             ready_at.setdefault(ids[iid], inp.now)
     out = RoundOutput(plans={}, state=state)
 
@@ -243,7 +253,7 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
         engines = by_model.get(m.uid, [])
         for inst in engines:
             loads[inst.iid] = EngineLoad(math.ceil(float(lend_load.get(m.uid, 0.0)) / len(engines)), 0)
-        serving = [i for i in engines if i.phase != "draining"]
+        serving = [i for i in engines if i.phase != EnginePhase.DRAINING]
         share = float(inp.load.get(m.uid, 0.0)) / len(serving) if serving else 0.0
         # protection runs from readiness, as in the simulator; an engine not serving yet is protected
         views[m.uid] = [

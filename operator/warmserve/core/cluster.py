@@ -31,6 +31,29 @@ class Role(enum.StrEnum):
     DEDICATED = "dedicated"  # runs an engine (and may hold warm replicas in lent KV space)
 
 
+class ReplicaPhase(enum.StrEnum):
+    """Phase of a warm replica in the core's books."""
+
+    LOADING = "loading"  # memory is reserved, not every rank's shard is in place yet
+    WARM = "warm"  # every shard is loaded: ready to be promoted
+
+
+class EnginePhase(enum.StrEnum):
+    """Phase of an engine in the core's books: starting → serving → draining."""
+
+    STARTING = "starting"  # booked, not ready yet (lends no KV space)
+    SERVING = "serving"  # ready and taking requests
+    DRAINING = "draining"  # retired by the autoscaler, finishing its requests
+
+
+class StartSource(enum.StrEnum):
+    """Where a new engine's weights came from (the order is `choose_group`'s preference)."""
+
+    HIT = "hit"  # a warm replica on exactly the engine's group
+    LOADING = "loading"  # a replica of the model still loading there
+    COLD = "cold"  # nothing: the weights load from storage
+
+
 ALLOWED_TRANSITIONS: frozenset[tuple[Role, Role]] = frozenset(
     {
         (Role.IDLE, Role.UNIVERSAL),  # prewarm
@@ -54,11 +77,11 @@ class WarmReplica:
     model: str
     group: GpuGroup
     bytes_per_gpu: int
-    phase: str = "loading"  # "loading" until every rank's shard is in place, then "warm"
+    phase: ReplicaPhase = ReplicaPhase.LOADING  # WARM once every rank's shard is in place
 
     @property
     def warm(self) -> bool:
-        return self.phase == "warm"
+        return self.phase == ReplicaPhase.WARM
 
 
 @dataclass
@@ -70,7 +93,7 @@ class Instance:
     group: GpuGroup
     weight_bytes_per_gpu: int
     started_at: float
-    phase: str = "starting"  # "starting" → "serving" → "draining"
+    phase: EnginePhase = EnginePhase.STARTING
 
 
 @dataclass
@@ -78,7 +101,7 @@ class Promotion:
     """What happened when an engine was placed: where its weights came from and what was evicted."""
 
     instance: Instance
-    source: str  # "hit" (a warm replica), "loading" (a replica still loading) or "cold"
+    source: StartSource
     evicted: list[WarmReplica] = field(default_factory=list)
     consumed: WarmReplica | None = None  # the replica whose weights the engine took over (hit or loading)
 
@@ -174,7 +197,9 @@ class ClusterState:
         return any(g in self._engine_on for g in self.gpus_of(group))
 
     # --------------------------------------------------------------- mutations
-    def add_replica(self, model: str, group: GpuGroup, bytes_per_gpu: int, phase: str = "loading") -> WarmReplica:
+    def add_replica(
+        self, model: str, group: GpuGroup, bytes_per_gpu: int, phase: ReplicaPhase = ReplicaPhase.LOADING
+    ) -> WarmReplica:
         """Reserve memory for a new warm replica (its load starts now)."""
         if not self.valid_group(group):
             raise PlanError(f"group {group} does not exist in this cluster")
@@ -198,7 +223,7 @@ class ClusterState:
         return replica
 
     def mark_warm(self, rid: int) -> None:
-        self.replicas[rid].phase = "warm"
+        self.replicas[rid].phase = ReplicaPhase.WARM
 
     def evict(self, rid: int) -> WarmReplica:
         """Drop a warm replica: its pages go back to the free list (no copy)."""
@@ -224,12 +249,12 @@ class ClusterState:
                     f"GPU {gpu} holds {self.capacity(gpu)} bytes, an engine of {model} needs {weight_bytes_per_gpu}"
                 )
         before = self._roles(group)
-        source = "cold"
+        source = StartSource.COLD
         evicted: list[WarmReplica] = []
         consumed: WarmReplica | None = None
         for replica in self.replicas_overlapping(group):
             if replica.model == model and replica.group == group:
-                source = "hit" if replica.warm else "loading"
+                source = StartSource.HIT if replica.warm else StartSource.LOADING
                 consumed = self.evict(replica.rid)  # its pages now belong to the engine
             else:
                 evicted.append(self.evict(replica.rid))
@@ -248,7 +273,9 @@ class ClusterState:
         for gpu in self.gpus_of(instance.group):
             del self._engine_on[gpu]
             self._lent.pop(gpu, None)
-        replica = WarmReplica(next(self._ids), instance.model, instance.group, instance.weight_bytes_per_gpu, "warm")
+        replica = WarmReplica(
+            next(self._ids), instance.model, instance.group, instance.weight_bytes_per_gpu, ReplicaPhase.WARM
+        )
         self.replicas[replica.rid] = replica
         for gpu in self.gpus_of(instance.group):
             self._replicas_on[gpu].add(replica.rid)

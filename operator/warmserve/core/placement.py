@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from warmserve.core.autoscaler import engines_for
-from warmserve.core.cluster import ClusterState
+from warmserve.core.cluster import ClusterState, EnginePhase
 from warmserve.core.types import Demand, GpuGroup, ModelProfile
 
 BURST_FACTOR_CAP = 10.0  # peak/avg is capped so a model idle on average cannot outrank everything
@@ -188,7 +188,7 @@ def plan_placement(
     decision = PlacementDecision()
     running = {name: 0 for name in profiles}
     for instance in state.instances.values():
-        if instance.phase != "draining" and instance.model in running:
+        if instance.phase != EnginePhase.DRAINING and instance.model in running:
             running[instance.model] += 1
 
     slots = {

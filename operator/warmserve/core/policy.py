@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from warmserve.core.autoscaler import AutoscalerParams, EngineView, ScaleDecision, decide_scale
-from warmserve.core.cluster import ClusterState, Gpu, Instance, Promotion, Role, WarmReplica
+from warmserve.core.cluster import (
+    ClusterState,
+    EnginePhase,
+    Gpu,
+    Instance,
+    Promotion,
+    Role,
+    StartSource,
+    WarmReplica,
+)
 from warmserve.core.placement import (
     NewReplica,
     PlacementDecision,
@@ -79,7 +88,7 @@ class StepRecord:
     evicted: list[tuple[str, GpuGroup, str]] = field(default_factory=list)  # model, group, reason
     added: list[tuple[str, GpuGroup]] = field(default_factory=list)
     draining: list[tuple[str, GpuGroup]] = field(default_factory=list)
-    started: list[tuple[str, GpuGroup, str]] = field(default_factory=list)  # model, group, source
+    started: list[tuple[str, GpuGroup, StartSource]] = field(default_factory=list)  # model, group, source
 
 
 class StepEffects(Protocol):
@@ -92,7 +101,7 @@ class StepEffects(Protocol):
         """Called after a new replica was booked: its load starts now."""
 
     def draining(self, instance: Instance) -> None:
-        """Called when the autoscaler retires ``instance`` (now in phase "draining"); the driver stops it
+        """Called when the autoscaler retires ``instance`` (now in phase `EnginePhase.DRAINING`); the driver stops it
         with `ClusterState.stop_instance` once it has no request left."""
 
     def started(self, promotion: Promotion) -> None:
@@ -138,15 +147,15 @@ class WarmServePolicy:
         return decide_scale(now, load, engines, profile.max_batch, self.params.autoscaler, min_replicas, max_replicas)
 
     # --------------------------------------------------------------- promotion
-    def choose_group(self, state: ClusterState, model: str) -> tuple[GpuGroup, str] | None:
-        """Group for a new engine of ``model`` and where its weights come from ("hit", "loading", "cold")."""
+    def choose_group(self, state: ClusterState, model: str) -> tuple[GpuGroup, StartSource] | None:
+        """Group for a new engine of ``model`` and where its weights come from (a `StartSource`)."""
         profile = self.profiles[model]
         # key: (0 hit / 1 loading / 2 cold, score destroyed, tie-break: replica id, or the group when cold)
-        best: tuple[tuple[int, float, int | GpuGroup], GpuGroup, str] | None = None
+        best: tuple[tuple[int, float, int | GpuGroup], GpuGroup, StartSource] | None = None
         for replica in state.replicas_of(model):
             if state.group_has_engine(replica.group):
                 continue
-            source = "hit" if replica.warm else "loading"
+            source = StartSource.HIT if replica.warm else StartSource.LOADING
             key: tuple[int, float, int | GpuGroup] = (
                 0 if replica.warm else 1,
                 self._eviction_cost(state, replica.group, replica.rid),
@@ -161,10 +170,10 @@ class WarmServePolicy:
             if any(state.engine_on(gpu) is not None or state.capacity(gpu) < profile.shard_bytes for gpu in gpus):
                 continue
             if all(state.role(gpu) is Role.IDLE for gpu in gpus):
-                return group, "cold"  # destroys nothing: no later group can beat the first idle one
+                return group, StartSource.COLD  # destroys nothing: no later group can beat the first idle one
             key = (2, self._eviction_cost(state, group), group)
             if best is None or key < best[0]:
-                best = (key, group, "cold")
+                best = (key, group, StartSource.COLD)
         return None if best is None else (best[1], best[2])
 
     def _eviction_cost(self, state: ClusterState, group: GpuGroup, keep: int | None = None) -> float:
@@ -201,7 +210,7 @@ class WarmServePolicy:
             for gpu in state.gpus_of(instance.group):
                 capacity = state.capacity(gpu) - instance.weight_bytes_per_gpu
                 lendable = 0
-                if self.params.proactive and instance.phase != "starting":
+                if self.params.proactive and instance.phase != EnginePhase.STARTING:
                     lendable = kv_lendable(capacity, load.in_flight, profile.max_batch, load.kv_in_use)
                 held = [r for r in state.replicas_on(gpu) if r.rid not in evicted]
                 used = sum(r.bytes_per_gpu for r in held)
@@ -240,7 +249,7 @@ class WarmServePolicy:
             scaling = self.scale(inp.now, model, float(inp.load.get(model, 0.0)), engines, low, high)
             for iid in scaling.stop:
                 instance = state.instances[iid]
-                instance.phase = "draining"
+                instance.phase = EnginePhase.DRAINING
                 record.draining.append((model, instance.group))
                 effects.draining(instance)
             for _ in range(scaling.start):
@@ -297,7 +306,7 @@ def plan_round_robin(
     """
     running = {name: 0 for name in profiles}
     for instance in state.instances.values():
-        if instance.phase != "draining" and instance.model in running:
+        if instance.phase != EnginePhase.DRAINING and instance.model in running:
             running[instance.model] += 1
     wanted = {}
     for name, profile in sorted(profiles.items()):

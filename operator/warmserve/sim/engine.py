@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from warmserve.core.autoscaler import EngineView
-from warmserve.core.cluster import ClusterState, Gpu, Instance, Promotion, WarmReplica
+from warmserve.core.cluster import ClusterState, EnginePhase, Gpu, Instance, Promotion, StartSource, WarmReplica
 from warmserve.core.forecast import make_forecaster
 from warmserve.core.load import offered_concurrency, window_load
 from warmserve.core.placement import engines_needed
@@ -80,7 +80,7 @@ class _Engine:
     ready_at: float
     gpus: tuple[Gpu, ...]
     batch_limit: int
-    phase: str = "starting"
+    phase: EnginePhase = EnginePhase.STARTING
     in_flight: int = 0
     kv_in_use: int = 0  # bytes per GPU
     recent: deque = field(default_factory=lambda: deque(maxlen=10))  # (in flight, KV) per tick
@@ -94,7 +94,7 @@ class SimResult:
     model_idx: np.ndarray
     unserved: int
     gpu_seconds: float
-    starts: dict[str, int]
+    starts: dict[StartSource, int]
     prewarm_loaded_bytes: float
     wasted_prewarm_bytes: float
     evictions: dict[str, int]
@@ -115,8 +115,8 @@ class SimResult:
             "ttft_under_100ms": float(np.mean(ttft < 0.1)),
             "slo_attainment": float(np.mean(ttft <= slo_s)),
             "gpu_hours": self.gpu_seconds / 3600.0,
-            "engine_starts": dict(self.starts),
-            "prewarm_hit_rate": (self.starts.get("hit", 0) / promotions) if promotions else 0.0,
+            "engine_starts": {str(source): n for source, n in self.starts.items()},
+            "prewarm_hit_rate": (self.starts.get(StartSource.HIT, 0) / promotions) if promotions else 0.0,
             "prewarm_loaded_gb": self.prewarm_loaded_bytes / 1e9,
             "wasted_prewarm_gb": self.wasted_prewarm_bytes / 1e9,
             "evictions": dict(self.evictions),
@@ -204,7 +204,7 @@ class Simulation:
         self._samples: list[deque[float]] = [
             deque(maxlen=max(1, round(self.scale_window_s / self.tick_s))) for _ in self.profiles
         ]
-        self._starts: dict[str, int] = {"hit": 0, "loading": 0, "cold": 0}
+        self._starts: dict[StartSource, int] = dict.fromkeys(StartSource, 0)
         self._gpu_seconds = 0.0
         self._last_account = 0.0
         self._loaded_bytes = 0.0
@@ -293,16 +293,16 @@ class Simulation:
                 return
             engine.in_flight -= 1
             engine.kv_in_use -= kv
-            if engine.phase == "draining" and engine.in_flight == 0:
+            if engine.phase == EnginePhase.DRAINING and engine.in_flight == 0:
                 self._stop(engine)
             else:
                 self._dispatch(engine.model)
         elif kind == _READY:
             engine = self._engines.get(payload)
-            if engine is not None and engine.phase == "starting":
-                engine.phase = "serving"
+            if engine is not None and engine.phase == EnginePhase.STARTING:
+                engine.phase = EnginePhase.SERVING
                 if dynamic:
-                    self.state.instances[engine.iid].phase = "serving"
+                    self.state.instances[engine.iid].phase = EnginePhase.SERVING
                 self._dispatch(engine.model)
         elif kind == _LOADED:
             loading = self._loading.pop(payload, None)
@@ -320,7 +320,7 @@ class Simulation:
         if not queue:
             return
         profile = self.profiles[m]
-        serving = [e for e in self._engines.values() if e.model == m and e.phase == "serving"]
+        serving = [e for e in self._engines.values() if e.model == m and e.phase == EnginePhase.SERVING]
         wl = self.workload
         while queue and serving:
             engine = min(serving, key=lambda e: (e.in_flight, e.iid))
@@ -379,7 +379,7 @@ class Simulation:
         for e in self._engines.values():
             e.recent.append((e.in_flight, e.kv_in_use))
             engine_loads[e.iid] = EngineLoad(max(q for q, _ in e.recent), max(kv for _, kv in e.recent))
-            if e.phase != "draining":
+            if e.phase != EnginePhase.DRAINING:
                 engines[self.names[e.model]].append(EngineView(e.iid, e.ready_at, e.in_flight))
         load = {name: sum(self._samples[m]) / max(len(self._samples[m]), 1) for m, name in enumerate(self.names)}
         return StepInput(self.now, load, engines, engine_loads, demand, scale=scale)
@@ -435,7 +435,7 @@ class Simulation:
 
     def draining(self, instance: Instance) -> None:
         engine = self._engines[instance.iid]
-        engine.phase = "draining"
+        engine.phase = EnginePhase.DRAINING
         if engine.in_flight == 0:
             self._stop(engine)
 
@@ -486,10 +486,10 @@ class Simulation:
                     if self.core.start_engine(self.state, profile.name, self.now, self) is None:
                         break
             for engine in self._engines.values():
-                engine.phase = "serving"
+                engine.phase = EnginePhase.SERVING
                 engine.ready_at = -self.core.params.autoscaler.protection_s
-                self.state.instances[engine.iid].phase = "serving"
-        self._starts = {"hit": 0, "loading": 0, "cold": 0}
+                self.state.instances[engine.iid].phase = EnginePhase.SERVING
+        self._starts = dict.fromkeys(StartSource, 0)
         self._link_free.clear()
         if self.core.params.prewarm:
             self.core.step(self.state, self._step_input(self._demand(self.first_window), scale=False), self)
@@ -540,7 +540,7 @@ class Simulation:
         return None
 
     def _add_static_engine(self, m: int, gpus: tuple[Gpu, ...], batch_limit: int) -> _Engine:
-        engine = _Engine(len(self._engines) + 1, m, 0.0, gpus, batch_limit, phase="serving")
+        engine = _Engine(len(self._engines) + 1, m, 0.0, gpus, batch_limit, phase=EnginePhase.SERVING)
         self._engines[engine.iid] = engine
         return engine
 
