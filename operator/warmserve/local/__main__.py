@@ -54,6 +54,12 @@ def build_parser(prog: str = "warmserve up") -> argparse.ArgumentParser:
         help=f"longest a request is held for an engine (default {d.max_wait_seconds:g})",
     )
     p.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help=f"requests held per model before the router answers 429 (default {d.max_queue})",
+    )
+    p.add_argument(
         "--status-every", type=float, default=d.status_every, help="seconds between status lines (default 5)"
     )
     p.add_argument("--log-level", default="warning", help="log level of the components (default warning)")
@@ -66,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args.file)
     except ConfigError as error:
-        print(f"warmserve up: {error}", file=sys.stderr)
+        print(f"warmserve up: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return 2
     settings = UpSettings(
         host=args.host,
@@ -77,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_args=tuple(shlex.split(args.engine_args)),
         engine_port=args.engine_port,
         max_wait_seconds=args.max_wait_seconds,
+        max_queue=args.max_queue,
         status_every=args.status_every,
     )
 

@@ -5,8 +5,8 @@ The same pieces as on a cluster, in one process:
 - the operator's pool round (`controller.loop.PoolLoop`: observe → forecasts → decide → act) with a local
   observer (the YAML's objects, the local worker's plan and state, the router's per-model demand) and a local
   actuator (plans go straight to the worker, history to a file, status to the status line);
-- one worker agent for the machine's devices (CUDA GPUs, or one host shared-memory arena), stepped on its own
-  thread exactly as the sidecar steps it;
+- one worker agent for the machine's devices (CUDA GPUs, or host shared-memory arenas: one, or `spec.gpu.count`
+  of them on a CPU pool that asks for several), stepped on its own thread exactly as the sidecar steps it;
 - the router on one port, fed from the worker's state after every step.
 
 A held request wakes the pool round at once, so a model with no engine gets a promotion within a round's
@@ -213,6 +213,7 @@ class UpSettings:
     shells: int = 1
     status_every: float = 5.0
     max_wait_seconds: float = 600.0
+    max_queue: int = 256  # requests held per model before the router answers 429
     device: str = "auto"
 
 
@@ -227,7 +228,12 @@ class Up:
         self.state_dir = settings.state_dir or _tempdir()
         self.world = LocalWorld(config, self.state_dir)
         self.router = Router(
-            RouterSettings(host=settings.host, port=settings.port, max_wait_seconds=settings.max_wait_seconds)
+            RouterSettings(
+                host=settings.host,
+                port=settings.port,
+                max_wait_seconds=settings.max_wait_seconds,
+                max_queue=settings.max_queue,
+            )
         )
         self.runtime = Runtime()
         self.wake = asyncio.Event()
@@ -258,6 +264,7 @@ class Up:
         self.arenas = build_arenas(
             self.settings.device,
             state_dir=self.state_dir,
+            cpu_devices=pool.devices_per_worker,  # host arenas: one per device the planner places on
             arena_bytes=self.settings.arena_bytes or pool.device_arena_bytes,
             page_size=pool.worker.page_size_bytes,
         )

@@ -128,19 +128,26 @@ class Dispatcher:
             if m.requests <= 0 and not m.waiting and model not in self.snapshot.models and self.snapshot.synced:
                 del self._models[model]
 
-    async def acquire(self, model: str, deadline: float) -> Backend:
-        """An engine for `model`, holding the request until one is ready or `deadline` (clock time) passes."""
+    async def acquire(self, model: str, deadline: float, retry: bool = False) -> Backend:
+        """An engine for `model`, holding the request until one is ready or `deadline` (clock time) passes.
+
+        A `retry` (its engine failed before answering) was admitted already: it is never refused for a full
+        queue and waits at the head of it, so a dying engine loses no request and reorders none.
+        """
         if not self.known(model):
             raise UnknownModel(f"The model `{model}` does not exist.")
         m = self._models.setdefault(model, _Model())
-        if not m.waiting:
+        if retry or not m.waiting:
             backend = self._pick(model)
             if backend is not None:
                 return backend
-        if self.waiting(model) >= self.max_queue:
+        if not retry and self.waiting(model) >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests for {model!r} are already waiting for an engine")
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        m.waiting.append(future)
+        if retry:
+            m.waiting.appendleft(future)
+        else:
+            m.waiting.append(future)
         if self.on_hold is not None:
             self.on_hold(model)
         try:

@@ -217,7 +217,7 @@ class Router:
         waited = False
         while True:
             try:
-                backend = await self.dispatcher.acquire(model, deadline)
+                backend = await self.dispatcher.acquire(model, deadline, retry=waited)
             except UnknownModel as exc:
                 return openai_error(404, str(exc), "invalid_request_error", "model_not_found")
             except QueueFull as exc:

@@ -190,9 +190,16 @@ class Agent:
                 rec = self.engines.poll(key)
                 if rec is None:
                     continue
-                if not rec.ready and not self.engines.alive(key):
-                    self._stop_engine(key, "exited before becoming ready")
-                    self._fail(rep, plan, f"engine exited before becoming ready (log: {rec.log})")
+                if not self.engines.alive(key):
+                    if rec.ready:
+                        # died while serving (crash, OOM kill): drop it; its weights stay warm, so once it is
+                        # stopped a later pass promotes the replica again (not a failure of the replica)
+                        log.warning("engine of %s (%s) exited while serving (log: %s)", key, rep.model, rec.log)
+                        self.metrics.op("engine", "exited")
+                        self._stop_engine(key, "exited while serving")
+                    else:
+                        self._stop_engine(key, "exited before becoming ready")
+                        self._fail(rep, plan, f"engine exited before becoming ready (log: {rec.log})")
                 elif rec.ready and key not in self._promote_recorded:
                     self._promote_recorded.add(key)
                     self._record("promote", key, rec.ready_s or 0.0)
