@@ -170,7 +170,14 @@ def test_a_serving_engine_that_died_is_stopped_and_promoted_again(agent, tmp_pat
     assert agent.failures == {}
 
 
-def test_an_engine_that_dies_before_ready_still_fails_the_replica(agent, tmp_path):
+def test_an_engine_that_dies_before_ready_fails_the_replica_and_is_tried_again_after_a_delay(
+    agent, tmp_path, monkeypatch
+):
+    """The operator's plan does not change because an engine failed to start, so the worker itself tries
+    again (after RETRY_BASE_S, doubling): a request held for the model is not left waiting for nothing."""
+    import warmserve.worker.agent as agent_module
+
+    monkeypatch.setattr(agent_module, "RETRY_BASE_S", 0.5)
     engines = agent.engines
     assert isinstance(engines, FakeEngines)
     model = write_model(str(tmp_path / "model"))
@@ -179,6 +186,8 @@ def test_an_engine_that_dies_before_ready_still_fails_the_replica(agent, tmp_pat
     engines.kill(KEY)  # dies while starting (before its second poll)
     state = step_until(agent, lambda s: bool(s.errors), "the failure reported")
     assert "exited before becoming ready" in state.errors[0].reason
-    time.sleep(0.1)
-    assert agent.step().engines == ()  # not retried in this generation
+    assert agent.step().engines == ()  # not at once
     assert [op for op, _ in engines.ops].count("promote") == 1
+    again = step_until(agent, serving, "the replica promoted again after the delay")
+    assert [op for op, _ in engines.ops].count("promote") == 2
+    assert again.errors == () and agent.failures == {}

@@ -12,7 +12,9 @@ ready). The order inside a pass is what keeps memory safe:
 Allocation happens after every free of the same pass and goes through the
 ledger, so the arena is never over-committed; a replica that does not fit (or
 whose files are bad) gets a per-replica error and the rest proceeds. A failed
-replica is retried only when the plan's generation changes.
+replica is tried again when the plan's generation changes; a transient failure
+(an engine that died starting, no engine shell in time, a load that failed) also
+after a delay within the same generation (5 s, doubling up to 5 min).
 
 A pass never waits long under the agent lock, so the state keeps being computed and
 published (and ``/healthz`` stays fresh) whatever the engines do:
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -70,6 +73,15 @@ SHELL_TIMEOUT_S = 120.0
 class Failure:
     generation: int
     message: str
+    attempts: int = 1
+    retry_at: float = math.inf  # monotonic time from which a transient failure is tried again (same generation)
+
+
+#: A transient failure (an engine that died starting, no shell in time, a load that failed) is tried again
+#: within the same plan generation after RETRY_BASE_S, doubling per attempt up to RETRY_MAX_S: the operator's
+#: plan does not change because of it, so without a retry a held request would wait for nothing.
+RETRY_BASE_S = 5.0
+RETRY_MAX_S = 300.0
 
 
 @dataclass
@@ -166,10 +178,8 @@ class Agent:
                 seconds = self._timed("evict", key.replica, self.store.evict, key)
                 log.info("evicted %s (%s) from GPU %s in %.2f ms", key, shard.model, shard.device, seconds * 1e3)
             elif shard.phase == ShardPhase.FAILED:
-                # remember why and release the record; retried on the next generation
-                message = shard.error or "load failed"
-                self.failures[want.key] = Failure(plan.generation, message)
-                log.error("replica %s (%s) failed: %s", want.key, want.model, message)
+                # remember why and release the record; tried again after a delay (or at the next generation)
+                self._fail(want, plan, shard.error or "load failed", transient=True)
                 self.store.forget_failed(key)
                 running = self.engines.running() if self.engines is not None else {}
                 if key.replica in running and key.replica not in self._stopping:
@@ -184,6 +194,8 @@ class Agent:
         running = self.engines.running()
         for rep in plan.replicas.values():
             key = rep.key
+            if not rep.serves and key in self.failures and self._shards_warm(rep):
+                del self.failures[key]  # a load that failed before has succeeded on a later try
             if not rep.serves or self._failed(rep, plan) or key in self._stopping or key in self._shell_waits:
                 continue
             if key in running:
@@ -199,9 +211,10 @@ class Agent:
                         self._stop_engine(key, "exited while serving")
                     else:
                         self._stop_engine(key, "exited before becoming ready")
-                        self._fail(rep, plan, f"engine exited before becoming ready (log: {rec.log})")
+                        self._fail(rep, plan, f"engine exited before becoming ready (log: {rec.log})", transient=True)
                 elif rec.ready and key not in self._promote_recorded:
                     self._promote_recorded.add(key)
+                    self.failures.pop(key, None)  # an earlier try failed: this one serves
                     self._record("promote", key, rec.ready_s or 0.0)
                     log.info(
                         "engine of %s (%s) ready at %s, %.1f s after its launch",
@@ -333,7 +346,7 @@ class Agent:
             )
             if shell is None:
                 if wanted and plan is not None and rep is not None:
-                    self._fail(rep, plan, f"promotion failed: {error}")
+                    self._fail(rep, plan, f"promotion failed: {error}", transient=True)
                 return
             if wanted and plan is not None and rep is not None and self._shards_warm(rep):
                 self._launch(rep, plan, shell)
@@ -367,13 +380,19 @@ class Agent:
         return all(s is not None and s.phase == ShardPhase.WARM for s in shards)
 
     def _failed(self, rep: PlannedReplica, plan: Plan) -> bool:
+        """Failed in this generation and not yet due for another try."""
         f = self.failures.get(rep.key)
-        return f is not None and f.generation == plan.generation
+        return f is not None and f.generation == plan.generation and time.monotonic() < f.retry_at
 
-    def _fail(self, rep: PlannedReplica, plan: Plan, message: str) -> None:
-        self.failures[rep.key] = Failure(plan.generation, message)
+    def _fail(self, rep: PlannedReplica, plan: Plan, message: str, transient: bool = False) -> None:
+        """Record a failure; a `transient` one is tried again after a growing delay, others next generation."""
+        previous = self.failures.get(rep.key)
+        attempts = previous.attempts + 1 if previous is not None and previous.generation == plan.generation else 1
+        delay = min(RETRY_BASE_S * 2 ** (attempts - 1), RETRY_MAX_S) if transient else math.inf
+        self.failures[rep.key] = Failure(plan.generation, message, attempts, time.monotonic() + delay)
         self.metrics.op("replica", "failed")
-        log.error("replica %s (%s) failed: %s", rep.key, rep.model, message)
+        again = f"; trying again in {delay:.0f} s" if transient else ""
+        log.error("replica %s (%s) failed: %s%s", rep.key, rep.model, message, again)
 
     def _timed(self, op: str, key: ReplicaKey, fn: Callable[..., Any], *args: Any) -> float:
         t0 = time.perf_counter()
