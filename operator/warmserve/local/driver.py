@@ -225,6 +225,7 @@ class Up:
         self.settings = settings
         self.out = out
         self._own_dir = not settings.state_dir
+        self.saw_errors = False  # a worker error was reported: keep the state directory (engine logs) at exit
         self.state_dir = settings.state_dir or _tempdir()
         self.world = LocalWorld(config, self.state_dir)
         self.router = Router(
@@ -288,6 +289,7 @@ class Up:
 
     def _publish(self, state: WorkerState) -> None:
         self.world.state = state
+        self.saw_errors = self.saw_errors or bool(state.errors)
         snapshot, rejected = build_snapshot(self.world.served_names(), [WorkerReport(state, None, POD)])
         for r in rejected:
             log.warning("ignoring engine endpoint %s: %s", r.endpoint, r.reason)
@@ -342,7 +344,9 @@ class Up:
             self.agent.shutdown(stop_engines=True)
         for arena in self.arenas.values():
             arena.close(unlink=True)
-        if self._own_dir:
+        if self._own_dir and self.saw_errors:
+            self._say(f"the worker reported errors: engine logs kept in {self.state_dir}/engines")
+        elif self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _say(self, text: str) -> None:
