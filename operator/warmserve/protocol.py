@@ -49,6 +49,17 @@ VERSION = "v1alpha1"
 PLAN_ANNOTATION = f"{GROUP}/plan"
 STATE_ANNOTATION = f"{GROUP}/state"
 POOL_LABEL = f"{GROUP}/pool"
+#: Engines of a worker listen on `enginePortBase` .. `enginePortBase + ENGINE_PORT_SPAN - 1`; an endpoint a
+#: worker reports outside that range (or off its pod's IP) is not used by the operator or the router.
+ENGINE_PORT_SPAN = 64
+#: The largest plan generation either side honours (int64-safe and exact in a JSON double); a reported
+#: `observedGeneration` above it is not believed.
+MAX_GENERATION = 2**53 - 1
+
+
+def engine_ports(base: int) -> range:
+    """The ports a worker's engines may listen on, for a pool whose `worker.enginePortBase` is `base`."""
+    return range(base, base + ENGINE_PORT_SPAN)
 
 
 class Role(StrEnum):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime as dt
+import functools
 import itertools
 import time
 import uuid
@@ -29,16 +31,24 @@ EXAMPLES = REPO / "manifests" / "examples"
 NS = "ns1"
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader: the CRDs are large
+
+
 def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return [d for d in yaml.load_all(path.read_text(), Loader=_LOADER) if d]
 
 
-def crd(kind: str) -> dict[str, Any]:
+@functools.cache
+def _crd(kind: str) -> dict[str, Any]:
     for path in sorted(CRD_DIR.glob("*.yaml")):
         doc = load_yaml_docs(path)[0]
         if doc["spec"]["names"]["kind"] == kind:
             return doc
     raise KeyError(kind)
+
+
+def crd(kind: str) -> dict[str, Any]:
+    return copy.deepcopy(_crd(kind))
 
 
 def merge_patch(base: Any, patch: Any) -> Any:
@@ -61,6 +71,46 @@ class PatchTestFailed(kmock.KubernetesError):
     status: int = 422
     reason: str = "Invalid"
     message: str = "the JSON patch test operation failed (the object changed meanwhile)"
+
+
+@attrs.frozen
+class Refused(kmock.KubernetesError):
+    """An injected fault: the request is answered with an error *before* the emulator stores anything."""
+
+    status: int = 500
+    reason: str = "InternalError"
+    message: str = "injected fault: the request was refused and nothing was stored"
+
+
+class Refusal:
+    """Refuse up to `times` requests matching `predicate` (status `status`); counts what it refused."""
+
+    def __init__(self, predicate: Callable[[Any], bool], times: float, status: int) -> None:
+        self.predicate, self.remaining, self.status = predicate, times, status
+        self.refused = 0
+
+    def take(self, request: Any) -> bool:
+        if self.remaining <= 0 or not self.predicate(request):
+            return False
+        self.remaining -= 1
+        self.refused += 1
+        return True
+
+    def stop(self) -> None:
+        self.remaining = 0
+
+
+def writes_to(plural: str, name: str | None = None) -> Callable[[Any], bool]:
+    """A request predicate: a create or update (patch) of `plural` (optionally of the object `name`)."""
+
+    def match(request: Any) -> bool:
+        if request.resource is None or request.resource.plural != plural:
+            return False
+        if request.action == kmock.action.CREATE:
+            return name is None or ((request.data or {}).get("metadata") or {}).get("name") == name
+        return request.action == kmock.action.UPDATE and (name is None or request.name == name)
+
+    return match
 
 
 class StampingEmulator(kmock.KubernetesEmulator):
@@ -88,7 +138,17 @@ class StampingEmulator(kmock.KubernetesEmulator):
         except (KeyError, TypeError, ValueError):
             return None
 
+    def refuse(self, predicate: Callable[[Any], bool], times: float = 1, status: int = 500) -> Refusal:
+        """Answer the next `times` requests matching `predicate` with `status`, storing nothing (kmock's own
+        `emulator[...] << 500` reactions answer with the error but store the write anyway)."""
+        refusal = Refusal(predicate, times, status)
+        self.__dict__.setdefault("_refusals", []).append(refusal)
+        return refusal
+
     async def _handle(self, request: Any) -> Any:
+        for refusal in self.__dict__.get("_refusals", ()):
+            if refusal.take(request):
+                raise Refused(status=refusal.status)
         if request.resource is not None:
             if request.action == kmock.action.CREATE and isinstance(request.data, dict):
                 meta = request.data.setdefault("metadata", {})
@@ -210,8 +270,11 @@ class FakeScraper:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(em: Any, runtime: Any) -> AsyncIterator[Any]:
-    """Run the real `kopf.operator()` with our handlers against the emulator until the block exits."""
+async def running_operator(em: Any, runtime: Any, *, graceful: bool = False) -> AsyncIterator[Any]:
+    """Run the real `kopf.operator()` with our handlers against the emulator until the block exits.
+
+    `graceful`: stop it as SIGTERM does (kopf's stop flag: daemons see `stopped`, then cleanup runs) instead of
+    cancelling its task."""
     import kopf
 
     from warmserve.controller.handlers import register
@@ -241,6 +304,10 @@ async def running_operator(em: Any, runtime: Any) -> AsyncIterator[Any]:
         yield task
         assert not task.done(), f"the operator exited: {task.exception() if task.done() else ''}"
     finally:
+        if graceful:
+            stop.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(task), 20)
         # Cancelling (rather than the stop flag) skips kopf's 5-second grace wait for "hung" tasks, which
         # here are only the emulator's own request handlers living on the same event loop.
         task.cancel()

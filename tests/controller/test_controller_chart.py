@@ -32,6 +32,18 @@ MATRIX = {
         "priorityClassName": "system-cluster-critical",
         "log": {"format": "text", "level": "debug"},
     },
+    "hardened": {
+        "networkPolicy": {"enabled": True, "enginePorts": {"start": 18000, "end": 18063}, "workerMetricsPort": 9500},
+        "watchNamespaces": ["team-a"],
+        "worker": {"allowedServiceAccounts": ["gpu-worker"]},
+        "specPolicy": {
+            "hostPathRoots": ["/data/models"],
+            "allowSystemPriorityClasses": True,
+            "prometheusHosts": ["prometheus.monitoring.svc"],
+            "engineArgsAllowed": ["--my-flag", "--my-switch=bool"],
+            "historyBudgetBytes": 500000,
+        },
+    },
 }
 
 
@@ -147,8 +159,77 @@ def test_namespaced_mode_binds_only_watched_namespaces():
 
 
 def test_worker_role_is_own_pod_only():
-    role = next(d for d in render({}) if d["kind"] == "Role")
+    """RBAC cannot name the DaemonSet's pods, so the Role is the minimum the agent needs (get and watch its pod,
+    patch its state) and an admission policy narrows patch to the pod the worker's token is bound to and to the
+    state annotation (its CEL is evaluated in test_controller_admission.py)."""
+    docs = render({})
+    role = next(d for d in docs if d["kind"] == "Role")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "watch", "patch"]}]
+    (vap,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    (binding,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
+    assert "warmserve-worker" in vap["spec"]["matchConditions"][0]["expression"]
+    assert vap["spec"]["failurePolicy"] == "Fail"
+    expressions = " ".join(v["expression"] for v in vap["spec"]["validations"])
+    assert "authentication.kubernetes.io/pod-name" in expressions and "warmserve.io/state" in expressions
+
+
+def test_network_policies_are_opt_in_and_admit_only_router_operator_and_prometheus():
+    assert not by_kind(render({}), "NetworkPolicy"), "off by default"
+    docs = render(MATRIX["hardened"])
+    policies = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in by_kind(docs, "NetworkPolicy")}
+    assert set(policies) == {
+        ("warmserve-system", "warmserve-workers"),
+        ("team-a", "warmserve-workers"),
+        ("warmserve-system", "warmserve-operator"),
+    }
+    workers = policies["team-a", "warmserve-workers"]["spec"]
+    assert workers["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "warmserve",
+        "app.kubernetes.io/component": "worker",
+    }
+    assert workers["policyTypes"] == ["Ingress"]
+    router, operator, prometheus = workers["ingress"]
+    assert router["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
+    assert router["ports"] == [{"protocol": "TCP", "port": 18000, "endPort": 18063}]
+    assert operator["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert {"protocol": "TCP", "port": 9500} in operator["ports"]
+    for rule in (router, operator):
+        assert rule["from"][0]["namespaceSelector"] == {
+            "matchLabels": {"kubernetes.io/metadata.name": "warmserve-system"}
+        }
+    assert prometheus["from"][0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    assert prometheus["ports"] == [{"protocol": "TCP", "port": 9500}]
+    # the worker pods the operator builds carry the labels the policy selects
+    from warmserve.controller.builders import common_labels
+
+    assert workers["podSelector"]["matchLabels"].items() <= common_labels("pool1").items()
+    op = policies["warmserve-system", "warmserve-operator"]["spec"]
+    assert op["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9090}]
+    no_router = by_kind(render({**MATRIX["hardened"], "router": {"enabled": False}}), "NetworkPolicy")
+    assert all(len(p["spec"]["ingress"]) == 2 for p in no_router if p["metadata"]["name"].endswith("-workers"))
+
+
+def test_spec_policy_settings_reach_the_operator():
+    from warmserve.controller.settings import ControllerConfig
+
+    docs = render(MATRIX["hardened"])
+    deployment = next(
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    )
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    config = ControllerConfig.from_env({k: v for k, v in env.items() if v is not None})
+    assert config.worker_service_accounts == ("warmserve-worker", "gpu-worker")
+    assert config.host_path_roots == ("/data/models",) and config.allow_system_priority_classes
+    assert config.prometheus_hosts == ("prometheus.monitoring.svc",)
+    assert config.engine_args_allowed == ("--my-flag", "--my-switch=bool") and config.history_budget_bytes == 500000
+    defaults = ControllerConfig.from_env(
+        {
+            e["name"]: e.get("value")
+            for e in by_kind(render({}), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+    )
+    assert defaults.rules == ControllerConfig().rules, "the chart's defaults are the operator's"
 
 
 def test_ha_runs_replicas_with_peering_and_distinct_priorities():

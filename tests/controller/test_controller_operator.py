@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
+import kmock
 from controller_support import (
     MIB,
     NS,
     FakeClock,
     FakeScraper,
     SimulatedWorkers,
-    first_n,
     get_obj,
     make_runtime,
     model_body,
@@ -24,9 +25,10 @@ from controller_support import (
     running_operator,
     wait_for,
     worker_pod,
+    writes_to,
 )
 
-from warmserve.controller.k8s import CONFIGMAPS, MODELDEPLOYMENTS, PODS, WARMPOOLS
+from warmserve.controller.k8s import CONFIGMAPS, DAEMONSETS, MODELDEPLOYMENTS, PODS, WARMPOOLS
 from warmserve.protocol import PLAN_ANNOTATION, Role, plan_of_pod
 
 POOLS = "warmserve.io/v1alpha1/warmpools"
@@ -277,38 +279,223 @@ async def test_restart_creates_no_duplicates_and_keeps_forecast_history(emulator
     assert len(configmaps) == 1
 
 
+async def test_injected_faults_refuse_the_write(emulator, client):
+    """The fault injection the tests below rely on: a refused write stores nothing (kmock's own error
+    reactions, `emulator[...] << 500`, answer the error but store the object anyway)."""
+    from warmserve.controller.k8s import ApiError
+
+    refusal = emulator.refuse(writes_to("warmpools", "refused"), times=1, status=500)
+    try:
+        await client.create(WARMPOOLS, NS, pool_body("refused"))
+    except ApiError as exc:
+        assert exc.status == 500
+    else:
+        raise AssertionError("the create was not refused")
+    assert refusal.refused == 1 and get_obj(emulator, POOLS, "refused") is None, "nothing stored"
+    await client.create(WARMPOOLS, NS, pool_body("refused"))  # the fault is spent: the write lands
+    assert get_obj(emulator, POOLS, "refused") is not None
+
+
 async def test_api_errors_are_retried_or_surfaced_never_crash(emulator, client):
     runtime = make_runtime()
-    server_errors, conflicts = [0], [0]
-    emulator["post", emulator.resource("apps/v1/daemonsets"), first_n(2, counter=server_errors)] << 500
-    emulator["patch", emulator.resource("warmserve.io/v1alpha1/modeldeployments"), first_n(1)] << 500
+    stored_when_refused = []  # was the object there when a write of it was refused? (it must not be)
+
+    def daemonset_of(pool):
+        match = writes_to("daemonsets", f"{pool}-worker")
+
+        def predicate(request):
+            if match(request):
+                stored_when_refused.append(get_obj(emulator, "apps/v1/daemonsets", f"{pool}-worker") is not None)
+                return True
+            return False
+
+        return predicate
+
+    def status_of(name):
+        match = writes_to("modeldeployments", name)
+        return lambda request: match(request) and request.subresource == "status"
+
+    ds_faults = emulator.refuse(daemonset_of("pool1"), times=2, status=500)
+    md_faults = emulator.refuse(status_of("m1"), times=2, status=503)
     async with running_operator(emulator, runtime) as task:
         await client.create(WARMPOOLS, NS, pool_body(gpus=8, memory_mib=81920))
         await wait_for(lambda: get_obj(emulator, "apps/v1/daemonsets", "pool1-worker"), what="DaemonSet after 500s")
+        posts = [r for r in list(emulator) if writes_to("daemonsets", "pool1-worker")(r)]
+        assert ds_faults.refused == 2 and len(posts) == 3, "refused twice, stored by the third attempt (a retry)"
+        assert stored_when_refused == [False, False], "a refused write stored nothing"
         await client.create(MODELDEPLOYMENTS, NS, model_body("m1"))
-        await wait_for(lambda: cond(get_obj(emulator, MDS, "m1"), "Valid"), what="status after a 500 on patch")
-        assert server_errors[0] == 2
+        await wait_for(lambda: cond(get_obj(emulator, MDS, "m1"), "Valid"), what="status after 503s on its patch")
+        assert md_faults.refused == 2, "the status write landed after two refused attempts"
 
-        # 409 on create: the emulator stores the object anyway (kmock pitfall 4); the operator must
-        # treat the conflict as "exists" and carry on.
-        emulator["post", emulator.resource("apps/v1/daemonsets"), first_n(1, counter=conflicts)] << 409
+        # 409 on create: a DaemonSet an earlier operator created (and someone edited) exists; the create is a
+        # genuine conflict, so the operator reads it and patches it back to the pool's spec.
+        from warmserve.controller.builders import build_worker_daemonset
+        from warmserve.controller.spec import parse_pool_spec
+
+        stale = build_worker_daemonset(
+            "pool2", NS, parse_pool_spec(pool_body("pool2", gpus=8, memory_mib=81920)["spec"])
+        )
+        stale["spec"]["template"]["spec"]["containers"][0]["image"] = "someone/else:latest"
+        await client.create(DAEMONSETS, NS, stale)
         await client.create(WARMPOOLS, NS, pool_body("pool2", gpus=8, memory_mib=81920))
-        await wait_for(lambda: (p := get_obj(emulator, POOLS, "pool2")) and (p.get("status") or {}).get("workload"))
-        assert conflicts[0] == 1
+        await wait_for(
+            lambda: (
+                (d := get_obj(emulator, "apps/v1/daemonsets", "pool2-worker"))
+                and d["spec"]["template"]["spec"]["containers"][0]["image"] != "someone/else:latest"
+            ),
+            what="the existing DaemonSet patched back",
+        )
+        daemonsets = [k for k in emulator.objects if "daemonsets" in str(k[0]) and not emulator.objects[k].deleted]
+        assert len(daemonsets) == 2
 
         # 422 (the API refuses our object): surfaced as a condition, retried slowly, operator alive.
-        def pool3(request):
-            return ((request.data or {}).get("metadata") or {}).get("name") == "pool3-worker"
-
-        emulator["post", emulator.resource("apps/v1/daemonsets"), pool3] << 422
+        rejected_writes = emulator.refuse(writes_to("daemonsets", "pool3-worker"), times=math.inf, status=422)
         await client.create(WARMPOOLS, NS, pool_body("pool3", gpus=8, memory_mib=81920))
         rejected = await wait_for(
             lambda: (c := cond(get_obj(emulator, POOLS, "pool3"), "Ready")) and c["reason"] == "WorkloadRejected" and c,
             what="WorkloadRejected",
         )
-        assert rejected["status"] == "False"
+        assert rejected["status"] == "False" and rejected_writes.refused >= 1
+        assert get_obj(emulator, "apps/v1/daemonsets", "pool3-worker") is None
         assert not task.done()
     assert runtime.metrics.reconcile_errors.labels("WarmPool", "reconcile")._value.get() >= 1
+
+
+async def test_a_restart_during_a_refused_history_save_loses_no_window(emulator, client):
+    """The window closes, its save is refused, the operator is stopped before any later save could land, and a
+    new operator starts: the window is in the history it restores (retried every round and once more when
+    the daemon stops), the refusal was visible (metric, HistorySaved=False), and nothing is duplicated."""
+    clock, scraper = FakeClock(), FakeScraper()
+    clock.now = 86400 * 20000 + 3600 * 5 + 1
+    scraper.load = {"m1": 3.0}
+    for i in range(2):
+        await client.create(PODS, NS, worker_pod("pool1", i))
+    loops = []
+    first = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper, on_loop=loops.append)
+    refused = emulator.refuse(writes_to("configmaps", "pool1-load-history"), times=math.inf, status=500)
+    async with running_operator(emulator, first, graceful=True):  # stopped as SIGTERM (a rollout) stops it
+        await client.create(WARMPOOLS, NS, pool_body())
+        md = (await client.create(MODELDEPLOYMENTS, NS, model_body("m1", prewarm={"minWarmReplicas": 1})))[0]
+        uid = md["metadata"]["uid"]
+        await wait_for(lambda: any(plans(emulator).values()), what="first plan")
+        await wait_for(lambda: loops and loops[-1].rounds >= 2)
+        window = int(clock.now // 3600)
+        clock.now += 3600  # close the window: its save is refused, and retried at every round
+        failures = first.metrics.history_save_failures.labels("pool1")._value.get
+        await wait_for(lambda: failures() >= 3, what="the save retried round after round")
+        await wait_for(
+            lambda: (c := cond(get_obj(emulator, POOLS, "pool1"), "HistorySaved")) and c["status"] == "False",
+            what="HistorySaved=False",
+        )
+        assert refused.refused >= 3
+        assert get_obj(emulator, "v1/configmaps", "pool1-load-history") is None
+        refused.stop()  # the API server recovers just as the operator is stopped
+    saved = get_obj(emulator, "v1/configmaps", "pool1-load-history")
+    assert saved is not None, "the history was saved at the latest when the daemon stopped"
+
+    second_loops = []
+    second = make_runtime(clock=clock, scraper_factory=lambda rt, pool: scraper, on_loop=second_loops.append)
+    ds_posts_before = len([r for r in list(emulator) if writes_to("daemonsets")(r) and r.action == kmock.action.CREATE])
+    async with running_operator(emulator, second):
+        await wait_for(lambda: second_loops and second_loops[-1].rounds >= 2, what="second loop")
+        restored = second_loops[-1].history.series[uid]["avg"]
+        assert restored.get(window) == 3.0, "the window that closed while saves were refused is not lost"
+        await wait_for(
+            lambda: (c := cond(get_obj(emulator, POOLS, "pool1"), "HistorySaved")) is None or c["status"] == "True",
+            what="HistorySaved recovers",
+        )
+    daemonsets = [k for k in emulator.objects if "daemonsets" in str(k[0]) and not emulator.objects[k].deleted]
+    assert len(daemonsets) == 1, "no duplicate DaemonSet"
+    ds_posts = len([r for r in list(emulator) if writes_to("daemonsets")(r) and r.action == kmock.action.CREATE])
+    assert ds_posts - ds_posts_before <= 1
+    assert len([k for k in emulator.objects if "configmaps" in str(k[0])]) == 1
+
+
+async def test_a_pool_that_asks_for_privileges_gets_no_workers_and_says_why(emulator, client):
+    """WarmPools that would run workers as the operator, mount the host's root, tolerate every taint, use a
+    system priority class, or carry an affinity the operator cannot read: no DaemonSet, a reason, no crash."""
+    runtime = make_runtime()
+    hostile = {
+        "as-operator": ({"worker": {"serviceAccountName": "warmserve-operator"}}, "ServiceAccountNotAllowed"),
+        "host-root": ({"modelCache": {"hostPath": "/", "mountPath": "/models"}}, "HostPathNotAllowed"),
+        "all-taints": ({"tolerations": [{"operator": "Exists"}]}, "TolerationNotAllowed"),
+        "node-critical": ({"priorityClassName": "system-node-critical"}, "PriorityClassNotAllowed"),
+        "affinity-yes": ({"affinity": {"nodeAffinity": "yes"}}, "InvalidAffinity"),
+        "terms-string": (
+            {
+                "affinity": {
+                    "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": "x"}}
+                }
+            },
+            "InvalidAffinity",
+        ),
+    }
+    async with running_operator(emulator, runtime) as task:
+        for name, (spec, _) in hostile.items():
+            body = pool_body(name)
+            body["spec"].update(spec)
+            await client.create(WARMPOOLS, NS, body)
+        for name, (_, expected) in hostile.items():
+            ready = await wait_for(
+                lambda name=name: (
+                    (c := cond(get_obj(emulator, POOLS, name), "Ready")) and c["reason"] != "NoWorkers" and c
+                ),
+                what=f"{name} Ready condition",
+            )
+            assert ready["status"] == "False" and ready["reason"] == expected, (name, ready)
+            valid = cond(get_obj(emulator, POOLS, name), "Valid")
+            assert valid["status"] == "False" and valid["reason"] == expected
+        await asyncio.sleep(1.0)  # a few more rounds and handler runs
+        assert not [k for k in emulator.objects if "daemonsets" in str(k[0])], "no DaemonSet for any of them"
+        assert not task.done()
+    assert runtime.metrics.reconcile_errors.labels("WarmPool", "reconcile")._value.get() == 0, "nothing raised"
+    assert runtime.metrics.reconcile_errors.labels("WarmPool", "round")._value.get() == 0
+
+
+async def test_a_forged_endpoint_is_not_published(emulator, client):
+    """A worker reporting the metadata service as its engine: not in status.endpoints, a Degraded message."""
+    import json
+
+    from warmserve.protocol import STATE_ANNOTATION
+
+    runtime = make_runtime()
+    pod = worker_pod("pool1", 0)
+    await client.create(PODS, NS, pod)
+    async with running_operator(emulator, runtime):
+        await client.create(WARMPOOLS, NS, pool_body())
+        md = (await client.create(MODELDEPLOYMENTS, NS, model_body("m1", scaling={"minReplicas": 1})))[0]
+        await wait_for(lambda: plans(emulator, count=1)["pool1-worker-0"], what="a plan")
+        plan = plans(emulator, count=1)["pool1-worker-0"]
+        (group,) = [g for g in plan.groups if any(r.role == Role.SERVE for r in g.replicas)]
+        state = {
+            "observedGeneration": plan.generation,
+            "devices": [
+                {"index": g, "totalBytes": GPU_BYTES, "usedBytes": 0, "freeBytes": GPU_BYTES} for g in range(2)
+            ],
+            "replicas": [
+                {
+                    "model": "m1",
+                    "uid": md["metadata"]["uid"],
+                    "gpus": list(group.gpus),
+                    "phase": "serving",
+                    "progress": 1.0,
+                    "endpoint": "169.254.169.254:80",
+                    "ready": True,
+                }
+            ],
+            "errors": [],
+        }
+        await client.patch(
+            PODS, NS, "pool1-worker-0", {"metadata": {"annotations": {STATE_ANNOTATION: json.dumps(state)}}}
+        )
+        degraded = await wait_for(
+            lambda: (c := cond(get_obj(emulator, MDS, "m1"), "Degraded")) and c["reason"] == "EndpointsRejected" and c,
+            what="EndpointsRejected",
+        )
+        assert "169.254.169.254:80" in degraded["message"]
+        assert get_obj(emulator, MDS, "m1")["status"]["endpoints"] == []
+        pool_degraded = cond(get_obj(emulator, POOLS, "pool1"), "Degraded")
+        assert pool_degraded["status"] == "True" and "169.254.169.254" in pool_degraded["message"]
 
 
 async def test_deleting_a_model_removes_it_from_every_plan(emulator, client):

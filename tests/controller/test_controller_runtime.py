@@ -86,8 +86,10 @@ async def test_worker_scraper_reads_engines_when_workers_have_no_gauge():
     try:
         state = WorkerState(1, (), (ReplicaState("llama", "u", (0,), Phase.SERVING, 1.0, f"127.0.0.1:{eport}", True),))
         view = WorkerView("w0", "n0", "127.0.0.1", 8, True, None, state)
-        scraper = WorkerMetricsScraper(wport, timeout_seconds=2)
+        scraper = WorkerMetricsScraper(wport, timeout_seconds=2, engine_ports=range(eport, eport + 1))
         assert await scraper.sample([view]) == {"llama": 4.0}
+        # the same endpoint outside the pool's engine ports is not scraped
+        assert await WorkerMetricsScraper(wport, timeout_seconds=2).sample([view]) == {}
         down = WorkerView("w1", "n1", "127.0.0.1", 8, True, None, None)
         errors = []
         broken = WorkerMetricsScraper(free_port(), timeout_seconds=1, on_error=errors.append)

@@ -448,4 +448,5 @@ def test_worker_source_maps_sources_to_the_pool_cache():
     assert worker_source("pvc://weights/meta/llama", pool) == "file:///cache/meta/llama"
     assert worker_source("pvc://other/llama", pool) is None
     assert worker_source("hf://meta-llama/Llama-2-7b-hf", pool) == "file:///cache/meta-llama/Llama-2-7b-hf"
-    assert worker_source("file:///opt/m", pool) == "file:///opt/m"
+    assert worker_source("file:///cache/m", pool) == "file:///cache/m"
+    assert worker_source("file:///opt/m", pool) is None, "file:// sources must lie inside the cache mount"

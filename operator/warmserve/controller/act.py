@@ -1,16 +1,18 @@
 """The act stage of a pool round: carry out a `Decision` and report it.
 
-`act` does, in this order: report the window that closed and save the load history (a failed save is logged
-and retried at the next window); under the pool's lock (shared with ModelDeployment deletion) count the
-promotions and write the changed plans; set the plan metrics; patch the WarmPool status and each
-ModelDeployment status whose fields changed. `Actuator` is the interface it writes through; `KubeActuator`
-is the operator's implementation over `k8s.Api`.
+`act` does, in this order: report the window that closed and save the load history (a failed save is logged,
+counted in `warmserve_history_save_failures_total` and retried at the next round; the `ActResult` goes back to
+the pool's `Forecasts`, whose view becomes the `HistorySaved` condition); under the pool's lock (shared with
+ModelDeployment deletion) count the promotions and write the changed plans; set the plan metrics; patch the
+WarmPool status and each ModelDeployment status whose fields changed. `Actuator` is the interface it writes
+through; `KubeActuator` is the operator's implementation over `k8s.Api`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import kopf
@@ -32,8 +34,9 @@ class Actuator(Protocol):
         """Held while plans are written: no other writer changes the pool's plans meanwhile."""
         ...
 
-    async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> None:
-        """Persist the encoded load history; failures are logged, not raised (the next window retries)."""
+    async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> str | None:
+        """Persist the encoded load history; returns None when saved, else why not (the next round retries).
+        An implementation may also raise: the act stage reports that the same way."""
         ...
 
     async def write_plan(self, pod: str, plan: Plan) -> None: ...
@@ -45,6 +48,35 @@ class Actuator(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ActResult:
+    """What the act stage reports back to the round: whether it tried to save the history, and why it failed."""
+
+    history_attempted: bool = False
+    history_error: str | None = None  # None: saved (or not attempted)
+
+
+async def save_history(
+    update: ForecastUpdate,
+    owner: Mapping[str, Any],
+    actuator: Actuator,
+    metrics: OperatorMetrics,
+    pool: str,
+    logger: Any,
+) -> ActResult:
+    """Save `update.history` through `actuator`; a failure is counted and logged, never raised."""
+    if update.history is None:
+        return ActResult()
+    try:
+        error = await actuator.save_history(update.history, owner, logger)
+    except Exception as exc:  # a failed save must not keep the round from writing plans
+        error = f"{type(exc).__name__}: {exc}"
+    if error is not None:
+        metrics.history_save_failures.labels(pool).inc()
+        logger.warning(f"load history not saved (retried next round): {error}")
+    return ActResult(True, error)
+
+
 async def act(
     obs: Observation,
     update: ForecastUpdate,
@@ -53,7 +85,7 @@ async def act(
     metrics: OperatorMetrics,
     logger: Any,
     plan_seconds: float,
-) -> None:
+) -> ActResult:
     pool = decision.pool
     for closed in update.closed:
         for stat, value in (("avg", closed.avg), ("peak", closed.peak)):
@@ -61,8 +93,7 @@ async def act(
             if closed.predicted is not None:
                 err = abs(getattr(closed.predicted, stat) - value)
                 metrics.forecast_abs_error.labels(pool, closed.served_name, stat).set(err)
-    if update.history is not None:
-        await actuator.save_history(update.history, obs.pool.body, logger)
+    result = await save_history(update, obs.pool.body, actuator, metrics, pool, logger)
     for served_name, stat, value in update.forecast:
         metrics.forecast.labels(pool, served_name, stat).set(value)
 
@@ -81,6 +112,7 @@ async def act(
     for md in decision.model_statuses:
         if md.changed:
             await actuator.patch_model_status(md.name, md.status)
+    return result
 
 
 class KubeActuator:
@@ -94,7 +126,7 @@ class KubeActuator:
     def exclusive(self) -> AbstractAsyncContextManager[Any]:
         return self.runtime.pool_lock(self.namespace, self.name)
 
-    async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> None:
+    async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> str | None:
         api = self.runtime.require_api()
         body = builders.build_history_configmap(self.name, self.namespace, encoded)
         kopf.adopt(body, owner=cast(kopf.Body, dict(owner)))
@@ -104,7 +136,8 @@ class KubeActuator:
                 patch = {"binaryData": body["binaryData"]}
                 await api.patch(CONFIGMAPS, self.namespace, body["metadata"]["name"], patch)
         except ApiError as exc:
-            logger.warning(f"load history not saved (will retry next window): {exc}")
+            return str(exc)
+        return None
 
     async def write_plan(self, pod: str, plan: Plan) -> None:
         await patch_plan(self.runtime.require_api(), PODS, self.namespace, pod, plan)

@@ -3,6 +3,12 @@
 No API calls here: `k8s.py` sends what these return, `handlers.py` adopts it with `kopf.adopt`, and the tests
 validate every output with kubernetes-validate (strict). Names, labels and selectors are derived only from
 the owning WarmPool's name, so a restarted operator rebuilds byte-identical children and never duplicates.
+
+The worker pod is hardened (docs/design.md, "Trust model"): it runs as uid/gid 65532 with a read-only root
+filesystem, no capabilities, no privilege escalation and the RuntimeDefault seccomp profile; everything it and
+its engines write goes to an explicit emptyDir (`WRITABLE_DIRS`: the state dir, /tmp, HOME with the caches
+vLLM, Triton, torch and Hugging Face use) or to the memory-backed /dev/shm. Callers build it only for a pool
+that passed `reconcile.validate_pool`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,36 @@ WORKER_COMPONENT = "worker"
 WORKER_CONTAINER = "worker"
 HISTORY_KEY = "history.json.z"
 STATE_DIR = "/var/run/warmserve"
+SHM_DIR = "/dev/shm"
+TMP_DIR = "/tmp"
+HOME_DIR = "/home/warmserve"
+WORKER_UID = 65532  # the conventional "nonroot" user of distroless images
+#: Every directory the worker container may write: volume name → (mount path, emptyDir). The root filesystem
+#: is read-only, so anything else the agent, vLLM, Triton or torch writes must be below one of these.
+WRITABLE_DIRS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dshm": (SHM_DIR, {"medium": "Memory"}),  # sizeLimit: the pool's worker.shmSize
+    "state": (STATE_DIR, {}),  # ledger and engine records: survive a container restart (re-adoption)
+    "tmp": (TMP_DIR, {"sizeLimit": "10Gi"}),
+    "home": (HOME_DIR, {"sizeLimit": "20Gi"}),  # HOME and the caches below it
+}
+#: Where the engines' libraries keep their caches: all below HOME or /tmp (writable emptyDirs).
+CACHE_ENV = {
+    "HOME": HOME_DIR,
+    "XDG_CACHE_HOME": f"{HOME_DIR}/.cache",
+    "XDG_CONFIG_HOME": f"{HOME_DIR}/.config",
+    "VLLM_CACHE_ROOT": f"{HOME_DIR}/.cache/vllm",
+    "VLLM_CONFIG_ROOT": f"{HOME_DIR}/.config/vllm",
+    "HF_HOME": f"{HOME_DIR}/.cache/huggingface",
+    "TRITON_HOME": HOME_DIR,
+    "TRITON_CACHE_DIR": f"{HOME_DIR}/.triton/cache",
+    "TORCHINDUCTOR_CACHE_DIR": f"{TMP_DIR}/torchinductor",
+    "CUDA_CACHE_PATH": f"{HOME_DIR}/.nv/ComputeCache",
+    "NUMBA_CACHE_DIR": f"{TMP_DIR}/numba",
+    "MPLCONFIGDIR": f"{TMP_DIR}/matplotlib",
+    "TMPDIR": TMP_DIR,
+}
+#: Engines read weights from the arena and model files from the cache: never from the network.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
@@ -142,7 +178,7 @@ def worker_args(pool: PoolSpec) -> list[str]:
         "--state-dir",
         STATE_DIR,
         "--shm-dir",
-        "/dev/shm",
+        SHM_DIR,
     ]
     if pool.gpu.count > 0:
         args += ["--device", "cuda", "--memory-fraction", repr(w.arena_fraction)]
@@ -165,19 +201,28 @@ def build_worker_container(pool_name: str, pool: PoolSpec) -> dict[str, Any]:
         "imagePullPolicy": w.image_pull_policy,
         "command": ["python", "-m", "warmserve.worker"],
         "args": worker_args(pool),
-        "env": [*_env(pool_name)[:5], {"name": "WARMSERVE_LOG_LEVEL", "value": w.log_level}],
+        "env": [
+            *_env(pool_name)[:5],
+            {"name": "WARMSERVE_LOG_LEVEL", "value": w.log_level},
+            *({"name": k, "value": v} for k, v in {**CACHE_ENV, **OFFLINE_ENV}.items()),
+        ],
         "ports": [{"name": "metrics", "containerPort": w.port, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": w.cpu, "memory": w.memory}, "limits": limits},
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 60},
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
         "volumeMounts": [
-            {"name": "dshm", "mountPath": "/dev/shm"},
+            *({"name": name, "mountPath": path} for name, (path, _) in WRITABLE_DIRS.items()),
             {"name": "model-cache", "mountPath": pool.model_cache.mount_path, "readOnly": True},
             {"name": "podinfo", "mountPath": "/etc/podinfo", "readOnly": True},
-            {"name": "state", "mountPath": STATE_DIR},
         ],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
 
 
@@ -188,15 +233,25 @@ def build_worker_daemonset(pool_name: str, namespace: str, pool: PoolSpec) -> di
     pool should never lose more than one node's prewarmed weights at once.
     """
     labels = common_labels(pool_name)
+    writable: list[dict[str, Any]] = []
+    for name, (_, empty) in WRITABLE_DIRS.items():
+        size = {"sizeLimit": pool.worker.shm_size} if name == "dshm" else {}
+        writable.append({"name": name, "emptyDir": {**empty, **size}})
     pod_spec: dict[str, Any] = {
         "serviceAccountName": pool.worker.service_account_name,
+        "automountServiceAccountToken": True,  # the agent patches its own pod's state (and nothing else: RBAC + VAP)
+        "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [build_worker_container(pool_name, pool)],
         "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pool.worker.shm_size}},
+            *writable,
             _model_cache_volume(pool),
-            # ledger and engine records: survive a container restart, so the agent re-adopts its engines
-            {"name": "state", "emptyDir": {}},
             {
                 "name": "podinfo",
                 "downwardAPI": {

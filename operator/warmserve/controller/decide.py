@@ -20,10 +20,12 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from warmserve.controller import conditions as c
 from warmserve.controller import reconcile
 from warmserve.controller.forecasts import ForecastView
 from warmserve.controller.planner import ModelEntry, PlannerMemory, RoundInput, RoundOutput, WorkerSnapshot, plan_round
 from warmserve.controller.reconcile import Validation, WorkerView
+from warmserve.controller.settings import SpecRules
 from warmserve.controller.spec import ModelSpec, PoolSpec
 from warmserve.controller.weights import WeightInfo
 from warmserve.core.autoscaler import AutoscalerParams
@@ -31,7 +33,7 @@ from warmserve.core.cluster import StartSource
 from warmserve.core.placement import PlacementParams
 from warmserve.core.policy import PolicyParams, WarmServePolicy
 from warmserve.core.types import ModelProfile
-from warmserve.protocol import Plan, next_generation
+from warmserve.protocol import MAX_GENERATION, Plan, engine_ports
 
 
 # -------------------------------------------------------------------------------------------- observation
@@ -48,6 +50,12 @@ class ObservedPool:
     body: Mapping[str, Any] = field(default_factory=dict, compare=False)  # owner of what act creates
     desired_workers: int | None = None  # worker pods the workload wants (DaemonSet desiredNumberScheduled)
     workload_problem: tuple[str, str] | None = None  # (reason, message) when the API refused the workload
+    rules: SpecRules = field(default_factory=SpecRules)  # what the operator's settings allow (validate_pool)
+
+    @cached_property
+    def validation(self) -> Validation:
+        """The pool checked against the operator's rules: an invalid pool is observed but not planned."""
+        return reconcile.validate_pool(self.spec, self.rules)
 
 
 @dataclass(frozen=True)
@@ -93,15 +101,21 @@ class Observation:
 
     @cached_property
     def catalog(self) -> Catalog:
-        return catalog(self.pool.spec, self.models)
+        return catalog(self.pool.spec, self.models, self.pool.rules, self.pool.validation)
 
 
-def catalog(pool: PoolSpec, models: Sequence[ObservedModel]) -> Catalog:
-    """Validate every model against the pool; the valid ones that may hold a replica become plan entries."""
+def catalog(
+    pool: PoolSpec,
+    models: Sequence[ObservedModel],
+    rules: SpecRules | None = None,
+    pool_validation: Validation | None = None,
+) -> Catalog:
+    """Validate every model against the pool; the valid ones that may hold a replica become plan entries
+    (none when the pool itself is not valid)."""
     entries, validations = [], {}
     for m in models:
         spec, weight = m.spec, m.weight.bytes
-        validation = reconcile.validate_model(spec, pool, weight)
+        validation = reconcile.validate_model(spec, pool, weight, rules, pool_validation)
         validations[m.uid] = validation
         if weight is None or not validation.ok or (not spec.prewarm_enabled and spec.max_replicas == 0):
             continue
@@ -184,21 +198,51 @@ def arena_bytes(worker: WorkerView, pool: PoolSpec) -> int:
     return pool.device_arena_bytes
 
 
+def generation_floor(worker: WorkerView) -> int:
+    """The generation the next plan for `worker` must exceed: the plan on the pod (when readable) and the
+    generation the worker reports to have applied (when believable), whichever is higher.
+
+    The worker's `observedGeneration` counts because the plan annotation can be unreadable (it then counts as no
+    plan) or older than what the worker applied (an annotation restored from a backup): a plan numbered at or
+    below what the worker has seen would be ignored by it.
+    """
+    floor = worker.plan.generation if worker.plan is not None else 0
+    if worker.state is not None and worker.state.observed_generation <= MAX_GENERATION:
+        floor = max(floor, worker.state.observed_generation)
+    return floor
+
+
 def number_plans(workers: Sequence[WorkerView], desired: Mapping[str, Plan]) -> tuple[tuple[PlanWrite, ...], int]:
-    """The plans to write (contents changed: generation = previous + 1, read back from the pod) and the pool's
-    plan generation after writing them."""
+    """The plans to write and the pool's plan generation after writing them.
+
+    A plan is written when its contents changed, when the pod has no readable plan, or when the worker reports
+    a generation beyond the pod's plan; it is numbered `generation_floor + 1`, so generations only grow, across
+    operator restarts and unreadable annotations alike, and nothing is written when nothing changed.
+    """
     writes = []
     generation = max((w.plan.generation for w in workers if w.plan), default=0)
     for w in workers:
         plan = desired.get(w.pod)
         if plan is None:
             continue
-        new = next_generation(w.plan, plan)
-        if w.plan is not None and new is w.plan:
+        floor = generation_floor(w)
+        if w.plan is not None and w.plan.same_contents(plan) and w.plan.generation >= floor:
             continue
+        new = Plan(floor + 1, plan.groups)
         writes.append(PlanWrite(w.pod, new))
         generation = max(generation, new.generation)
     return tuple(writes), generation
+
+
+HISTORY_SAVED = "HistorySaved"
+
+
+def history_condition(forecasts: ForecastView) -> c.Condition | None:
+    """`HistorySaved` on the pool, from the last attempt to persist the load history (None before any)."""
+    if forecasts.history_save is None:
+        return None
+    ok, reason, message = forecasts.history_save
+    return c.Condition(HISTORY_SAVED, c.TRUE if ok else c.FALSE, reason, message)
 
 
 def iso(seconds: float) -> str:
@@ -257,18 +301,31 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
 
     Uses `planner.policy` as a cache and returns the next memory in the Decision (the caller keeps it).
     """
-    pool, cat, live = obs.pool.spec, obs.catalog, obs.live_workers
-    policy = planner.policy_for({e.uid: e.profile for e in cat.entries}, policy_params(pool))
-    snapshots = [
-        WorkerSnapshot(w.pod, pool.devices_per_worker, arena_bytes(w, pool), w.plan, w.state) for w in live if w.ready
-    ]
-    outcome = plan_round(
-        policy,
-        RoundInput(
-            obs.now, snapshots, cat.entries, forecasts.mean_load, forecasts.demand, planner.memory, forecasts.peak_load
-        ),
-    )
-    writes, generation = number_plans(live, outcome.plans)
+    pool, cat, live, validation = obs.pool.spec, obs.catalog, obs.live_workers, obs.pool.validation
+    if validation.ok:
+        policy = planner.policy_for({e.uid: e.profile for e in cat.entries}, policy_params(pool))
+        snapshots = [
+            WorkerSnapshot(w.pod, pool.devices_per_worker, arena_bytes(w, pool), w.plan, w.state)
+            for w in live
+            if w.ready
+        ]
+        outcome = plan_round(
+            policy,
+            RoundInput(
+                obs.now,
+                snapshots,
+                cat.entries,
+                forecasts.mean_load,
+                forecasts.demand,
+                planner.memory,
+                forecasts.peak_load,
+            ),
+        )
+        writes, generation = number_plans(live, outcome.plans)
+    else:  # an invalid pool is frozen: the workers keep what their plans say, the status says why
+        outcome = RoundOutput(plans={}, memory=planner.memory)
+        writes, generation = number_plans(live, {})
+    ports = engine_ports(pool.worker.engine_port_base)
 
     # status describes the pods as they are once this round's plans are on them
     written = {w.pod: w.plan for w in writes}
@@ -281,10 +338,13 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
         generation=obs.pool.generation,
         now=obs.stamp,
         workload_problem=obs.pool.workload_problem,
+        validation=validation,
+        ports=ports,
+        history=history_condition(forecasts),
     )
     if forecasts.window is not None:
         status["lastForecastWindow"] = iso(forecasts.window * forecasts.window_seconds)
-    observed = reconcile.observe_models(after)
+    observed = reconcile.observe_models(after, ports)
     models = []
     for m in obs.models:
         md_status = model_status(m, cat.validations[m.uid], observed.get(m.uid), forecasts, obs.stamp)

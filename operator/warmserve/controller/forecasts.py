@@ -14,6 +14,11 @@ Every round `Forecasts.advance` takes the load the observe stage sampled (in-fli
 Pure: no I/O and no clock (the caller passes `now`). What the act stage must do about it — save the
 history, set the forecast and observed-load gauges — comes back as a `ForecastUpdate`; what the decide stage
 reads is a `ForecastView`.
+
+Saving: a closed window makes the history "unsaved"; every round then asks the act stage to save it (encoded
+within the pool's byte budget, the oldest days dropped first) until a save succeeds (`saved`), so a failed save
+is retried at the next round, not the next window. `ForecastView.history_save` is the outcome of the last
+attempt (the pool's `HistorySaved` condition).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 
 from warmserve.controller.history import LoadHistory, WindowAccumulator
 from warmserve.controller.planner import ModelEntry
+from warmserve.controller.settings import HISTORY_BUDGET_BYTES
 from warmserve.controller.spec import PoolSpec
 from warmserve.core.forecast import make_forecaster
 from warmserve.core.types import Demand
@@ -60,8 +66,9 @@ class ForecastUpdate:
     """What changed in this round that the act stage reports or persists."""
 
     closed: tuple[ClosedWindow, ...] = ()  # models measured in the window that just closed
-    history: str | None = None  # the encoded history to save (a window closed), else None
+    history: str | None = None  # the encoded history to save (a window closed and is not saved yet), else None
     forecast: tuple[tuple[str, str, float], ...] = ()  # (served name, stat, value) of a new forecast
+    history_note: str = ""  # what the encoding kept (days dropped to fit the budget)
 
 
 @dataclass(frozen=True)
@@ -74,13 +81,18 @@ class ForecastView:
     last_observed: Mapping[str, tuple[float, float]]  # uid → (avg, peak) of the last closed window
     mean_load: Mapping[str, float]  # uid → mean in-flight requests over the autoscaler window
     peak_load: Mapping[str, float]  # uid → peak in-flight requests over the KV-lending window
+    history_save: tuple[bool, str, str] | None = None  # (saved?, reason, message) of the last save, None before
 
 
 class Forecasts:
     """Windows, history and forecast demand of one pool's models (keyed by ModelDeployment uid)."""
 
-    def __init__(self, history: LoadHistory) -> None:
+    def __init__(self, history: LoadHistory, budget_bytes: int = HISTORY_BUDGET_BYTES) -> None:
         self.history = history
+        self.budget_bytes = budget_bytes
+        self.unsaved = False  # a window closed since the last successful save
+        self.last_save: tuple[bool, str, str] | None = None
+        self._note = ""
         self.window: int | None = None
         self.demand: dict[str, Demand] = {}
         self.last_observed: dict[str, tuple[float, float]] = {}
@@ -100,8 +112,10 @@ class Forecasts:
             self.window = window
         if window != self.window:
             closed = self._close(entries, window)
-            saved = self.history.encode()
+            self.unsaved = True
             gauges += self._forecast(pool, entries, window)
+        if self.unsaved:
+            saved, self._note = self.encode()
         self._keep = max(1, round(SCALE_WINDOW_SECONDS / pool.interval_seconds))
         for e in entries:
             sample = load.get(e.uid, 0.0)
@@ -109,7 +123,30 @@ class Forecasts:
             self._recent.setdefault(e.uid, deque(maxlen=max(self._keep, LEND_WINDOW_ROUNDS))).append(sample)
         if not self.demand and entries:
             gauges += self._forecast(pool, entries, window)
-        return ForecastUpdate(closed, saved, tuple(gauges))
+        return ForecastUpdate(closed, saved, tuple(gauges), self._note if saved is not None else "")
+
+    def encode(self) -> tuple[str, str]:
+        """The history encoded within the byte budget, and a note on what was dropped to fit ("" if nothing)."""
+        text, dropped = self.history.encode_within(self.budget_bytes)
+        if not dropped:
+            return text, ""
+        days = dropped * self.history.window_seconds / 86400
+        return (
+            text,
+            f"the oldest {dropped} windows ({days:.1f} days) were not saved to stay within {self.budget_bytes} bytes",
+        )
+
+    def saved(self, error: str | None, note: str = "") -> None:
+        """The act stage's outcome of saving `ForecastUpdate.history`: None when saved, else why not."""
+        if error is None:
+            self.unsaved = False
+            models = len(self.history.series)
+            if note:
+                self.last_save = (True, "SavedTruncated", f"{models} model(s); {note}")
+            else:
+                self.last_save = (True, "Saved", f"{models} model(s), every window kept")
+        else:
+            self.last_save = (False, "SaveFailed", f"load history not saved, retried every round: {error}"[:1000])
 
     def view(self, pool: PoolSpec) -> ForecastView:
         keep = self._keep
@@ -120,6 +157,7 @@ class Forecasts:
             last_observed=dict(self.last_observed),
             mean_load={uid: float(np.mean(list(q)[-keep:])) for uid, q in self._recent.items() if q},
             peak_load={uid: max(q) for uid, q in self._recent.items() if q},
+            history_save=self.last_save,
         )
 
     def _close(self, entries: Sequence[ModelEntry], window: int) -> tuple[ClosedWindow, ...]:

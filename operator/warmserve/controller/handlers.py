@@ -41,6 +41,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         *POOLS,
         registry=registry,
         id="pool-loop",
+        cancellation_backoff=5,  # time to leave the loop and save a history not saved yet (loop.run's finally)
         cancellation_timeout=10,
         when=lambda **_: runtime.config.loop_enabled,
     )

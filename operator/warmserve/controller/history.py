@@ -79,11 +79,41 @@ class LoadHistory:
                 del self.series[model]
 
     # ------------------------------------------------------------ encoding
-    def encode(self) -> str:
+    def encode_within(self, budget: int) -> tuple[str, int]:
+        """`encode`, dropping the oldest windows (whole days while more than a day is kept) until the text fits
+        `budget` bytes; returns (text, windows dropped). A ConfigMap holds 1 MiB, so a pool keeps its history
+        under a budget (900 KB by default): at 10 s windows one model's 35 days encode to about 1 MB.
+
+        If not even the newest window of every model fits, the smallest encoding is returned (the save then
+        fails and is reported).
+        """
+        text = self.encode()
+        if len(text) <= budget or not self.series:
+            return text, 0
+        windows = [w for per in self.series.values() for w in per["avg"]]
+        if not windows:
+            return text, 0
+        newest, oldest = max(windows), min(windows)
+        span = newest - oldest + 1
+        per_day = max(1, 86400 // self.window_seconds)
+        keep = span
+        while keep > 1:
+            keep = min(keep - 1, int(keep * budget / len(text) * 0.95))
+            if keep > per_day:
+                keep -= keep % per_day  # whole days, oldest first
+            keep = max(keep, 1)
+            text = self.encode(since=newest - keep + 1)
+            if len(text) <= budget:
+                break
+        return text, span - keep
+
+    def encode(self, since: int | None = None) -> str:
         """base64(zlib(JSON)): per model and stat, a start window and a dense array (null = gap), values
-        rounded to 3 significant digits (far below forecast error)."""
+        rounded to 3 significant digits (far below forecast error). `since` drops windows before it."""
 
         def dense(per: dict[int, float]) -> dict[str, object]:
+            if since is not None:
+                per = {w: v for w, v in per.items() if w >= since}
             if not per:
                 return {"start": 0, "values": []}
             start, end = min(per), max(per)
@@ -102,7 +132,7 @@ class LoadHistory:
             "models": {m: {s: dense(per[s]) for s in STATS} for m, per in sorted(self.series.items())},
         }
         raw = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-        return base64.b64encode(zlib.compress(raw, 9)).decode()
+        return base64.b64encode(zlib.compress(raw, 6)).decode()
 
     @classmethod
     def decode(cls, text: str, window_seconds: int, capacity: int) -> LoadHistory:

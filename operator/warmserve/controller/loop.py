@@ -12,7 +12,8 @@ Every `spec.policy.intervalSeconds` one round, in stages (docs/operator.md, "The
    changed, metrics.
 
 `PoolLoop` keeps what must survive between rounds (not across restarts: see the history ConfigMap): the
-forecasts, the planner state and a round counter.
+forecasts, the planner state and a round counter. A history that could not be saved is retried every round
+and once more when the daemon stops (`PoolLoop.flush_history`), so an orderly restart loses no window.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from typing import Any
 
 import kopf
 
-from warmserve.controller.act import Actuator, KubeActuator, act
+from warmserve.controller.act import ActResult, Actuator, KubeActuator, act, save_history
 from warmserve.controller.decide import PlannerState, decide
-from warmserve.controller.forecasts import LEND_WINDOW_ROUNDS, SCALE_WINDOW_SECONDS, Forecasts
+from warmserve.controller.forecasts import LEND_WINDOW_ROUNDS, SCALE_WINDOW_SECONDS, Forecasts, ForecastUpdate
 from warmserve.controller.history import LoadHistory
 from warmserve.controller.k8s import ApiError
 from warmserve.controller.observe import KubeObserver, Observer
@@ -58,6 +59,7 @@ class PoolLoop:
         self.forecasts: Forecasts | None = None
         self.planner = PlannerState()
         self.rounds = 0
+        self.last_body: Mapping[str, Any] | None = None  # the pool object of the last round (owner of the history)
 
     @property
     def history(self) -> LoadHistory | None:
@@ -74,9 +76,11 @@ class PoolLoop:
         if self.forecasts is None or self.forecasts.history.window_seconds != pool.forecast.window_seconds:
             history = await self.observer.load_history(pool)
             if self.forecasts is None:
-                self.forecasts = Forecasts(history)
+                self.forecasts = Forecasts(history, self.runtime.config.history_budget_bytes)
             else:
                 self.forecasts.history = history
+            # what is persisted is all there is: nothing is waiting to be saved (HistorySaved=True)
+            self.forecasts.last_save = (True, "Restored", f"{len(history.series)} model(s) restored")
             logger.info(f"load history of pool {self.name}: {len(history.series)} model(s) restored")
         return self.forecasts
 
@@ -86,12 +90,34 @@ class PoolLoop:
         now = self.runtime.clock()
         forecasts = await self._restore_history(parse_pool_spec(body.get("spec")), logger)
         obs = await self.observer.observe(body, now, logger)
-        update = forecasts.advance(now, obs.pool.spec, obs.catalog.entries, obs.catalog.load_by_uid(obs.load))
+        # off the event loop: encoding a long history (days of 10 s windows) takes a second of CPU
+        update = await asyncio.to_thread(
+            forecasts.advance, now, obs.pool.spec, obs.catalog.entries, obs.catalog.load_by_uid(obs.load)
+        )
         decision = decide(obs, forecasts.view(obs.pool.spec), self.planner)
         self.planner.memory = decision.memory
-        await act(obs, update, decision, self.actuator, metrics, logger, time.perf_counter() - started)
+        self.last_body = obs.pool.body
+        result = await act(obs, update, decision, self.actuator, metrics, logger, time.perf_counter() - started)
+        self._saved(update, result)
         metrics.reconcile_seconds.labels("WarmPool", "round").observe(time.perf_counter() - started)
         self.rounds += 1
+
+    def _saved(self, update: ForecastUpdate, result: ActResult) -> None:
+        if result.history_attempted and self.forecasts is not None:
+            self.forecasts.saved(result.history_error, update.history_note)
+
+    async def flush_history(self, logger: Any) -> None:
+        """Save a history whose last save failed (or has not happened yet since a window closed): called when the
+        daemon stops, so that an orderly stop or restart of the operator loses no window."""
+        forecasts = self.forecasts
+        if forecasts is None or not forecasts.unsaved or self.last_body is None:
+            return
+        text, note = await asyncio.to_thread(forecasts.encode)
+        update = ForecastUpdate(history=text, history_note=note)
+        result = await save_history(update, self.last_body, self.actuator, self.runtime.metrics, self.name, logger)
+        self._saved(update, result)
+        if result.history_error is None:
+            logger.info(f"load history of pool {self.name} saved on stop")
 
 
 async def run(
@@ -118,9 +144,16 @@ async def run(
             except Exception as exc:
                 runtime.metrics.reconcile_errors.labels("WarmPool", "round").inc()
                 logger.exception(f"control round crashed, retrying next interval: {exc}")
-            await _sleep(stopped, wake, parse_pool_spec(body.get("spec")).interval_seconds)
+            interval = parse_pool_spec(body.get("spec")).interval_seconds
+            await _sleep(stopped, wake, min(max(interval, 0.5), 3600.0))  # unvalidated specs: never spin
     finally:
         runtime.wakeups.unregister(wake)
+        deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))  # its history goes with it
+        try:  # also when cancelled: one more chance for a history that is not saved yet
+            if not deleting:
+                await asyncio.wait_for(loop.flush_history(logger), timeout=5)
+        except Exception as exc:
+            logger.warning(f"load history not saved on stop: {exc}")
 
 
 async def _sleep(stopped: Any, wake: asyncio.Event, interval: float) -> None:

@@ -60,6 +60,12 @@ class OperatorMetrics:
             registry=r,
         )
         self.scrape_errors = Counter("warmserve_load_scrape_errors_total", "Failed load scrapes", ["pool"], registry=r)
+        self.history_save_failures = Counter(
+            "warmserve_history_save_failures_total",
+            "Load-history saves that failed (retried every round until one succeeds)",
+            ["pool"],
+            registry=r,
+        )
 
     @contextmanager
     def timed(self, kind: str, step: str) -> Iterator[None]:

@@ -17,6 +17,7 @@ from warmserve.controller import reconcile
 from warmserve.controller.conditions import now_rfc3339
 from warmserve.controller.decide import ObservedModel, model_status
 from warmserve.controller.k8s import PODS, WARMPOOLS, ApiError
+from warmserve.controller.observe import model_weight
 from warmserve.controller.planwriter import strip_model_from_pool
 from warmserve.controller.runtime import Runtime
 from warmserve.controller.spec import parse_model_spec, parse_pool_spec
@@ -35,8 +36,10 @@ async def reconcile_model(runtime: Runtime, body: kopf.Body, patch: kopf.Patch, 
             except ApiError as exc:
                 raise kopf.TemporaryError(f"reading WarmPool {model.pool}: {exc}", delay=5) from exc
         pool = parse_pool_spec(pool_obj.get("spec")) if pool_obj else None
-        weight = await runtime.weights.resolve(model.weight_bytes, model.source, status)
-        validation = reconcile.validate_model(model, pool, weight.bytes)
+        rules = runtime.config.rules
+        weight = await model_weight(runtime, model, pool, status)
+        pool_validation = reconcile.validate_pool(pool, rules) if pool is not None else None
+        validation = reconcile.validate_model(model, pool, weight.bytes, rules, pool_validation)
         if not validation.ok:
             logger.warning(f"ModelDeployment {name} is not valid: {validation.reason}: {validation.message}")
         elif weight.origin == "safetensors":

@@ -4,6 +4,10 @@
 pods (plan and state annotations), its ModelDeployments and their weight bytes (`WeightResolver`), the
 workload's desired pod count, and a load sample from the pool's load source. A failed load source is counted
 and skipped (the round plans on no load rather than not at all); API failures raise `ApiError`.
+
+Nothing a spec names is touched before it is validated: a pool that fails `reconcile.validate_pool` is not
+scraped (its Prometheus URL may be the metadata service), and a model's safetensors headers are read only when
+its source resolves inside the pool's model cache (`reconcile.resolve_source`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from warmserve.controller.history import LoadHistory
 from warmserve.controller.k8s import CONFIGMAPS, DAEMONSETS, MODELDEPLOYMENTS, PODS
 from warmserve.controller.runtime import Runtime
 from warmserve.controller.scrape import LoadScraper, PrometheusScraper, RouterScraper, WorkerMetricsScraper
-from warmserve.controller.spec import PoolSpec, parse_model_spec, parse_pool_spec
+from warmserve.controller.spec import ModelSpec, PoolSpec, parse_model_spec, parse_pool_spec
+from warmserve.controller.weights import WeightInfo
+from warmserve.protocol import engine_ports
 
 WorkloadProblem = Callable[[], tuple[str, str] | None]
 
@@ -42,7 +48,22 @@ def default_scraper(runtime: Runtime, pool: PoolSpec) -> LoadScraper:
         )
     if runtime.config.router_url:
         return RouterScraper(runtime.config.router_url, runtime.config.scrape_timeout_seconds)
-    return WorkerMetricsScraper(pool.worker.port, runtime.config.scrape_timeout_seconds)
+    return WorkerMetricsScraper(
+        pool.worker.port, runtime.config.scrape_timeout_seconds, engine_ports=engine_ports(pool.worker.engine_port_base)
+    )
+
+
+async def model_weight(
+    runtime: Runtime, spec: ModelSpec, pool: PoolSpec | None, status: Mapping[str, Any] | None
+) -> WeightInfo:
+    """A model's weight bytes (`Runtime.weights`), reading safetensors headers only for a source inside the
+    pool's model cache: the operator never opens a path a ModelDeployment names outside it."""
+    if not spec.weight_bytes and (pool is None or reconcile.resolve_source(spec.source, pool).path is None):
+        recorded = (status or {}).get("weightBytes")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+            return WeightInfo(recorded, "safetensors", "weightBytes recorded in status by an earlier header read")
+        return WeightInfo(None, "unknown", "weightBytes not given and the source is not inside a pool's model cache")
+    return await runtime.weights.resolve(spec.weight_bytes, spec.source, status)
 
 
 def _deleting(obj: Mapping[str, Any]) -> bool:
@@ -79,17 +100,20 @@ class KubeObserver:
                 continue
             meta, status = md["metadata"], md.get("status") or {}
             spec = parse_model_spec(meta["name"], md.get("spec"))
-            weight = await runtime.weights.resolve(spec.weight_bytes, spec.source, status)
+            weight = await model_weight(runtime, spec, pool, status)
             models.append(ObservedModel(meta["name"], meta["uid"], meta.get("generation"), spec, weight, status))
 
-        try:
-            factory = runtime.scraper_factory or default_scraper
-            live = sorted((w for w in workers if not w.deleting), key=lambda w: w.pod)
-            load = await factory(runtime, pool).sample(live)
-        except Exception as exc:  # a broken metrics source must not stop planning
-            runtime.metrics.scrape_errors.labels(self.name).inc()
-            logger.warning(f"load scrape failed: {exc}")
-            load = {}
+        rules = runtime.config.rules
+        load: Mapping[str, float] = {}
+        if reconcile.validate_pool(pool, rules).ok:  # an invalid pool is not scraped
+            try:
+                factory = runtime.scraper_factory or default_scraper
+                live = sorted((w for w in workers if not w.deleting), key=lambda w: w.pod)
+                load = await factory(runtime, pool).sample(live)
+            except Exception as exc:  # a broken metrics source must not stop planning
+                runtime.metrics.scrape_errors.labels(self.name).inc()
+                logger.warning(f"load scrape failed: {exc}")
+                load = {}
 
         workload = await api.get(DAEMONSETS, self.namespace, builders.worker_workload_name(self.name))
         desired = ((workload or {}).get("status") or {}).get("desiredNumberScheduled")
@@ -105,8 +129,9 @@ class KubeObserver:
                 spec=pool,
                 status=body.get("status") or {},
                 body=body,
-                desired_workers=int(desired) if desired else None,
+                desired_workers=int(desired) if isinstance(desired, int) and desired > 0 else None,
                 workload_problem=self.workload_problem(),
+                rules=rules,
             ),
             workers=workers,
             models=tuple(models),

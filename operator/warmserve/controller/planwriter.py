@@ -14,7 +14,16 @@ from typing import Any
 from warmserve.controller.builders import selector_labels
 from warmserve.controller.k8s import Api, Resource
 from warmserve.controller.metrics import OperatorMetrics
-from warmserve.protocol import Plan, PlanGroup, next_generation, plan_of_pod, plan_patch
+from warmserve.protocol import (
+    MAX_GENERATION,
+    Plan,
+    PlanGroup,
+    ProtocolError,
+    next_generation,
+    plan_of_pod,
+    plan_patch,
+    state_of_pod,
+)
 
 
 def without_model(plan: Plan, uid: str) -> Plan:
@@ -54,7 +63,14 @@ async def strip_model_from_pool(
         if plan is None or uid not in plan.uids():
             continue
         stripped = without_model(plan, uid)
-        if await write_plan(api, pods, pod, Plan(plan.generation + 1, stripped.groups)) is not None:
+        floor = plan.generation
+        try:  # never number a plan at or below what the worker reports to have applied
+            state = state_of_pod(pod)
+        except ProtocolError:
+            state = None
+        if state is not None and state.observed_generation <= MAX_GENERATION:
+            floor = max(floor, state.observed_generation)
+        if await write_plan(api, pods, pod, Plan(floor + 1, stripped.groups)) is not None:
             changed += 1
             if metrics is not None:
                 metrics.plan_changes.labels(pool).inc()

@@ -8,13 +8,30 @@ and a message, never an exception that would put the handler into a retry loop.
 
 from __future__ import annotations
 
+import ipaddress
+import posixpath
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
+from urllib.parse import urlsplit
 
 from warmserve.controller import conditions as c
+from warmserve.controller.settings import SpecRules
 from warmserve.controller.spec import ModelSpec, PoolSpec
-from warmserve.protocol import Phase, Plan, ProtocolError, ReplicaState, Role, WorkerState, plan_of_pod, state_of_pod
+from warmserve.protocol import (
+    Phase,
+    Plan,
+    ProtocolError,
+    ReplicaState,
+    Role,
+    WorkerState,
+    engine_ports,
+    plan_of_pod,
+    state_of_pod,
+)
+from warmserve.router.table import check_endpoint
 
 
 @dataclass(frozen=True)
@@ -24,63 +41,261 @@ class Validation:
     message: str
 
 
+VALIDATED = Validation(True, "Validated", "the spec is valid")
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def worker_source(source: str, pool: PoolSpec) -> str | None:
-    """The `file://` path the pool's workers read `source` from, or None when they cannot reach it.
+# ------------------------------------------------------------------ model sources
+#: Directories of the worker container the model cache must not be mounted over (the worker's own mounts and
+#: the system's): a mountPath at or below one of these, or above one, is refused.
+RESERVED_MOUNTS = (
+    "/dev",
+    "/proc",
+    "/sys",
+    "/etc",
+    "/tmp",
+    "/var/run",
+    "/run",
+    "/usr",
+    "/bin",
+    "/lib",
+    "/home/warmserve",
+)
+_HF_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-    Workers read local files only (the pool's model cache volume is mounted at `modelCache.mountPath`):
-    `pvc://<claim>/<path>` works when `<claim>` is the pool's cache claim; `hf://<org>/<repo>` is expected
-    pre-downloaded at `<mountPath>/<org>/<repo>`; `file://` paths are taken as they are.
-    """
-    mount = pool.model_cache.mount_path.rstrip("/")
-    if source.startswith("file://"):
-        return source
-    if source.startswith("pvc://"):
-        claim, _, path = source[len("pvc://") :].partition("/")
-        if claim and claim == pool.model_cache.persistent_volume_claim_name:
-            return f"file://{mount}/{path}".rstrip("/")
+
+@dataclass(frozen=True)
+class SourceResolution:
+    """Where a pool's workers read a model source (`path`: a `file://` URL inside the cache), or why not."""
+
+    path: str | None
+    reason: str = ""
+    message: str = ""
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _clean_path(path: str) -> str | None:
+    """`path` normalised, or None when it is not absolute, has a `..` segment or a control character."""
+    if not path.startswith("/") or _CONTROL.search(path) or ".." in path.split("/"):
         return None
+    return posixpath.normpath(path)
+
+
+def resolve_source(source: str, pool: PoolSpec) -> SourceResolution:
+    """The `file://` path the pool's workers read `source` from: always inside the pool's model cache.
+
+    The cache is mounted at `modelCache.mountPath`. `file://<path>` is accepted when the normalised absolute
+    path lies below it; `pvc://<claim>/<path>` when `<claim>` is the pool's cache claim (then
+    `<mountPath>/<path>`); `hf://<org>/<repo>` is expected pre-downloaded at `<mountPath>/<org>/<repo>`. Any
+    `..` segment, relative path or control character is refused (`SourceOutsideCache`), so no source can
+    name a file outside the cache.
+    """
+    mount = _clean_path(pool.model_cache.mount_path)
+
+    def outside(why: str) -> SourceResolution:
+        return SourceResolution(
+            None, "SourceOutsideCache", f"spec.model.source {source!r} {why} (modelCache.mountPath {mount or '?'})"
+        )
+
+    if mount is None or mount == "/":
+        return outside("cannot be placed: the pool's modelCache.mountPath is not a valid directory")
+    if source.startswith("file://"):
+        path = _clean_path(source[len("file://") :])
+        if path is None:
+            return outside("is not an absolute path without '..' segments")
+        if not _inside(path, mount):
+            return outside("is not inside the pool's model cache")
+        return SourceResolution(f"file://{path}")
+    if source.startswith("pvc://"):
+        claim, _, rest = source[len("pvc://") :].partition("/")
+        if not claim or claim != pool.model_cache.persistent_volume_claim_name:
+            return SourceResolution(
+                None,
+                "SourceNotOnPool",
+                f"spec.model.source {source!r} is not reachable from the pool: a pvc:// source must name the "
+                f"pool's modelCache.persistentVolumeClaimName "
+                f"({pool.model_cache.persistent_volume_claim_name or 'none'})",
+            )
+        path = _clean_path(f"{mount}/{rest}")
+        if path is None or not _inside(path, mount):
+            return outside("has a path that leaves the claim")
+        return SourceResolution(f"file://{path}")
     if source.startswith("hf://"):
-        return f"file://{mount}/{source[len('hf://') :]}"
+        parts = source[len("hf://") :].split("/")
+        if len(parts) != 2 or not all(_HF_SEGMENT.fullmatch(s) and ".." not in s for s in parts):
+            return outside("is not hf://<org>/<repo>")
+        return SourceResolution(f"file://{mount}/{parts[0]}/{parts[1]}")
+    return SourceResolution(
+        None, "SourceNotOnPool", f"spec.model.source {source!r}: the scheme must be pvc://, file:// or hf://"
+    )
+
+
+def worker_source(source: str, pool: PoolSpec) -> str | None:
+    """The `file://` path the pool's workers read `source` from, or None when it is not inside the cache."""
+    return resolve_source(source, pool).path
+
+
+# ------------------------------------------------------------------ engine arguments
+#: vLLM flags a ModelDeployment may pass (engine tuning only): True when the flag takes a value. Nothing that
+#: names a file, a directory, a host, a port, a URL, a model or Python code to import, and nothing the worker
+#: sets itself (model, served name, tensor parallelism, load format, dtype, max model length).
+ENGINE_FLAGS: dict[str, bool] = {
+    "--enable-prefix-caching": False,
+    "--no-enable-prefix-caching": False,
+    "--enable-chunked-prefill": False,
+    "--no-enable-chunked-prefill": False,
+    "--enforce-eager": False,
+    "--disable-sliding-window": False,
+    "--disable-cascade-attn": False,
+    "--disable-log-stats": False,
+    "--disable-log-requests": False,
+    "--enable-log-requests": False,
+    "--enable-auto-tool-choice": False,
+    "--async-scheduling": False,
+    "--enable-expert-parallel": False,
+    "--calculate-kv-scales": False,
+    "--disable-custom-all-reduce": False,
+    "--return-tokens-as-token-ids": False,
+    "--enable-prompt-tokens-details": False,
+    "--enable-force-include-usage": False,
+    "--disable-uvicorn-access-log": False,
+    "--disable-fastapi-docs": False,
+    "--max-num-seqs": True,
+    "--max-num-batched-tokens": True,
+    "--gpu-memory-utilization": True,
+    "--kv-cache-dtype": True,
+    "--block-size": True,
+    "--swap-space": True,
+    "--cpu-offload-gb": True,
+    "--seed": True,
+    "--max-logprobs": True,
+    "--quantization": True,
+    "--tokenizer-mode": True,
+    "--tool-call-parser": True,
+    "--reasoning-parser": True,
+    "--guided-decoding-backend": True,
+    "--max-seq-len-to-capture": True,
+    "--max-cudagraph-capture-size": True,
+    "--long-prefill-token-threshold": True,
+    "--max-num-partial-prefills": True,
+    "--max-long-partial-prefills": True,
+    "--scheduling-policy": True,
+    "--num-lookahead-slots": True,
+    "--limit-mm-per-prompt": True,
+    "--override-generation-config": True,
+    "--response-role": True,
+    "--uvicorn-log-level": True,
+    "--max-parallel-loading-workers": True,
+}
+_FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
+_VALUE = re.compile(r"[A-Za-z0-9._:,+={}\[\]\"' -]*")  # no '/', '\', '@', '$', '`', ';', '|', '&', '<', '>'
+
+
+def engine_args_problem(args: Sequence[str], allowed_extra: Sequence[str] = ()) -> str | None:
+    """Why `args` (spec.engine.args) are refused, naming the argument, or None when every one is allowed."""
+    allowed = dict(ENGINE_FLAGS)
+    for extra in allowed_extra:
+        flag, _, kind = extra.partition("=")
+        allowed[flag] = kind != "bool"
+    expects_value = False
+    for i, arg in enumerate(args):
+        where = f"spec.engine.args[{i}] {arg[:64]!r}"
+        if expects_value:
+            expects_value = False
+            if not arg.startswith("-"):
+                if not _VALUE.fullmatch(arg):
+                    return f"{where}: a flag's value may not contain paths, URLs or shell characters"
+                continue
+        flag, eq, value = arg.partition("=")
+        if not _FLAG.fullmatch(flag):
+            return f"{where} is neither a --flag nor the value of one"
+        flag = flag.replace("_", "-")
+        if flag not in allowed:
+            return f"{where}: {flag} is not an allowed engine flag (the operator's allow-list)"
+        if eq:
+            if not allowed[flag]:
+                return f"{where}: {flag} takes no value"
+            if not _VALUE.fullmatch(value):
+                return f"{where}: a flag's value may not contain paths, URLs or shell characters"
+        else:
+            expects_value = allowed[flag]
     return None
 
 
-def validate_model(model: ModelSpec, pool: PoolSpec | None, weight_bytes: int | None) -> Validation:
-    """Does this ModelDeployment make sense against its pool? First failing check wins."""
+# ------------------------------------------------------------------ models
+def validate_model(
+    model: ModelSpec,
+    pool: PoolSpec | None,
+    weight_bytes: int | None,
+    rules: SpecRules | None = None,
+    pool_validation: Validation | None = None,
+) -> Validation:
+    """Does this ModelDeployment make sense against its pool? First failing check wins; never raises."""
+    rules = rules or SpecRules()
+    if model.problems:
+        reason, message = model.problems[0]
+        return Validation(False, reason, message)
     if not model.pool:
         return Validation(False, "PoolNotSet", "spec.poolRef.name is empty")
     if pool is None:
-        return Validation(False, "PoolNotFound", f"WarmPool {model.pool!r} does not exist in this namespace")
+        return Validation(
+            False, "PoolNotFound", f"spec.poolRef.name: WarmPool {model.pool!r} does not exist in this namespace"
+        )
+    if pool_validation is not None and not pool_validation.ok:
+        return Validation(
+            False,
+            "PoolNotValid",
+            f"WarmPool {model.pool!r} is not valid ({pool_validation.reason}: {pool_validation.message})",
+        )
     if not _is_pow2(model.tp):
-        return Validation(False, "InvalidTensorParallelSize", f"tensorParallelSize {model.tp} is not a power of two")
+        return Validation(
+            False, "InvalidTensorParallelSize", f"spec.model.tensorParallelSize {model.tp} is not a power of two"
+        )
     devices = pool.devices_per_worker
     if pool.gpu.count == 0 and model.tp > 1:
         return Validation(
-            False, "TensorParallelNeedsGPUs", f"pool {model.pool!r} is CPU-only; tensorParallelSize must be 1"
+            False,
+            "TensorParallelNeedsGPUs",
+            f"pool {model.pool!r} is CPU-only; spec.model.tensorParallelSize must be 1",
         )
     if model.tp > devices or devices % model.tp:
         return Validation(
             False,
             "TensorParallelDoesNotDividePool",
-            f"tensorParallelSize {model.tp} does not divide the {devices} GPUs per worker of pool {model.pool!r}",
+            f"spec.model.tensorParallelSize {model.tp} does not divide the {devices} GPUs per worker of pool "
+            f"{model.pool!r}",
         )
-    if worker_source(model.source, pool) is None:
+    source = resolve_source(model.source, pool)
+    if source.path is None:
+        return Validation(False, source.reason, source.message)
+    problem = engine_args_problem(model.engine_args, rules.engine_args_allowed)
+    if problem is not None:
+        return Validation(False, "EngineArgNotAllowed", problem)
+    if model.min_replicas > model.max_replicas or model.min_replicas < 0:
+        return Validation(False, "InvalidScaling", "spec.scaling.minReplicas exceeds spec.scaling.maxReplicas")
+    if model.max_concurrency < 1 or model.min_warm_replicas < 0 or model.priority < 0:
         return Validation(
             False,
-            "SourceNotOnPool",
-            f"{model.source} is not reachable from pool {model.pool!r}: a pvc:// source must name the pool's "
-            f"modelCache.persistentVolumeClaimName ({pool.model_cache.persistent_volume_claim_name or 'none'})",
+            "InvalidSpec",
+            "spec.engine.maxConcurrency must be at least 1; spec.prewarm.minWarmReplicas and priority must not "
+            "be negative",
         )
-    if model.min_replicas > model.max_replicas:
-        return Validation(False, "InvalidScaling", "minReplicas exceeds maxReplicas")
     if weight_bytes is None:
         return Validation(
             False,
             "WeightBytesUnknown",
             "set spec.model.weightBytes or make the source readable to the operator",
+        )
+    if weight_bytes < 1 or weight_bytes > MAX_WEIGHT_BYTES:
+        return Validation(
+            False, "InvalidSpec", f"spec.model.weightBytes {weight_bytes} is outside 1..{MAX_WEIGHT_BYTES}"
         )
     shard = -(-weight_bytes // model.tp)
     arena = pool.device_arena_bytes
@@ -89,9 +304,262 @@ def validate_model(model: ModelSpec, pool: PoolSpec | None, weight_bytes: int | 
             False,
             "DoesNotFitPool",
             f"one shard needs {shard} bytes but a GPU arena of pool {model.pool!r} holds {arena} bytes "
-            f"(memoryMiB × arenaFraction); raise tensorParallelSize",
+            f"(memoryMiB × arenaFraction); raise spec.model.tensorParallelSize",
         )
     return Validation(True, "Validated", f"fits pool {model.pool!r}: {model.tp} GPU(s), {shard} bytes per GPU")
+
+
+# ------------------------------------------------------------------ pools
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB per device: the CRD's maximum
+MAX_WEIGHT_BYTES = 1 << 50  # 1 PiB: the CRD's maximum
+_QUANTITY = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][0-9]+)?")
+_SUFFIX: dict[str, int | Fraction] = {
+    "": 1,
+    "m": Fraction(1, 1000),
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def parse_quantity(text: str) -> Fraction | None:
+    """A Kubernetes resource quantity ("16Gi", "500m", "1e9") as an exact number, or None when it is not one
+    (signs are refused: no size in a WarmPool may be negative)."""
+    m = _QUANTITY.fullmatch(text.strip()) if isinstance(text, str) else None
+    if m is None or len(text) > 32:
+        return None
+    suffix = m.group("suffix") or ""
+    if suffix[:1] in ("e", "E") and int(suffix[1:]) > 18:
+        return None  # beyond exa: not a size any node has (and 1e999999 must not cost a bignum)
+    scale = 10 ** int(suffix[1:]) if suffix[:1] in ("e", "E") else _SUFFIX[suffix]
+    return Fraction(m.group("num")) * scale
+
+
+_LEGACY_IPV4 = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}")
+
+
+def prometheus_url_problem(url: str, allowed_hosts: Sequence[str] = ()) -> str | None:
+    """Why the operator must not fetch `url` (spec.loadSource.prometheusUrl), or None.
+
+    Only http and https; no user info; the host must be on the allow-list when one is set; otherwise it must
+    not be a link-local, loopback, unspecified, multicast or reserved address (cloud metadata services live at
+    169.254.169.254 and fd00:ec2::254), nor a metadata or localhost name, nor an IPv4 address written in one of
+    the legacy forms (decimal, octal, hex) that resolvers accept. A DNS name is not resolved here: set an
+    allow-list to pin the hosts.
+    """
+    where = f"spec.loadSource.prometheusUrl {url[:200]!r}"
+    if _CONTROL.search(url) or any(c.isspace() for c in url):
+        return f"{where} contains whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").rstrip(".").lower()
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        return f"{where} is not a URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return f"{where}: the scheme must be http or https"
+    if parts.username is not None or parts.password is not None:
+        return f"{where}: user info in the URL is not allowed"
+    if not host:
+        return f"{where} has no host"
+    if allowed_hosts:
+        if host not in {h.rstrip(".").lower() for h in allowed_hosts}:
+            return f"{where}: host {host} is not on the operator's allow-list ({', '.join(allowed_hosts)})"
+        return None
+    if host in ("localhost", "metadata", "metadata.google.internal", "instance-data") or host.endswith(
+        (".localhost", ".internal")
+    ):
+        return f"{where}: host {host} is a local or metadata name"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if _LEGACY_IPV4.fullmatch(host):
+            return f"{where}: host {host} is an IP address in a legacy form"
+        return None  # a DNS name: only an allow-list can pin what it resolves to
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if (
+        address.is_link_local
+        or address.is_loopback
+        or address.is_unspecified
+        or address.is_multicast
+        or address.is_reserved
+        or address in ipaddress.ip_network("fd00:ec2::/32")
+        or address in ipaddress.ip_network("100.100.100.200/32")  # Alibaba Cloud metadata
+    ):
+        return f"{where}: host {host} is a link-local, loopback, metadata or reserved address"
+    return None
+
+
+def validate_pool(pool: PoolSpec, rules: SpecRules | None = None) -> Validation:
+    """Is this WarmPool safe and sensible to run? First failing check wins; never raises.
+
+    What the CRD's schema and CEL rules refuse is checked again here (the API server does not re-validate
+    objects stored before the CRD was tightened), and so is what they cannot know: the operator's settings
+    (`SpecRules`: worker service accounts, host-path roots, system priority classes, Prometheus hosts), the
+    worker's own mounts, and values that only make sense together (arena, page size, /dev/shm).
+    """
+    rules = rules or SpecRules()
+    if pool.problems:
+        reason, message = pool.problems[0]
+        return Validation(False, reason, message)
+    invalid = _range_problem(pool)
+    if invalid is not None:
+        return Validation(False, "InvalidSpec", invalid)
+    w = pool.worker
+    if w.service_account_name not in rules.worker_service_accounts:
+        return Validation(
+            False,
+            "ServiceAccountNotAllowed",
+            f"spec.worker.serviceAccountName {w.service_account_name[:253]!r} is not one the operator allows for "
+            f"workers ({', '.join(rules.worker_service_accounts) or 'none'})",
+        )
+    if pool.priority_class_name.startswith("system-") and not rules.allow_system_priority_classes:
+        return Validation(
+            False,
+            "PriorityClassNotAllowed",
+            f"spec.priorityClassName {pool.priority_class_name!r}: system-* priority classes are reserved (the "
+            "operator's settings do not allow them)",
+        )
+    for i, toleration in enumerate(pool.tolerations):
+        key = toleration.get("key") or ""
+        if not key:
+            return Validation(
+                False,
+                "TolerationNotAllowed",
+                f"spec.tolerations[{i}] has no key: it would tolerate every taint",
+            )
+        if key in ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"):
+            return Validation(False, "TolerationNotAllowed", f"spec.tolerations[{i}]: workers may not tolerate {key}")
+    cache = pool.model_cache
+    if cache.host_path:
+        path = _clean_path(cache.host_path)
+        roots = [r for r in (_clean_path(r) for r in rules.host_path_roots) if r and r != "/"]
+        if path is None or not any(_inside(path, r) for r in roots):
+            return Validation(
+                False,
+                "HostPathNotAllowed",
+                f"spec.modelCache.hostPath {cache.host_path[:200]!r} is not below a host-path root the operator "
+                f"allows ({', '.join(rules.host_path_roots) or 'none'})",
+            )
+    mount = _clean_path(cache.mount_path)
+    if mount is None or mount == "/" or any(_inside(mount, r) or _inside(r, mount) for r in RESERVED_MOUNTS):
+        return Validation(
+            False,
+            "InvalidMountPath",
+            f"spec.modelCache.mountPath {cache.mount_path[:200]!r} must be an absolute directory without '..' "
+            f"that neither holds nor lies in a directory the worker needs ({', '.join(RESERVED_MOUNTS)})",
+        )
+    sizes = {}
+    for field_name, text in (
+        ("spec.worker.cpu", w.cpu),
+        ("spec.worker.memory", w.memory),
+        ("spec.worker.shmSize", w.shm_size),
+        ("spec.modelCache.sizeLimit", cache.size_limit),
+    ):
+        value = parse_quantity(text)
+        if value is None or value <= 0:
+            return Validation(False, "InvalidQuantity", f"{field_name} {text[:40]!r} is not a positive quantity")
+        sizes[field_name] = value
+    if pool.gpu.memory_mib > MAX_MEMORY_MIB:
+        return Validation(
+            False,
+            "MemoryTooLarge",
+            f"spec.gpu.memoryMiB {pool.gpu.memory_mib} exceeds {MAX_MEMORY_MIB} (16 TiB per device)",
+        )
+    if not _is_pow2(w.page_size_bytes) or not 65536 <= w.page_size_bytes <= 1 << 30:
+        return Validation(
+            False,
+            "PageSizeInvalid",
+            f"spec.worker.pageSizeBytes {w.page_size_bytes} must be a power of two from 65536 to 1 GiB",
+        )
+    arena = pool.device_arena_bytes
+    if w.page_size_bytes >= arena:
+        return Validation(
+            False,
+            "PageSizeExceedsArena",
+            f"spec.worker.pageSizeBytes {w.page_size_bytes} is not below one device's arena of {arena} bytes "
+            "(gpu.memoryMiB × worker.arenaFraction): the worker could not hold a single page",
+        )
+    if pool.gpu.count == 0:
+        if arena > sizes["spec.worker.shmSize"]:
+            return Validation(
+                False,
+                "ArenaExceedsShm",
+                f"the CPU arena of {arena} bytes (spec.gpu.memoryMiB × spec.worker.arenaFraction) does not fit "
+                f"spec.worker.shmSize {w.shm_size} ({int(sizes['spec.worker.shmSize'])} bytes of /dev/shm)",
+            )
+        if arena > sizes["spec.worker.memory"]:
+            return Validation(
+                False,
+                "ArenaExceedsMemory",
+                f"the CPU arena of {arena} bytes (spec.gpu.memoryMiB × spec.worker.arenaFraction) does not fit "
+                f"spec.worker.memory {w.memory} (shared memory counts against the container's memory limit)",
+            )
+    engine = engine_ports(w.engine_port_base)
+    if engine.stop > 65536 or w.engine_port_base < 1024 or w.port in engine or not 1 <= w.port <= 65535:
+        return Validation(
+            False,
+            "PortConflict",
+            f"spec.worker.port {w.port} must lie outside the engine ports {engine.start}-{engine.stop - 1} "
+            "(spec.worker.enginePortBase + 0..63), all within 1024-65535",
+        )
+    if pool.load_source.kind == "prometheus":
+        problem = prometheus_url_problem(pool.load_source.prometheus_url, rules.prometheus_hosts)
+        if problem is not None:
+            return Validation(False, "PrometheusUrlNotAllowed", problem)
+    return Validation(True, "Validated", "the spec is valid and within what the operator allows")
+
+
+def _range_problem(pool: PoolSpec) -> str | None:
+    """The CRD's enums and ranges, checked again for objects the API server never validated."""
+    f, w = pool.forecast, pool.worker
+    checks = (
+        (pool.gpu.count in (0, 1, 2, 4, 8, 16), f"spec.gpu.count {pool.gpu.count} must be 0, 1, 2, 4, 8 or 16"),
+        (pool.gpu.memory_mib >= 1, f"spec.gpu.memoryMiB {pool.gpu.memory_mib} must be at least 1"),
+        (0.05 <= w.arena_fraction <= 1, f"spec.worker.arenaFraction {w.arena_fraction} must be within 0.05..1"),
+        (w.host_memory_tier_bytes >= 0, "spec.worker.hostMemoryTierBytes must not be negative"),
+        (w.image_pull_policy in ("Always", "IfNotPresent", "Never"), "spec.worker.imagePullPolicy is not valid"),
+        (w.log_level in ("debug", "info", "warning", "error"), "spec.worker.logLevel is not valid"),
+        (
+            bool(w.image) and not any(c.isspace() for c in w.image) and not _CONTROL.search(w.image),
+            "spec.worker.image must be an image reference without whitespace",
+        ),
+        (
+            10 <= f.window_seconds <= 86400 and 86400 % f.window_seconds == 0,
+            f"spec.forecast.windowSeconds {f.window_seconds} must divide a day (86400 s) and be at least 10",
+        ),
+        (f.kind in ("csp", "smooth-csp", "seasonal-naive", "last"), "spec.forecast.kind is not a forecaster"),
+        (1 <= f.season_days <= 28, "spec.forecast.seasonDays must be within 1..28"),
+        (0 <= f.correction_windows <= 288, "spec.forecast.correctionWindows must be within 0..288"),
+        (1 <= f.history_days <= 35, "spec.forecast.historyDays must be within 1..35"),
+        (0.5 <= pool.interval_seconds <= 3600, "spec.policy.intervalSeconds must be within 0.5..3600"),
+        (
+            0.01 <= pool.scale_down_utilization < pool.scale_up_utilization <= 1,
+            "spec.policy.scaleDownUtilization must be below spec.policy.scaleUpUtilization, both within 0.01..1",
+        ),
+        (0 <= pool.protection_seconds <= 86400, "spec.policy.protectionSeconds must be within 0..86400"),
+        (0.01 <= pool.load_bandwidth_gbps <= 100000, "spec.policy.loadBandwidthGBps must be within 0.01..100000"),
+        (pool.load_source.kind in ("workers", "prometheus"), "spec.loadSource.kind must be workers or prometheus"),
+        (
+            pool.load_source.kind != "prometheus" or bool(pool.load_source.prometheus_url),
+            "spec.loadSource.prometheusUrl is required when spec.loadSource.kind is prometheus",
+        ),
+        (
+            not (pool.model_cache.persistent_volume_claim_name and pool.model_cache.host_path),
+            "set at most one of spec.modelCache.persistentVolumeClaimName and spec.modelCache.hostPath",
+        ),
+    )
+    return next((message for ok, message in checks if not ok), None)
 
 
 # ------------------------------------------------------------------ workers
@@ -131,6 +599,36 @@ def view_worker(pod: Mapping[str, Any], gpus: int) -> WorkerView:
     )
 
 
+DEFAULT_ENGINE_PORTS = engine_ports(8000)  # the CRD's default worker.enginePortBase
+MAX_ERRORS_PER_WORKER = 20
+MAX_TEXT = 300  # characters of one worker-reported string kept in status (a worker's state is not trusted)
+
+
+def _short(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def endpoint_problem(endpoint: str, worker: WorkerView, ports: range) -> str | None:
+    """Why an engine endpoint a worker reports must not be used (scraped, published), or None.
+
+    The same rule as the router's (`warmserve.router.table.check_endpoint`): the host must be the reporting
+    pod's own IP and the port within the pool's engine ports. A pod without an IP has no usable endpoint.
+    """
+    return check_endpoint(endpoint, worker.ip, ports)
+
+
+def rejected_endpoints(workers: Sequence[WorkerView], ports: range) -> list[str]:
+    """One message per reported endpoint that fails `endpoint_problem` (serving, ready replicas only)."""
+    out = []
+    for w in workers:
+        for r in w.state.replicas if w.state is not None else ():
+            if r.serving and r.ready and r.endpoint:
+                why = endpoint_problem(r.endpoint, w, ports)
+                if why is not None:
+                    out.append(f"{w.pod}: endpoint {_short(r.endpoint, 80)!r} of {_short(r.uid, 64)} rejected: {why}")
+    return out
+
+
 def _device_role(replicas: Sequence[ReplicaState]) -> str:
     if any(r.dedicated for r in replicas):
         return "dedicated"
@@ -146,21 +644,26 @@ def pool_status(
     generation: int | None,
     now: str,
     workload_problem: tuple[str, str] | None = None,
+    validation: Validation | None = None,
+    ports: range = DEFAULT_ENGINE_PORTS,
+    history: c.Condition | None = None,
 ) -> dict[str, Any]:
-    """The status fields the pool round owns, from the worker pods (a workload the API refused wins over worker
-    counts). `observedGeneration` and `workload` belong to the WarmPool handler (`pools.reconcile_pool`)."""
+    """The status fields the pool round owns, from the worker pods. An invalid spec (`validation`) wins over a
+    workload the API refused, which wins over worker counts. `observedGeneration` and `workload` belong to the
+    WarmPool handler (`pools.reconcile_pool`). Worker-reported strings are truncated: a worker's state is not
+    trusted to keep the status small."""
     entries, reporting, errors, free_total = [], 0, [], 0
     for w in sorted(workers, key=lambda w: w.pod):
         entry: dict[str, Any] = {"pod": w.pod, "node": w.node, "gpus": w.gpus}
         if w.state_error:
-            errors.append(f"{w.pod}: unreadable state: {w.state_error}")
+            errors.append(f"{w.pod}: unreadable state: {_short(w.state_error)}")
         if w.state is not None:
             reporting += 1
             entry["observedGeneration"] = w.state.observed_generation
-            entry["errors"] = [str(e) for e in w.state.errors][:20]
-            errors.extend(f"{w.pod}: {e}" for e in w.state.errors)
+            entry["errors"] = [_short(str(e)) for e in w.state.errors[:MAX_ERRORS_PER_WORKER]]
+            errors.extend(f"{w.pod}: {_short(str(e))}" for e in w.state.errors[:MAX_ERRORS_PER_WORKER])
             devices = []
-            for d in w.state.devices:
+            for d in w.state.devices[:64]:
                 on = [r for r in w.state.replicas if d.index in r.gpus]
                 devices.append(
                     {
@@ -168,13 +671,19 @@ def pool_status(
                         "state": _device_role(on),
                         "totalBytes": d.total_bytes,
                         "freeBytes": d.free_bytes,
-                        "replicas": [f"{r.model}/{r.phase}" for r in on],
+                        "replicas": [_short(f"{r.model}/{r.phase}", 160) for r in on[:64]],
                     }
                 )
                 free_total += d.free_bytes
             entry["devices"] = devices
         entries.append(entry)
-    if workload_problem is not None:
+    rejected = rejected_endpoints(workers, ports)
+    valid = None
+    if validation is not None:
+        valid = c.Condition(c.VALID, c.TRUE if validation.ok else c.FALSE, validation.reason, validation.message)
+    if validation is not None and not validation.ok:
+        ready = c.Condition(c.READY, c.FALSE, validation.reason, validation.message)
+    elif workload_problem is not None:
         ready = c.Condition(c.READY, c.FALSE, *workload_problem)
     elif expected_workers == 0:
         ready = c.Condition(c.READY, c.FALSE, "NoWorkers", "no node matches the pool's GPU selector yet")
@@ -184,22 +693,24 @@ def pool_status(
         )
     else:
         ready = c.Condition(c.READY, c.TRUE, "WorkersReporting", f"{reporting} workers report state")
-    degraded = (
-        c.Condition(c.DEGRADED, c.TRUE, "WorkerErrors", "; ".join(errors)[:2000])
-        if errors
-        else c.Condition(c.DEGRADED, c.FALSE, "NoErrors", "")
-    )
+    if errors or rejected:
+        degraded = c.Condition(
+            c.DEGRADED, c.TRUE, "WorkerErrors" if errors else "EndpointsRejected", "; ".join(errors + rejected)[:2000]
+        )
+    else:
+        degraded = c.Condition(c.DEGRADED, c.FALSE, "NoErrors", "")
+    conditions = [ready, degraded] + [x for x in (valid, history) if x is not None]
     return {
         "expectedWorkers": expected_workers,
         "readyWorkers": reporting,
         "planGeneration": plan_generation,
         "totalFreeBytes": free_total,
         "workers": entries,
-        "conditions": c.merge_conditions(existing_conditions, [ready, degraded], now=now, generation=generation),
+        "conditions": c.merge_conditions(existing_conditions, conditions, now=now, generation=generation),
     }
 
 
-# ------------------------------------------------------------------ models
+# ------------------------------------------------------------------ model status
 @dataclass
 class ModelObservation:
     """What the workers hold of one model (by ModelDeployment uid) and what the plans ask for."""
@@ -212,10 +723,12 @@ class ModelObservation:
     prewarming: int = 0
     endpoints: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # endpoints reported but refused (endpoint_problem)
 
 
-def observe_models(workers: Sequence[WorkerView]) -> dict[str, ModelObservation]:
-    """Per ModelDeployment uid: counts from plans (desired) and states (actual)."""
+def observe_models(workers: Sequence[WorkerView], ports: range = DEFAULT_ENGINE_PORTS) -> dict[str, ModelObservation]:
+    """Per ModelDeployment uid: counts from plans (desired) and states (actual). An endpoint is published only
+    when it passes `endpoint_problem` (on the worker pod's IP, within the pool's engine `ports`)."""
     obs: dict[str, ModelObservation] = {}
     for w in workers:
         if w.plan is not None:
@@ -235,14 +748,18 @@ def observe_models(workers: Sequence[WorkerView]) -> dict[str, ModelObservation]
                 if r.serving and r.ready:
                     o.ready += 1
                     if r.endpoint:
-                        o.endpoints.append(r.endpoint)
+                        why = endpoint_problem(r.endpoint, w, ports)
+                        if why is None:
+                            o.endpoints.append(r.endpoint)
+                        else:
+                            o.rejected.append(f"{w.pod}: endpoint {_short(r.endpoint, 80)!r} rejected: {why}")
             elif r.phase == Phase.WARM:
                 o.prewarmed += 1
             elif r.phase == Phase.LOADING:
                 o.prewarming += 1
-        for e in w.state.errors:
+        for e in w.state.errors[:MAX_ERRORS_PER_WORKER]:
             if e.uid in obs:
-                obs[e.uid].errors.append(f"{w.pod}: {e}")
+                obs[e.uid].errors.append(f"{w.pod}: {_short(str(e))}")
     for o in obs.values():
         o.endpoints.sort()
     return obs
@@ -291,11 +808,11 @@ def model_conditions(model: ModelSpec, validation: Validation, observed: ModelOb
             "WarmReplicasLoading",
             f"{observed.prewarmed} of {observed.desired_warm} warm replicas loaded",
         )
-    degraded = (
-        c.Condition(c.DEGRADED, c.TRUE, "WorkerErrors", "; ".join(observed.errors)[:2000])
-        if observed.errors
-        else c.Condition(c.DEGRADED, c.FALSE, "NoErrors", "")
-    )
+    if observed.errors or observed.rejected:
+        reason = "WorkerErrors" if observed.errors else "EndpointsRejected"
+        degraded = c.Condition(c.DEGRADED, c.TRUE, reason, "; ".join(observed.errors + observed.rejected)[:2000])
+    else:
+        degraded = c.Condition(c.DEGRADED, c.FALSE, "NoErrors", "")
     return [valid, ready, prewarmed, degraded]
 
 

@@ -17,6 +17,17 @@ manifests set them through env on the operator Deployment.
 | WARMSERVE_SCRAPE_TIMEOUT_SECONDS | --scrape-timeout    | 2.0                             |
 | WARMSERVE_POST_EVENTS            | --no-events         | true                            |
 | WARMSERVE_ROUTER_URL             | --router-url        | "" (load from the workers)      |
+
+What a WarmPool or ModelDeployment author may ask for (docs/design.md, "Trust model"; `SpecRules`):
+
+| env                                     | flag                             | default                           |
+|-----------------------------------------|----------------------------------|-----------------------------------|
+| WARMSERVE_WORKER_SERVICE_ACCOUNTS       | --worker-service-account (repeat)| warmserve-worker                  |
+| WARMSERVE_HOST_PATH_ROOTS               | --host-path-root (repeat)        | /var/lib/warmserve,/mnt/models    |
+| WARMSERVE_ALLOW_SYSTEM_PRIORITY_CLASSES | --allow-system-priority-classes  | false                             |
+| WARMSERVE_PROMETHEUS_HOSTS              | --prometheus-host (repeat)       | "" (any non-local host)           |
+| WARMSERVE_ENGINE_ARGS_ALLOWED           | --allow-engine-arg (repeat)      | "" (only the built-in allow-list) |
+| WARMSERVE_HISTORY_BUDGET_BYTES          | --history-budget-bytes           | 900000                            |
 """
 
 from __future__ import annotations
@@ -30,6 +41,30 @@ from dataclasses import dataclass
 OPERATOR_NAME = "warmserve-operator"
 FINALIZER = "operator.warmserve.io/finalizer"
 ANNOTATION_PREFIX = "operator.warmserve.io"
+DEFAULT_WORKER_SERVICE_ACCOUNTS = ("warmserve-worker",)
+DEFAULT_HOST_PATH_ROOTS = ("/var/lib/warmserve", "/mnt/models")
+HISTORY_BUDGET_BYTES = 900_000  # encoded load history per pool: a ConfigMap holds 1 MiB, metadata included
+
+
+@dataclass(frozen=True)
+class SpecRules:
+    """What the operator's settings allow a WarmPool or ModelDeployment author to ask for (pure data).
+
+    `reconcile.validate_pool` and `reconcile.validate_model` check specs against it; anything outside is a
+    `Valid=False` condition with a reason, and for a pool no worker workload is written.
+    """
+
+    worker_service_accounts: tuple[str, ...] = DEFAULT_WORKER_SERVICE_ACCOUNTS
+    host_path_roots: tuple[str, ...] = DEFAULT_HOST_PATH_ROOTS
+    allow_system_priority_classes: bool = False
+    prometheus_hosts: tuple[str, ...] = ()  # empty: any host that is not link-local, loopback or metadata
+    engine_args_allowed: tuple[str, ...] = ()  # engine flags allowed beyond the built-in list
+
+
+def _list(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if text is None:
+        return default
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _priority(text: str) -> int:
@@ -59,6 +94,23 @@ class ControllerConfig:
     scrape_timeout_seconds: float = 2.0
     post_events: bool = True
     router_url: str = ""  # the router's base URL: its demand is every pool's load, and it wakes a round at once
+    worker_service_accounts: tuple[str, ...] = DEFAULT_WORKER_SERVICE_ACCOUNTS
+    host_path_roots: tuple[str, ...] = DEFAULT_HOST_PATH_ROOTS
+    allow_system_priority_classes: bool = False
+    prometheus_hosts: tuple[str, ...] = ()
+    engine_args_allowed: tuple[str, ...] = ()
+    history_budget_bytes: int = HISTORY_BUDGET_BYTES
+
+    @property
+    def rules(self) -> SpecRules:
+        """What pool and model authors may ask for (see `SpecRules`)."""
+        return SpecRules(
+            worker_service_accounts=self.worker_service_accounts,
+            host_path_roots=self.host_path_roots,
+            allow_system_priority_classes=self.allow_system_priority_classes,
+            prometheus_hosts=self.prometheus_hosts,
+            engine_args_allowed=self.engine_args_allowed,
+        )
 
     @property
     def clusterwide(self) -> bool:
@@ -86,6 +138,14 @@ class ControllerConfig:
             scrape_timeout_seconds=float(env.get("WARMSERVE_SCRAPE_TIMEOUT_SECONDS", d.scrape_timeout_seconds)),
             post_events=_bool(env.get("WARMSERVE_POST_EVENTS"), d.post_events),
             router_url=env.get("WARMSERVE_ROUTER_URL", d.router_url),
+            worker_service_accounts=_list(env.get("WARMSERVE_WORKER_SERVICE_ACCOUNTS"), d.worker_service_accounts),
+            host_path_roots=_list(env.get("WARMSERVE_HOST_PATH_ROOTS"), d.host_path_roots),
+            allow_system_priority_classes=_bool(
+                env.get("WARMSERVE_ALLOW_SYSTEM_PRIORITY_CLASSES"), d.allow_system_priority_classes
+            ),
+            prometheus_hosts=_list(env.get("WARMSERVE_PROMETHEUS_HOSTS"), d.prometheus_hosts),
+            engine_args_allowed=_list(env.get("WARMSERVE_ENGINE_ARGS_ALLOWED"), d.engine_args_allowed),
+            history_budget_bytes=int(env.get("WARMSERVE_HISTORY_BUDGET_BYTES", d.history_budget_bytes)),
         )
 
     @classmethod
@@ -109,6 +169,36 @@ class ControllerConfig:
             help="the router (e.g. http://warmserve-router.warmserve-system:8080): load from its demand, and a "
             "request held for a model without engines starts a round at once",
         )
+        p.add_argument(
+            "--worker-service-account",
+            action="append",
+            dest="worker_service_accounts",
+            help="a service account WarmPools may give their workers (repeatable; default warmserve-worker)",
+        )
+        p.add_argument(
+            "--host-path-root",
+            action="append",
+            dest="host_path_roots",
+            help="a directory under which a WarmPool's modelCache.hostPath may lie (repeatable)",
+        )
+        p.add_argument(
+            "--allow-system-priority-classes",
+            action="store_true",
+            help="let WarmPools use system-* priority classes for their workers",
+        )
+        p.add_argument(
+            "--prometheus-host",
+            action="append",
+            dest="prometheus_hosts",
+            help="a host a WarmPool's loadSource.prometheusUrl may name (repeatable; none = any public host)",
+        )
+        p.add_argument(
+            "--allow-engine-arg",
+            action="append",
+            dest="engine_args_allowed",
+            help="an engine flag ModelDeployments may pass beyond the built-in allow-list (repeatable)",
+        )
+        p.add_argument("--history-budget-bytes", type=int, default=base.history_budget_bytes)
         a = p.parse_args(argv)
         return cls(
             namespaces=tuple(a.namespaces) if a.namespaces else base.namespaces,
@@ -123,4 +213,10 @@ class ControllerConfig:
             scrape_timeout_seconds=a.scrape_timeout,
             post_events=base.post_events and not a.no_events,
             router_url=a.router_url,
+            worker_service_accounts=tuple(a.worker_service_accounts or base.worker_service_accounts),
+            host_path_roots=tuple(a.host_path_roots or base.host_path_roots),
+            allow_system_priority_classes=base.allow_system_priority_classes or a.allow_system_priority_classes,
+            prometheus_hosts=tuple(a.prometheus_hosts or base.prometheus_hosts),
+            engine_args_allowed=tuple(a.engine_args_allowed or base.engine_args_allowed),
+            history_budget_bytes=a.history_budget_bytes,
         )

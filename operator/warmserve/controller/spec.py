@@ -7,16 +7,12 @@ lives here too, and a test checks that these values equal the CRD's `default:` e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 MIB = 1 << 20
-
-
-def _sub(spec: Mapping[str, Any] | None, key: str) -> Mapping[str, Any]:
-    value = (spec or {}).get(key)
-    return value if isinstance(value, Mapping) else {}
 
 
 @dataclass(frozen=True)
@@ -91,6 +87,7 @@ class PoolSpec:
     protection_seconds: float = 5.0
     load_bandwidth_gbps: float = 25.0
     load_source: LoadSourceSpec = field(default_factory=LoadSourceSpec)
+    problems: tuple[tuple[str, str], ...] = ()  # (reason, message) of fields that had the wrong type
 
     @property
     def devices_per_worker(self) -> int:
@@ -103,59 +100,275 @@ class PoolSpec:
         return int(self.gpu.memory_mib * MIB * self.worker.arena_fraction)
 
 
+class _Reader:
+    """Reads fields of an untrusted spec: a value of the wrong type (or a non-finite number) is replaced by the
+    default and recorded as a problem naming the field, so parsing never raises and never returns garbage.
+
+    The API server's schema refuses such specs, but the operator also sees objects the schema never checked:
+    objects stored before the CRD was tightened (the API server does not re-validate stored objects), emulated
+    API servers, and local files.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []  # (reason, message naming the field)
+
+    def bad(self, field: str, value: Any, want: str, reason: str = "InvalidSpec") -> None:
+        text = repr(value)
+        self.problems.append((reason, f"{field} must be {want}, got {text[:80]}{'...' if len(text) > 80 else ''}"))
+
+    def sub(self, spec: Mapping[str, Any] | None, key: str, field: str) -> Mapping[str, Any]:
+        value = (spec or {}).get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.bad(field, value, "an object")
+            return {}
+        return value
+
+    def integer(self, m: Mapping[str, Any], key: str, default: int, field: str) -> int:
+        value = m.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.bad(field, value, "an integer")
+            return default
+        return value
+
+    def number(self, m: Mapping[str, Any], key: str, default: float, field: str) -> float:
+        value = m.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            self.bad(field, value, "a finite number")
+            return default
+        return float(value)
+
+    def text(self, m: Mapping[str, Any], key: str, default: str, field: str) -> str:
+        value = m.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.bad(field, value, "a string")
+            return default
+        return value
+
+    def flag(self, m: Mapping[str, Any], key: str, default: bool, field: str) -> bool:
+        value = m.get(key, default)
+        if not isinstance(value, bool):
+            self.bad(field, value, "true or false")
+            return default
+        return value
+
+    def strings(self, m: Mapping[str, Any], key: str, field: str) -> tuple[str, ...]:
+        value = m.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.bad(field, value, "a list of strings")
+            return ()
+        return tuple(value)
+
+    def string_map(self, m: Mapping[str, Any], key: str, field: str) -> dict[str, str]:
+        value = m.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            self.bad(field, value, "a map of strings to strings")
+            return {}
+        return dict(value)
+
+
+TOLERATION_FIELDS = {"key": str, "operator": str, "value": str, "effect": str, "tolerationSeconds": int}
+
+
+def _tolerations(r: _Reader, spec: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...]:
+    value = spec.get("tolerations")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        r.bad("spec.tolerations", value, "a list")
+        return ()
+    out = []
+    for i, t in enumerate(value):
+        field = f"spec.tolerations[{i}]"
+        if not isinstance(t, Mapping):
+            r.bad(field, t, "an object")
+            continue
+        for k, v in t.items():
+            want = TOLERATION_FIELDS.get(k)
+            if want is None:
+                r.bad(f"{field}.{k}", v, "absent (not a toleration field)")
+            elif isinstance(v, bool) or not isinstance(v, want):
+                r.bad(f"{field}.{k}", v, "an integer" if want is int else "a string")
+        out.append({k: v for k, v in t.items() if k in TOLERATION_FIELDS})
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------ affinity
+AFFINITY_MAX_DEPTH = 12  # core/v1 Affinity is at most 7 objects deep; anything deeper is not an Affinity
+_NODE_REQ = {"key": "str", "operator": "str", "values": "strs"}
+_NODE_TERM = {"matchExpressions": ("list", _NODE_REQ), "matchFields": ("list", _NODE_REQ)}
+_LABEL_SELECTOR = {"matchLabels": "strmap", "matchExpressions": ("list", _NODE_REQ)}
+_POD_TERM = {
+    "labelSelector": ("obj", _LABEL_SELECTOR),
+    "namespaceSelector": ("obj", _LABEL_SELECTOR),
+    "namespaces": "strs",
+    "topologyKey": "str",
+    "matchLabelKeys": "strs",
+    "mismatchLabelKeys": "strs",
+}
+_POD_AFFINITY = {
+    "requiredDuringSchedulingIgnoredDuringExecution": ("list", _POD_TERM),
+    "preferredDuringSchedulingIgnoredDuringExecution": (
+        "list",
+        {"weight": "int", "podAffinityTerm": ("obj", _POD_TERM)},
+    ),
+}
+AFFINITY_SHAPE: dict[str, Any] = {
+    "nodeAffinity": (
+        "obj",
+        {
+            "requiredDuringSchedulingIgnoredDuringExecution": (
+                "obj",
+                {"nodeSelectorTerms": ("list", _NODE_TERM)},
+            ),
+            "preferredDuringSchedulingIgnoredDuringExecution": (
+                "list",
+                {"weight": "int", "preference": ("obj", _NODE_TERM)},
+            ),
+        },
+    ),
+    "podAffinity": ("obj", _POD_AFFINITY),
+    "podAntiAffinity": ("obj", _POD_AFFINITY),
+}
+
+
+def affinity_problem(value: Any, field: str = "spec.affinity") -> str | None:
+    """Why `value` is not a core/v1 Affinity (the message names the field), or None when it is one.
+
+    Checks the shape the operator relies on when it merges the GPU node selector into it (objects, lists and
+    scalars where the Kubernetes type has them, no unknown fields), iteratively, so a hostile value nested
+    thousands of levels deep costs nothing and raises nothing.
+    """
+    stack: list[tuple[Any, Any, str, int]] = [(value, ("obj", AFFINITY_SHAPE), field, 0)]
+    while stack:
+        node, shape, where, depth = stack.pop()
+        if depth > AFFINITY_MAX_DEPTH:
+            return f"{where} is nested deeper than a core/v1 Affinity can be"
+        if shape == "str":
+            if not isinstance(node, str):
+                return f"{where} must be a string"
+        elif shape == "int":
+            if isinstance(node, bool) or not isinstance(node, int):
+                return f"{where} must be an integer"
+        elif shape == "strs":
+            if not isinstance(node, list) or not all(isinstance(v, str) for v in node):
+                return f"{where} must be a list of strings"
+        elif shape == "strmap":
+            if not isinstance(node, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in node.items()
+            ):
+                return f"{where} must be a map of strings to strings"
+        elif shape[0] == "list":
+            if not isinstance(node, list):
+                return f"{where} must be a list"
+            stack.extend((item, ("obj", shape[1]), f"{where}[{i}]", depth + 1) for i, item in enumerate(node))
+        else:
+            if not isinstance(node, Mapping):
+                return f"{where} must be an object"
+            fields = shape[1]
+            for key, sub in node.items():
+                if key not in fields:
+                    return f"{where}.{key} is not a field of a core/v1 Affinity"
+                stack.append((sub, fields[key], f"{where}.{key}", depth + 1))
+    return None
+
+
 def parse_pool_spec(spec: Mapping[str, Any] | None) -> PoolSpec:
-    gpu, worker, cache = _sub(spec, "gpu"), _sub(spec, "worker"), _sub(spec, "modelCache")
-    forecast, policy, load = _sub(spec, "forecast"), _sub(spec, "policy"), _sub(spec, "loadSource")
+    """A WarmPool spec with every default applied; never raises. A field of the wrong type keeps its default
+    and is listed in `PoolSpec.problems` (which `reconcile.validate_pool` reports)."""
+    r = _Reader()
+    if spec is not None and not isinstance(spec, Mapping):
+        r.bad("spec", spec, "an object")
+        spec = {}
+    spec = spec or {}
+    gpu, worker = r.sub(spec, "gpu", "spec.gpu"), r.sub(spec, "worker", "spec.worker")
+    cache, forecast = r.sub(spec, "modelCache", "spec.modelCache"), r.sub(spec, "forecast", "spec.forecast")
+    policy, load = r.sub(spec, "policy", "spec.policy"), r.sub(spec, "loadSource", "spec.loadSource")
     d_gpu, d_worker, d_cache, d_fc = GpuSpec(), WorkerSpec(), ModelCacheSpec(), ForecastSpec()
+    affinity: Any = spec.get("affinity") or {}
+    problem = affinity_problem(affinity)
+    if problem is not None:
+        r.problems.append(("InvalidAffinity", problem))
+        affinity = {}
     return PoolSpec(
         gpu=GpuSpec(
-            count=int(gpu.get("count", d_gpu.count)),
-            resource_name=str(gpu.get("resourceName", d_gpu.resource_name)),
-            memory_mib=int(gpu.get("memoryMiB", d_gpu.memory_mib)),
-            product=tuple(gpu.get("product") or ()),
-            runtime_class_name=str(gpu.get("runtimeClassName", "")),
+            count=r.integer(gpu, "count", d_gpu.count, "spec.gpu.count"),
+            resource_name=r.text(gpu, "resourceName", d_gpu.resource_name, "spec.gpu.resourceName"),
+            memory_mib=r.integer(gpu, "memoryMiB", d_gpu.memory_mib, "spec.gpu.memoryMiB"),
+            product=r.strings(gpu, "product", "spec.gpu.product"),
+            runtime_class_name=r.text(gpu, "runtimeClassName", "", "spec.gpu.runtimeClassName"),
         ),
-        node_selector=dict((spec or {}).get("nodeSelector") or {}),
-        tolerations=tuple((spec or {}).get("tolerations") or ()),
-        affinity=dict((spec or {}).get("affinity") or {}),
-        priority_class_name=str((spec or {}).get("priorityClassName", "")),
+        node_selector=r.string_map(spec, "nodeSelector", "spec.nodeSelector"),
+        tolerations=_tolerations(r, spec),
+        affinity=dict(affinity),
+        priority_class_name=r.text(spec, "priorityClassName", "", "spec.priorityClassName"),
         worker=WorkerSpec(
-            image=str(worker.get("image", d_worker.image)),
-            image_pull_policy=str(worker.get("imagePullPolicy", d_worker.image_pull_policy)),
-            cpu=str(worker.get("cpu", d_worker.cpu)),
-            memory=str(worker.get("memory", d_worker.memory)),
-            shm_size=str(worker.get("shmSize", d_worker.shm_size)),
-            arena_fraction=float(worker.get("arenaFraction", d_worker.arena_fraction)),
-            page_size_bytes=int(worker.get("pageSizeBytes", d_worker.page_size_bytes)),
-            host_memory_tier_bytes=int(worker.get("hostMemoryTierBytes", d_worker.host_memory_tier_bytes)),
-            port=int(worker.get("port", d_worker.port)),
-            engine_port_base=int(worker.get("enginePortBase", d_worker.engine_port_base)),
-            service_account_name=str(worker.get("serviceAccountName", d_worker.service_account_name)),
-            log_level=str(worker.get("logLevel", d_worker.log_level)),
+            image=r.text(worker, "image", d_worker.image, "spec.worker.image"),
+            image_pull_policy=r.text(
+                worker, "imagePullPolicy", d_worker.image_pull_policy, "spec.worker.imagePullPolicy"
+            ),
+            cpu=r.text(worker, "cpu", d_worker.cpu, "spec.worker.cpu"),
+            memory=r.text(worker, "memory", d_worker.memory, "spec.worker.memory"),
+            shm_size=r.text(worker, "shmSize", d_worker.shm_size, "spec.worker.shmSize"),
+            arena_fraction=r.number(worker, "arenaFraction", d_worker.arena_fraction, "spec.worker.arenaFraction"),
+            page_size_bytes=r.integer(worker, "pageSizeBytes", d_worker.page_size_bytes, "spec.worker.pageSizeBytes"),
+            host_memory_tier_bytes=r.integer(
+                worker, "hostMemoryTierBytes", d_worker.host_memory_tier_bytes, "spec.worker.hostMemoryTierBytes"
+            ),
+            port=r.integer(worker, "port", d_worker.port, "spec.worker.port"),
+            engine_port_base=r.integer(
+                worker, "enginePortBase", d_worker.engine_port_base, "spec.worker.enginePortBase"
+            ),
+            service_account_name=r.text(
+                worker, "serviceAccountName", d_worker.service_account_name, "spec.worker.serviceAccountName"
+            ),
+            log_level=r.text(worker, "logLevel", d_worker.log_level, "spec.worker.logLevel"),
         ),
         model_cache=ModelCacheSpec(
-            persistent_volume_claim_name=str(cache.get("persistentVolumeClaimName", "")),
-            host_path=str(cache.get("hostPath", "")),
-            mount_path=str(cache.get("mountPath", d_cache.mount_path)),
-            size_limit=str(cache.get("sizeLimit", d_cache.size_limit)),
+            persistent_volume_claim_name=r.text(
+                cache, "persistentVolumeClaimName", "", "spec.modelCache.persistentVolumeClaimName"
+            ),
+            host_path=r.text(cache, "hostPath", "", "spec.modelCache.hostPath"),
+            mount_path=r.text(cache, "mountPath", d_cache.mount_path, "spec.modelCache.mountPath"),
+            size_limit=r.text(cache, "sizeLimit", d_cache.size_limit, "spec.modelCache.sizeLimit"),
         ),
         forecast=ForecastSpec(
-            window_seconds=int(forecast.get("windowSeconds", d_fc.window_seconds)),
-            kind=str(forecast.get("kind", d_fc.kind)),
-            season_days=int(forecast.get("seasonDays", d_fc.season_days)),
-            correction_windows=int(forecast.get("correctionWindows", d_fc.correction_windows)),
-            history_days=int(forecast.get("historyDays", d_fc.history_days)),
+            window_seconds=r.integer(forecast, "windowSeconds", d_fc.window_seconds, "spec.forecast.windowSeconds"),
+            kind=r.text(forecast, "kind", d_fc.kind, "spec.forecast.kind"),
+            season_days=r.integer(forecast, "seasonDays", d_fc.season_days, "spec.forecast.seasonDays"),
+            correction_windows=r.integer(
+                forecast, "correctionWindows", d_fc.correction_windows, "spec.forecast.correctionWindows"
+            ),
+            history_days=r.integer(forecast, "historyDays", d_fc.history_days, "spec.forecast.historyDays"),
         ),
-        interval_seconds=float(policy.get("intervalSeconds", PoolSpec.interval_seconds)),
-        scale_up_utilization=float(policy.get("scaleUpUtilization", PoolSpec.scale_up_utilization)),
-        scale_down_utilization=float(policy.get("scaleDownUtilization", PoolSpec.scale_down_utilization)),
-        protection_seconds=float(policy.get("protectionSeconds", PoolSpec.protection_seconds)),
-        load_bandwidth_gbps=float(policy.get("loadBandwidthGBps", PoolSpec.load_bandwidth_gbps)),
+        interval_seconds=r.number(policy, "intervalSeconds", PoolSpec.interval_seconds, "spec.policy.intervalSeconds"),
+        scale_up_utilization=r.number(
+            policy, "scaleUpUtilization", PoolSpec.scale_up_utilization, "spec.policy.scaleUpUtilization"
+        ),
+        scale_down_utilization=r.number(
+            policy, "scaleDownUtilization", PoolSpec.scale_down_utilization, "spec.policy.scaleDownUtilization"
+        ),
+        protection_seconds=r.number(
+            policy, "protectionSeconds", PoolSpec.protection_seconds, "spec.policy.protectionSeconds"
+        ),
+        load_bandwidth_gbps=r.number(
+            policy, "loadBandwidthGBps", PoolSpec.load_bandwidth_gbps, "spec.policy.loadBandwidthGBps"
+        ),
         load_source=LoadSourceSpec(
-            kind=str(load.get("kind", "workers")),
-            prometheus_url=str(load.get("prometheusUrl", "")),
-            query=str(load.get("query", "")),
+            kind=r.text(load, "kind", "workers", "spec.loadSource.kind"),
+            prometheus_url=r.text(load, "prometheusUrl", "", "spec.loadSource.prometheusUrl"),
+            query=r.text(load, "query", "", "spec.loadSource.query"),
         ),
+        problems=tuple(r.problems),
     )
 
 
@@ -178,28 +391,38 @@ class ModelSpec:
     priority: float = 1.0
     min_warm_replicas: int = 0
     ttft_seconds: float = 0.1
+    problems: tuple[tuple[str, str], ...] = ()  # (reason, message) of fields that had the wrong type
 
 
 def parse_model_spec(name: str, spec: Mapping[str, Any] | None) -> ModelSpec:
-    """Parse a ModelDeployment spec; `name` (the object's name) is the default served name."""
-    model, engine = _sub(spec, "model"), _sub(spec, "engine")
-    scaling, prewarm, slo = _sub(spec, "scaling"), _sub(spec, "prewarm"), _sub(spec, "slo")
+    """Parse a ModelDeployment spec; `name` (the object's name) is the default served name. Never raises: a
+    field of the wrong type keeps its default and is listed in `ModelSpec.problems`."""
+    r = _Reader()
+    if spec is not None and not isinstance(spec, Mapping):
+        r.bad("spec", spec, "an object")
+        spec = {}
+    model, engine = r.sub(spec, "model", "spec.model"), r.sub(spec, "engine", "spec.engine")
+    scaling, prewarm = r.sub(spec, "scaling", "spec.scaling"), r.sub(spec, "prewarm", "spec.prewarm")
+    slo, pool_ref = r.sub(spec, "slo", "spec.slo"), r.sub(spec, "poolRef", "spec.poolRef")
     d = ModelSpec(pool="", source="", served_name="")
-    weight = model.get("weightBytes")
+    weight: int | None = None
+    if model.get("weightBytes") is not None:
+        weight = r.integer(model, "weightBytes", 0, "spec.model.weightBytes") or None
     return ModelSpec(
-        pool=str(_sub(spec, "poolRef").get("name", "")),
-        source=str(model.get("source", "")),
-        served_name=str(model.get("servedName") or name),
-        dtype=str(model.get("dtype", d.dtype)),
-        tp=int(model.get("tensorParallelSize", d.tp)),
-        weight_bytes=None if weight is None else int(weight),
-        engine_args=tuple(str(a) for a in engine.get("args") or ()),
-        max_model_len=int(engine.get("maxModelLen", d.max_model_len)),
-        max_concurrency=int(engine.get("maxConcurrency", d.max_concurrency)),
-        min_replicas=int(scaling.get("minReplicas", d.min_replicas)),
-        max_replicas=int(scaling.get("maxReplicas", d.max_replicas)),
-        prewarm_enabled=bool(prewarm.get("enabled", d.prewarm_enabled)),
-        priority=float(prewarm.get("priority", d.priority)),
-        min_warm_replicas=int(prewarm.get("minWarmReplicas", d.min_warm_replicas)),
-        ttft_seconds=float(slo.get("ttftSeconds", d.ttft_seconds)),
+        pool=r.text(pool_ref, "name", "", "spec.poolRef.name"),
+        source=r.text(model, "source", "", "spec.model.source"),
+        served_name=r.text(model, "servedName", "", "spec.model.servedName") or name,
+        dtype=r.text(model, "dtype", d.dtype, "spec.model.dtype"),
+        tp=r.integer(model, "tensorParallelSize", d.tp, "spec.model.tensorParallelSize"),
+        weight_bytes=weight,
+        engine_args=r.strings(engine, "args", "spec.engine.args"),
+        max_model_len=r.integer(engine, "maxModelLen", d.max_model_len, "spec.engine.maxModelLen"),
+        max_concurrency=r.integer(engine, "maxConcurrency", d.max_concurrency, "spec.engine.maxConcurrency"),
+        min_replicas=r.integer(scaling, "minReplicas", d.min_replicas, "spec.scaling.minReplicas"),
+        max_replicas=r.integer(scaling, "maxReplicas", d.max_replicas, "spec.scaling.maxReplicas"),
+        prewarm_enabled=r.flag(prewarm, "enabled", d.prewarm_enabled, "spec.prewarm.enabled"),
+        priority=r.number(prewarm, "priority", d.priority, "spec.prewarm.priority"),
+        min_warm_replicas=r.integer(prewarm, "minWarmReplicas", d.min_warm_replicas, "spec.prewarm.minWarmReplicas"),
+        ttft_seconds=r.number(slo, "ttftSeconds", d.ttft_seconds, "spec.slo.ttftSeconds"),
+        problems=tuple(r.problems),
     )
