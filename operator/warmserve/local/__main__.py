@@ -45,7 +45,10 @@ def build_parser(prog: str = "warmserve up") -> argparse.ArgumentParser:
         help=f"extra vLLM arguments for every engine (default: {shlex.join(d.engine_args)!r})",
     )
     p.add_argument(
-        "--engine-port", type=int, default=d.engine_port, help=f"first engine port (default {d.engine_port})"
+        "--engine-port",
+        type=int,
+        default=None,
+        help="first engine port (default: the pool's worker.enginePortBase, 18100)",
     )
     p.add_argument(
         "--max-wait-seconds",

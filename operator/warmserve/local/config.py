@@ -12,6 +12,7 @@ one local pool is used: the CPU (host shared memory), or the machine's CUDA GPUs
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -143,18 +144,36 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def default_pool(gpus: int = 0, memory_mib: int = 4096) -> dict[str, Any]:
-    """The pool `warmserve up` uses when the file has none: this machine's GPUs, or its CPU."""
+#: engines of `warmserve up` listen from this port on (the pool's `worker.enginePortBase`)
+LOCAL_ENGINE_PORT = 18100
+
+
+def default_pool(gpus: int = 0, memory_mib: int = 4096, cache: str = "/models") -> dict[str, Any]:
+    """The pool `warmserve up` uses when the file has none: this machine's GPUs, or its CPU, with its model cache
+    at `cache` (model sources must resolve inside it, as on a cluster)."""
     return {
         "apiVersion": API_VERSION,
         "kind": "WarmPool",
         "metadata": {"name": LOCAL_POOL},
         "spec": {
             "gpu": {"count": gpus, "memoryMiB": memory_mib},
+            "worker": {"enginePortBase": LOCAL_ENGINE_PORT},
+            "modelCache": {"mountPath": cache},
             "forecast": {"windowSeconds": 60},
             "policy": {"intervalSeconds": 1},
         },
     }
+
+
+def model_cache_of(models: Iterable[Mapping[str, Any]]) -> str:
+    """The local pool's cache: the deepest directory holding every `file://` model directory of the file."""
+    parents = [
+        os.path.dirname(os.path.normpath(source.removeprefix("file://")))
+        for m in models
+        if isinstance(source := (m.get("spec") or {}).get("model", {}).get("source"), str)
+        and source.startswith("file:///")
+    ]
+    return os.path.commonpath(parents) if parents else "/models"
 
 
 def _uid(doc: Mapping[str, Any]) -> str:
@@ -206,7 +225,7 @@ def parse_documents(docs: Iterable[Any], source: str, pool: Mapping[str, Any] | 
         (pools if kind == "WarmPool" else models).append(doc)
     if not models:
         raise ConfigError(f"{source}: no ModelDeployment to serve")
-    chosen = pools[0] if pools else dict(pool or default_pool())
+    chosen = pools[0] if pools else dict(pool or default_pool(cache=model_cache_of(models)))
     chosen.setdefault("metadata", {}).setdefault("uid", _uid(chosen))
     pool_name = chosen["metadata"]["name"]
     for m in models:

@@ -209,7 +209,7 @@ class UpSettings:
     engine_env: Mapping[str, str] = field(
         default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     )
-    engine_port: int = 18100
+    engine_port: int | None = None  # first engine port (default: the pool's worker.enginePortBase)
     shells: int = 1
     status_every: float = 5.0
     max_wait_seconds: float = 600.0
@@ -272,7 +272,7 @@ class Up:
         engines = EngineManager(
             self.state_dir,
             pool_size=self.settings.shells,
-            base_port=self.settings.engine_port,
+            base_port=self.settings.engine_port or pool.worker.engine_port_base,
             engine_args=list(self.settings.engine_args),
             env=dict(self.settings.engine_env),
         )
