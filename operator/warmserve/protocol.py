@@ -340,6 +340,35 @@ def parse_plan(text: str | bytes | Mapping[str, Any]) -> Plan:
     return Plan.build(generation, groups)
 
 
+#: The fields `parse_plan` reads, per level (anything else is an unknown field: accepted, see `unknown_plan_fields`).
+PLAN_FIELDS = frozenset({"generation", "groups"})
+PLAN_GROUP_FIELDS = frozenset({"gpus", "replicas"})
+PLAN_REPLICA_FIELDS = frozenset({"model", "uid", "source", "tp", "role", "kvLend"})
+
+
+def unknown_plan_fields(text: str | bytes | Mapping[str, Any]) -> list[str]:
+    """The fields of a plan document that `parse_plan` does not read, as paths (`plan.groups[0].x`).
+
+    Unknown fields are not refused (a newer operator may add some); the worker logs them. Call it on a document
+    `parse_plan` accepted; for anything else it returns what it can (never raises `ProtocolError`).
+    """
+    try:
+        data = _load(text, "plan")
+    except ProtocolError:
+        return []
+    out = [f"plan.{k}" for k in data if k not in PLAN_FIELDS]
+    groups = data.get("groups")
+    for gi, group in enumerate(groups if isinstance(groups, list) else []):
+        if not isinstance(group, Mapping):
+            continue
+        out += [f"plan.groups[{gi}].{k}" for k in group if k not in PLAN_GROUP_FIELDS]
+        replicas = group.get("replicas")
+        for ri, rep in enumerate(replicas if isinstance(replicas, list) else []):
+            if isinstance(rep, Mapping):
+                out += [f"plan.groups[{gi}].replicas[{ri}].{k}" for k in rep if k not in PLAN_REPLICA_FIELDS]
+    return out
+
+
 def next_generation(previous: Plan | None, desired: Plan) -> Plan:
     """Give `desired` a generation: unchanged contents keep the previous plan, a change increments it.
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warmserve.protocol import (
+    MAX_GENERATION,
     DeviceState,
     EngineState,
     Phase,
@@ -56,6 +57,7 @@ from warmserve.protocol import (
     WorkerError,
     WorkerState,
     parse_plan,
+    unknown_plan_fields,
 )
 from warmserve.worker.arena import Arena
 from warmserve.worker.engines import Engines
@@ -112,6 +114,7 @@ class Agent:
     _shell_waits: set[ReplicaKey] = field(default_factory=set)
     _stopping: dict[ReplicaKey, threading.Thread] = field(default_factory=dict)
     _closed: bool = False
+    _warned_generation: int | None = None  # unknown plan fields are logged once per generation
 
     def __post_init__(self) -> None:
         os.makedirs(self.state_dir, exist_ok=True)
@@ -127,7 +130,8 @@ class Agent:
         with self._lock:
             try:
                 plan = parse_plan(raw)
-            except ValueError as exc:  # ProtocolError, and anything else a garbled document raises
+                _check_plan(plan)
+            except (ValueError, TypeError, RecursionError) as exc:  # ProtocolError, and what a garbled one raises
                 self.plan_error = f"plan rejected: {exc}"
                 log.error("%s", self.plan_error)
                 return
@@ -141,6 +145,11 @@ class Agent:
                     "plan generation %d applied: %d replicas (%d served)", plan.generation, len(plan.replicas), served
                 )
             self.plan, self.plan_error = plan, None
+            if self._warned_generation != plan.generation:
+                unknown = unknown_plan_fields(raw)
+                if unknown:
+                    self._warned_generation = plan.generation
+                    log.warning("plan generation %d has unknown fields (ignored): %s", plan.generation, unknown)
 
     # -- the reconcile pass ----------------------------------------------------------
     def step(self) -> WorkerState:
@@ -267,7 +276,13 @@ class Agent:
                     break
                 if device in pending:
                     break
-                shard = self.store.prewarm(key, rep.model, path, device, rep.tp, on_done=self._on_loaded)
+                try:
+                    shard = self.store.prewarm(key, rep.model, path, device, rep.tp, on_done=self._on_loaded)
+                except Exception as exc:  # one replica's load must not take the agent (and the others) down
+                    log.exception("prewarming %s failed", key)
+                    self.store.evict(key)
+                    self._fail(rep, plan, f"prewarm failed: unexpected {type(exc).__name__}")
+                    break
                 if shard.phase == ShardPhase.FAILED:
                     self._fail(rep, plan, shard.error or "prewarm failed")
                     self.store.forget_failed(key)
@@ -520,3 +535,12 @@ class Agent:
             thread.join(timeout=30)
         if self.engines is not None:
             self.engines.shutdown(stop_engines=stop_engines)
+
+
+def _check_plan(plan: Plan) -> None:
+    """What the worker refuses beyond `parse_plan`: a generation it could never move past, unprintable uids."""
+    if plan.generation > MAX_GENERATION:
+        raise ValueError(f"plan.generation must be at most {MAX_GENERATION}")
+    for key in plan.replicas:
+        if not key.uid.strip() or key.uid != key.uid.strip() or not key.uid.isprintable():
+            raise ValueError(f"replica uid {key.uid!r} is blank, padded with whitespace or has control characters")

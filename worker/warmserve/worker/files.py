@@ -16,12 +16,14 @@ def source_path(source: str) -> str:
     """Local path of a model source; only ``file://`` (or a bare absolute path) is local.
 
     ``pvc://`` and ``hf://`` are resolved by the operator into a mounted ``file://`` path before they reach a
-    worker, so anything else is a per-replica error (:class:`SourceError`).
+    worker, so anything else is a per-replica error (:class:`SourceError`), as is a path with ``..`` components
+    or a NUL byte.
     """
-    if source.startswith("file://"):
-        return source[len("file://") :]
-    if source.startswith("/"):
-        return source
+    path = source[len("file://") :] if source.startswith("file://") else source
+    if path.startswith("/"):
+        if "\0" in path or ".." in path.split("/"):
+            raise SourceError(f"model source {source!r}: a path with '..' components or a NUL byte is refused")
+        return path
     raise SourceError(
         f"unsupported model source {source!r}: the worker reads file:// paths "
         "(pvc:// and hf:// are resolved by the operator into a mounted file:// path)"

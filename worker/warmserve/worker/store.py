@@ -24,6 +24,7 @@ view the fused parameter directly in the arena instead of copying.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -39,7 +40,13 @@ from warmserve.protocol import ReplicaKey
 from warmserve.worker.arena import Arena
 from warmserve.worker.files import read_json, write_json_atomic
 from warmserve.worker.ledger import ArenaFullError, TensorSlot, tensors_from_json, tensors_to_json
-from warmserve.worker.safetensors_index import TensorRecord, WeightFileError, read_index, shard_files
+from warmserve.worker.safetensors_index import (
+    TensorRecord,
+    WeightFileError,
+    open_weight_file,
+    read_index,
+    shard_files,
+)
 
 #: Fused vLLM parameters and the checkpoint tensors they are made of, in order.
 PACKED_GROUPS: dict[str, tuple[str, ...]] = {
@@ -50,6 +57,8 @@ _MEMBER = {m: (g, i) for g, members in PACKED_GROUPS.items() for i, m in enumera
 _NAME_RE = re.compile(r"^(?P<prefix>.*\.)(?P<member>[a-z_]+)(?P<suffix>\.(weight|bias))$")
 
 CHUNK = 16 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 def layout_order(names: list[str]) -> list[str]:
@@ -213,6 +222,10 @@ class WeightStore:
             )
         except (WeightFileError, ArenaFullError) as exc:
             shard.error = str(exc)
+        except Exception as exc:  # anything else a hostile checkpoint provokes is this shard's error, not a crash
+            log.warning("indexing %s failed", source_dir, exc_info=True)
+            shard.error = f"{source_dir}: unexpected {type(exc).__name__} while reading the headers"
+        if shard.error is not None:
             if on_done:
                 on_done(shard, ShardPhase.FAILED)
             shard.phase = ShardPhase.FAILED
@@ -253,9 +266,17 @@ class WeightStore:
             arena.persist()
             _write_meta(arena.meta_path(shard.owner), shard, slots)
             phase = ShardPhase.WARM
-        except (OSError, WeightFileError, InterruptedError) as exc:
+        except Exception as exc:  # a load that fails in any way frees its pages and fails only this shard
             interrupted = isinstance(exc, InterruptedError)
-            shard.error = str(exc) if interrupted else f"{shard.source}: {exc}"
+            if isinstance(exc, WeightFileError):
+                shard.error = str(exc)
+            elif isinstance(exc, OSError):
+                shard.error = f"{shard.source}: {exc.strerror or type(exc).__name__}"
+            elif interrupted:
+                shard.error = str(exc)
+            else:
+                log.warning("loading %s failed", shard.source, exc_info=True)
+                shard.error = f"{shard.source}: unexpected {type(exc).__name__} while loading"
             phase = ShardPhase.EVICTED if interrupted else ShardPhase.FAILED
             arena.release(shard.owner)
         if on_done:
@@ -271,7 +292,7 @@ class WeightStore:
         cancel: threading.Event,
     ) -> None:
         for path, recs in _by_file(records).items():
-            fd = os.open(path, os.O_RDONLY)
+            fd, _ = open_weight_file(path)
             try:
                 for rec in recs:
                     dst = arena.direct_buffer(slots[rec.name].offset, rec.nbytes)
@@ -305,7 +326,7 @@ class WeightStore:
         def reader() -> None:
             try:
                 for path, recs in _by_file(records).items():
-                    with open(path, "rb", buffering=0) as fh:
+                    with os.fdopen(open_weight_file(path)[0], "rb", buffering=0) as fh:
                         for rec in recs:
                             done = 0
                             while done < rec.nbytes:
