@@ -64,7 +64,7 @@ def start(tmp: Path) -> subprocess.Popen:
         "--state-dir", str(tmp / STATE), "--device", "cpu", "--arena-bytes", str(ARENA),
         "--page-size", str(PAGE), "--http-port", "0", "--shells", "0", "--tick", "0.05",
     ]  # fmt: skip
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"))  # noqa: SIM115
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"))
 
 
 def state(tmp: Path) -> dict:
