@@ -1,14 +1,22 @@
-"""A fast fake of a vLLM OpenAI server, for router tests and the router-overhead benchmark.
+"""A fast fake of a vLLM OpenAI server, for router tests and the router-overhead benchmark (bench/e2e.py).
 
 It answers `/v1/completions` and `/v1/chat/completions` for one model name, streaming (SSE) or not, after an
-optional delay; it can be told to drop connections mid-stream and counts what it served.
+optional delay; it can be told to drop connections mid-stream and counts what it served. Tests import it
+(tests/router/conftest.py puts bench/ on the path); the benchmark runs it as its own process:
+
+    python bench/fake_engine.py --port PORT [--model NAME] [--chunks N] [--delay SECONDS]
+
+which prints one line `READY <port>` once it listens and serves until it is terminated.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import signal
 import socket
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -129,3 +137,29 @@ class FakeEngine:
         self.served += 1
         await out.write_eof()
         return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--model", default="fake", help="the one model name it serves (default fake)")
+    parser.add_argument("--chunks", type=int, default=3, help="streamed chunks per answer (default 3)")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before answering (default 0)")
+    args = parser.parse_args(argv)
+
+    async def serve() -> None:
+        engine = await FakeEngine(args.model, delay=args.delay, chunks=args.chunks, port=args.port or None).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"READY {engine.port}", flush=True)
+        await stop.wait()
+        await engine.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
