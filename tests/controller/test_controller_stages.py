@@ -236,6 +236,14 @@ def test_decide_is_pure_and_plans_the_min_warm_replicas():
     assert {c["type"]: c["reason"] for c in model.status["conditions"]}["Valid"] == "Validated"
 
 
+def test_decide_places_no_warm_replica_for_a_model_with_prewarming_off():
+    """`spec.prewarm.enabled: false`: the forecast (avg 1, peak 2 here) must not place warm replicas for it."""
+    on = decide(_observation(models=[_md("a", "ua")]), _view(), PlannerState())
+    assert any(plan.replicas for w in on.plans for plan in [w.plan]), "prewarming on: the forecast places"
+    off = decide(_observation(models=[_md("a", "ua", prewarm={"enabled": False})]), _view(), PlannerState())
+    assert all(not w.plan.replicas for w in off.plans), [w.plan for w in off.plans]
+
+
 def test_decide_writes_nothing_when_the_pods_hold_the_plans_already():
     planner = PlannerState()
     first = decide(_observation(), _view(), planner)

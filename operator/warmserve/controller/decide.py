@@ -76,6 +76,7 @@ class Catalog:
 
     entries: tuple[ModelEntry, ...]  # sorted by uid
     validations: Mapping[str, Validation]  # every observed model, by uid
+    no_prewarm: frozenset[str] = frozenset()  # entries with `spec.prewarm.enabled: false`: no forecast placement
 
     def load_by_uid(self, samples: Mapping[str, float]) -> dict[str, float]:
         """Samples keyed by served model name → keyed by the uid of the planned model serving that name."""
@@ -112,7 +113,7 @@ def catalog(
 ) -> Catalog:
     """Validate every model against the pool; the valid ones that may hold a replica become plan entries
     (none when the pool itself is not valid)."""
-    entries, validations = [], {}
+    entries, validations, no_prewarm = [], {}, set()
     for m in models:
         spec, weight = m.spec, m.weight.bytes
         validation = reconcile.validate_model(spec, pool, weight, rules, pool_validation)
@@ -128,9 +129,11 @@ def catalog(
             min_warm=spec.min_warm_replicas if spec.prewarm_enabled else 0,
         )
         source = reconcile.worker_source(spec.source, pool) or spec.source
+        if not spec.prewarm_enabled:
+            no_prewarm.add(m.uid)
         entries.append(ModelEntry(m.uid, spec.served_name, source, profile, spec.min_replicas, spec.max_replicas))
     entries.sort(key=lambda e: e.uid)
-    return Catalog(tuple(entries), validations)
+    return Catalog(tuple(entries), validations, frozenset(no_prewarm))
 
 
 # ----------------------------------------------------------------------------------------------- decision
@@ -316,7 +319,8 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
                 snapshots,
                 cat.entries,
                 forecasts.mean_load,
-                forecasts.demand,
+                # a model with prewarming off gets no warm replica for its forecast (engines only, on demand)
+                {uid: d for uid, d in forecasts.demand.items() if uid not in cat.no_prewarm},
                 planner.memory,
                 forecasts.peak_load,
             ),

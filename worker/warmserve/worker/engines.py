@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import IO, Any, Protocol
 
@@ -215,15 +216,22 @@ def is_engine_process(pid: int) -> bool:
         return False
 
 
-def free_port(start: int) -> int:
+def free_port(start: int, taken: Collection[int] = ()) -> int:
+    """The first port from `start` that no engine of ours was given (`taken`) and that binds now.
+
+    An engine binds its port seconds after its launch, so "binds now" alone would hand the same port to two
+    engines launched close together; the ports of our own engines are skipped explicitly.
+    """
     port = start
     while True:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                port += 1
+        if port not in taken:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                    return port
+                except OSError:
+                    pass
+        port += 1
 
 
 def model_ready(host: str, port: int, served_name: str, timeout: float = 1.0) -> bool:
@@ -370,7 +378,8 @@ class EngineManager:
             self.release_shell(shell)
             return existing
         served = served_name or model
-        port = free_port(self.base_port)
+        with self._records:
+            port = free_port(self.base_port, {rec.port for rec in self._engines.values()})
         argv = [
             "--model",
             model_dir,
