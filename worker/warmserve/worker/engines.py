@@ -21,10 +21,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -79,12 +81,15 @@ class Shell:
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         env = {**os.environ, **(env or {})}
         self.core_proc: subprocess.Popen[bytes] | None = None
+        self._sock_dir: str | None = None
         self.core_ready = threading.Event()
         if core:
             from warmserve.worker.core_zygote import write_client
 
             base = os.path.splitext(log_path)[0]
-            sock = base + ".sock"
+            # a Unix socket path is limited to ~107 bytes: beside a deep state directory it would not fit
+            self._sock_dir = tempfile.mkdtemp(prefix="ws-core-")
+            sock = os.path.join(self._sock_dir, "core.sock")
             env["WARMSERVE_CORE_CLIENT"] = write_client(base + "-client.py")
             env["WARMSERVE_CORE_SOCKET"] = sock
             self.core_proc = subprocess.Popen(
@@ -150,6 +155,8 @@ class Shell:
         kill_group(self.proc.pid)
         if self.core_proc is not None:
             kill_group(self.core_proc.pid)
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
         self._log.close()
 
 
