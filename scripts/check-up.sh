@@ -6,7 +6,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d /tmp/warmserve-check-up.XXXXXX)}
 port=${PORT:-18080}
-models=/tmp/warmserve-models
+models=/var/tmp/warmserve-models
 step() { printf '\n==> %s\n' "$*"; }
 
 step "clean clone of $(git -C "$repo" rev-parse --short HEAD) in $work"
