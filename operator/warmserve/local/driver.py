@@ -205,7 +205,7 @@ class UpSettings:
     port: int = 8080
     state_dir: str = ""  # default: a temporary directory, removed at exit
     arena_bytes: int | None = None  # CPU: bytes of the host arena (default: the pool's memoryMiB × fraction)
-    engine_args: tuple[str, ...] = ("--enforce-eager", "--max-model-len", "1024")
+    engine_args: tuple[str, ...] = ("--enforce-eager",)  # the model's own max length: a fixed one may exceed it
     engine_env: Mapping[str, str] = field(
         default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     )
