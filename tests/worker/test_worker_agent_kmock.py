@@ -43,6 +43,7 @@ class FakeRecord:
     host: str = "127.0.0.1"
     ready: bool = False
     ready_s: float | None = None
+    bound_s: float | None = None  # set when a standby engine was bound
     log: str = "fake.log"
 
     @property

@@ -63,6 +63,13 @@ def build_parser(prog: str = "warmserve up") -> argparse.ArgumentParser:
         help=f"requests held per model before the router answers 429 (default {d.max_queue})",
     )
     p.add_argument(
+        "--standby-engines",
+        type=int,
+        default=d.standby_engines,
+        help="pre-initialised engines kept for prewarmed models: promotion binds one instead of starting "
+        f"an engine (default {d.standby_engines}; 0 disables)",
+    )
+    p.add_argument(
         "--status-every", type=float, default=d.status_every, help="seconds between status lines (default 5)"
     )
     p.add_argument("--log-level", default="warning", help="log level of the components (default warning)")
@@ -88,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_wait_seconds=args.max_wait_seconds,
         max_queue=args.max_queue,
         status_every=args.status_every,
+        standby_engines=args.standby_engines,
     )
 
     async def serve() -> None:

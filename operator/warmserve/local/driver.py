@@ -211,6 +211,7 @@ class UpSettings:
     )
     engine_port: int | None = None  # first engine port (default: the pool's worker.enginePortBase)
     shells: int = 1
+    standby_engines: int = 1  # pre-initialised engines (one per prewarmed model): promotion binds one
     status_every: float = 5.0
     max_wait_seconds: float = 600.0
     max_queue: int = 256  # requests held per model before the router answers 429
@@ -277,7 +278,7 @@ class Up:
             env=dict(self.settings.engine_env),
         )
         engines.fill_pool()
-        self.agent = Agent(self.arenas, self.state_dir, engines)
+        self.agent = Agent(self.arenas, self.state_dir, engines, standby_engines=self.settings.standby_engines)
         runner = Runner(self.agent, self.pod, tick=0.2)
         self._worker_thread = threading.Thread(target=runner.run, args=(self._worker_stop,), name="worker", daemon=True)
         self._worker_thread.start()

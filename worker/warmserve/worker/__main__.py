@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     run.add_argument("--shells", type=int, default=1, help="pre-started engine shells to keep idle")
     run.add_argument(
+        "--standby-engines",
+        type=int,
+        default=1,
+        help="pre-initialised engines to keep, one per prewarmed model (promotion binds one in ~1 s; "
+        "each holds an engine's KV cache and runtime); 0 disables them (default: 1)",
+    )
+    run.add_argument(
         "--no-core-zygote",
         action="store_true",
         help="do not pre-start the engine-core half (useful where vLLM forks instead of spawning)",
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         advertise_host=args.advertise_host,
         core_zygote=not args.no_core_zygote,
     )
-    agent = Agent(arenas, args.state_dir, engines)
+    agent = Agent(arenas, args.state_dir, engines, standby_engines=args.standby_engines)
     runner = Runner(agent, pod, tick=args.tick)
     if args.once:
         print(json.dumps(runner.run_once().to_json(), indent=1))

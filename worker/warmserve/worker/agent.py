@@ -60,7 +60,7 @@ from warmserve.protocol import (
     unknown_plan_fields,
 )
 from warmserve.worker.arena import Arena
-from warmserve.worker.engines import Engines
+from warmserve.worker.engines import BindError, Engines, Shape
 from warmserve.worker.files import SourceError, safe_name, source_path
 from warmserve.worker.metrics import WorkerMetrics
 from warmserve.worker.store import Shard, ShardKey, ShardPhase, WeightStore
@@ -101,6 +101,8 @@ class Agent:
     engines: Engines | None = None
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     shell_timeout: float = SHELL_TIMEOUT_S
+    #: pre-initialised engines to keep (at most one per model, warm-only models first); 0 disables them
+    standby_engines: int = 0
     store: WeightStore = field(init=False)
     plan: Plan | None = None
     plan_error: str | None = None
@@ -114,6 +116,7 @@ class Agent:
     _shell_waits: set[ReplicaKey] = field(default_factory=set)
     _stopping: dict[ReplicaKey, threading.Thread] = field(default_factory=dict)
     _closed: bool = False
+    _bind_failed: set[Shape] = field(default_factory=set)  # shapes whose bind failed: fresh engines for them
     _warned_generation: int | None = None  # unknown plan fields are logged once per generation
 
     def __post_init__(self) -> None:
@@ -160,6 +163,7 @@ class Agent:
                 self._evict_unplanned(plan)
                 self._promote(plan)
                 self._prewarm(plan)
+                self._keep_standby(plan)
             state = self.state()
         self.metrics.observe_state(state)
         return state
@@ -224,7 +228,7 @@ class Agent:
                 elif rec.ready and key not in self._promote_recorded:
                     self._promote_recorded.add(key)
                     self.failures.pop(key, None)  # an earlier try failed: this one serves
-                    self._record("promote", key, rec.ready_s or 0.0)
+                    self._record("promote", key, rec.ready_s or 0.0, standby=rec.bound_s is not None)
                     log.info(
                         "engine of %s (%s) ready at %s, %.1f s after its launch",
                         key,
@@ -242,6 +246,8 @@ class Agent:
                     "tp>1 promotion needs one engine process per GPU rank (CUDA); "
                     "not supported by the CPU shared-memory path",
                 )
+                continue
+            if self._bind_standby(rep, plan):
                 continue
             try:
                 shell = self.engines.acquire_shell(0.0)  # only look: waiting happens off the lock
@@ -310,12 +316,9 @@ class Agent:
         """Write the manifest of a warm replica and hand ``shell`` its engine (under the lock; returns at once)."""
         assert self.engines is not None
         key = rep.key
-        name = safe_name(key.id)
-        manifest_path = os.path.join(self.state_dir, f"manifest-{name}.json")
-        report_path = os.path.join(self.state_dir, f"load-report-{name}.json")
+        report_path = os.path.join(self.state_dir, f"load-report-{safe_name(key.id)}.json")
         try:
-            with open(manifest_path, "w") as fh:
-                json.dump(self.store.manifest(ShardKey(key, 0)), fh)
+            manifest_path = self._write_manifest(key)
             model_dir = source_path(rep.source)
         except (OSError, ValueError) as exc:
             self.engines.release_shell(shell)
@@ -330,6 +333,72 @@ class Agent:
             return
         self.metrics.op("promote", "started")
         log.info("engine of %s (%s) starting: pid %d, port %d", key, rep.model, rec.pid, rec.port)
+
+    def _write_manifest(self, key: ReplicaKey) -> str:
+        """The loader's manifest of a warm replica (arena handle and tensor table), written for its engine."""
+        path = os.path.join(self.state_dir, f"manifest-{safe_name(key.id)}.json")
+        with open(path, "w") as fh:
+            json.dump(self.store.manifest(ShardKey(key, 0)), fh)
+        return path
+
+    # -- pre-initialised engines -------------------------------------------------------------
+    @staticmethod
+    def _shape(rep: PlannedReplica) -> Shape | None:
+        try:
+            return Shape(rep.model, source_path(rep.source))
+        except SourceError:
+            return None
+
+    def _keep_standby(self, plan: Plan) -> None:
+        """Keep up to ``standby_engines`` pre-initialised engines, one per model, warm-only models first."""
+        if self.engines is None or self.standby_engines <= 0:
+            return
+        served = {rep.model for rep in plan.replicas.values() if rep.serves}
+        shapes: dict[Shape, bool] = {}
+        for rep in plan.replicas.values():
+            shape = self._shape(rep) if rep.tp == 1 and not self._failed(rep, plan) else None
+            if shape is not None and shape not in self._bind_failed:
+                shapes.setdefault(shape, rep.model in served)
+        order = sorted(shapes, key=lambda shape: (shapes[shape], shape.model))
+        self.engines.keep_standby({shape: 1 for shape in order[: self.standby_engines]})
+
+    def _bind_standby(self, rep: PlannedReplica, plan: Plan) -> bool:
+        """Promote by binding a ready standby engine of the replica's shape (off the lock); False if none."""
+        assert self.engines is not None
+        shape = self._shape(rep) if self.standby_engines > 0 else None
+        if shape is None or shape in self._bind_failed:
+            return False
+        if not any(s == shape and rec.ready for s, rec in self.engines.standby()):
+            return False
+        try:
+            manifest_path = self._write_manifest(rep.key)
+        except (OSError, ValueError) as exc:
+            self._fail(rep, plan, f"promotion failed: {exc}")
+            return True
+        self._shell_waits.add(rep.key)  # reported starting until the bind returns
+        thread = threading.Thread(
+            target=self._await_bind, args=(rep.key, shape, manifest_path), name=f"bind-{rep.key.id}", daemon=True
+        )
+        thread.start()
+        return True
+
+    def _await_bind(self, key: ReplicaKey, shape: Shape, manifest_path: str) -> None:
+        """Background: bind the standby engine; a failed bind sends this shape to fresh engines from now on."""
+        assert self.engines is not None
+        try:
+            rec = self.engines.bind(key, shape, manifest_path)
+        except (LookupError, BindError) as exc:
+            with self._lock:
+                self._shell_waits.discard(key)
+                if isinstance(exc, BindError):
+                    self._bind_failed.add(shape)
+                    self.metrics.op("bind", "failed")
+                    log.error("%s; %s is promoted with a fresh engine instead", exc, key)
+            return
+        with self._lock:
+            self._shell_waits.discard(key)
+        self.metrics.op("bind", "ok")
+        log.info("standby engine bound to %s (%s) in %.3f s at %s", key, shape.model, rec.bound_s or 0.0, rec.endpoint)
 
     def _wait_for_shell(self, key: ReplicaKey) -> None:
         self._shell_waits.add(key)

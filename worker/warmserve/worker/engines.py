@@ -18,9 +18,11 @@ returns at once). :meth:`EngineManager.promote` does both.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,6 +42,12 @@ from warmserve.worker.engine_shell import READY_LINE
 from warmserve.worker.files import safe_name, write_json_atomic
 
 SHELL_MODULE = "warmserve.worker.engine_shell"
+#: vLLM extension points every engine is started with (see vllm_extension / vllm_control): they make any
+#: engine bindable to a warm replica and add nothing to its request path.
+EXTENSION_CLS = "warmserve.worker.vllm_extension.WarmServeWorkerExtension"
+CONTROL_MIDDLEWARE = "warmserve.worker.vllm_control.ControlMiddleware"
+TOKEN_ENV = "WARMSERVE_CONTROL_TOKEN"  # vllm_control.TOKEN_ENV (that module is imported by vLLM processes only)
+BIND_PATH = "/warmserve/bind"
 log = logging.getLogger(__name__)
 
 
@@ -62,10 +70,34 @@ class EngineRecord:
     ready_s: float | None = None
     log: str = ""
     core_pid: int | None = None
+    standby: str = ""  # the Shape.id of a pre-initialised engine not yet bound to a replica
+    bound_s: float | None = None  # a standby engine bound to this replica: seconds the bind took
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a pre-initialised engine is built for: one model's files and its engine arguments.
+
+    A standby engine of a shape serves that model (its served name is fixed at start) once it is bound to any
+    warm replica of the model; one shape per model is the first granularity.
+    """
+
+    model: str
+    model_dir: str
+    args: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        text = json.dumps([self.model, self.model_dir, list(self.args)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class BindError(RuntimeError):
+    """A standby engine could not be bound (it is stopped; the caller falls back to a fresh engine)."""
 
 
 class Shell:
@@ -277,6 +309,12 @@ class Engines(Protocol):
 
     def stop(self, key: ReplicaKey) -> float: ...
 
+    def standby(self) -> list[tuple[Shape, EngineRecord]]: ...
+
+    def keep_standby(self, wanted: dict[Shape, int]) -> None: ...
+
+    def bind(self, key: ReplicaKey, shape: Shape, manifest_path: str, timeout: float = 60.0) -> EngineRecord: ...
+
     def adopt(self) -> list[EngineRecord]: ...
 
     def shutdown(self, stop_engines: bool = True) -> None: ...
@@ -315,6 +353,9 @@ class EngineManager:
         self.shells: list[Shell] = []
         self._engines: dict[ReplicaKey, EngineRecord] = {}
         self._procs: dict[ReplicaKey, Shell] = {}
+        # pre-initialised engines not yet bound, by shape; the token lets only this manager bind them
+        self._standby: dict[Shape, list[tuple[EngineRecord, Shell]]] = {}
+        self.token = secrets.token_hex(16)
         self._lock = threading.Lock()  # the shell pool
         self._records = threading.Lock()  # _engines and _procs
         self._closed = False
@@ -384,9 +425,31 @@ class EngineManager:
         if existing is not None:
             self.release_shell(shell)
             return existing
+        rec = self._start(shell, key.id, model, model_dir, manifest_path, report_path, served_name, extra_args)
+        with self._records:
+            self._engines[key] = rec
+            self._procs[key] = shell
+        self._save(rec)
+        if self.refill:
+            self.fill_pool()  # refill in the background for the next burst
+        return rec
+
+    def _start(
+        self,
+        shell: Shell,
+        uid: str,
+        model: str,
+        model_dir: str,
+        manifest_path: str | None,
+        report_path: str | None,
+        served_name: str | None,
+        extra_args: list[str] | None,
+    ) -> EngineRecord:
         served = served_name or model
         with self._records:
-            port = free_port(self.base_port, {rec.port for rec in self._engines.values()})
+            taken = {rec.port for rec in self._engines.values()}
+            taken |= {rec.port for engines in self._standby.values() for rec, _ in engines}
+            port = free_port(self.base_port, taken)
         argv = [
             "--model",
             model_dir,
@@ -396,6 +459,10 @@ class EngineManager:
             self.bind_host,
             "--port",
             str(port),
+            "--worker-extension-cls",
+            EXTENSION_CLS,
+            "--middleware",
+            CONTROL_MIDDLEWARE,
             *self.engine_args,
             *(extra_args or []),
         ]
@@ -403,12 +470,12 @@ class EngineManager:
             cfg = {"manifest": manifest_path, **({"report": report_path} if report_path else {})}
             argv += ["--load-format", "warmserve", "--model-loader-extra-config", json.dumps(cfg)]
         try:
-            pid = shell.launch(argv, {"HF_HUB_OFFLINE": "1", **self.env})
+            pid = shell.launch(argv, {"HF_HUB_OFFLINE": "1", **self.env, TOKEN_ENV: self.token})
         except OSError:
             shell.close()
             raise
-        rec = EngineRecord(
-            uid=key.id,
+        return EngineRecord(
+            uid=uid,
             model=model,
             served_name=served,
             port=port,
@@ -418,13 +485,104 @@ class EngineManager:
             log=shell.log_path,
             core_pid=shell.core_proc.pid if shell.core_proc is not None else None,
         )
+
+    # -- pre-initialised (standby) engines ------------------------------------------------
+    def standby(self) -> list[tuple[Shape, EngineRecord]]:
+        """The pre-initialised engines not yet bound (a snapshot; ``ready`` is refreshed by keep_standby)."""
+        with self._records:
+            return [(shape, rec) for shape, engines in self._standby.items() for rec, _ in engines]
+
+    def keep_standby(self, wanted: dict[Shape, int]) -> None:
+        """Hold ``wanted[shape]`` pre-initialised engines per shape and stop the others; never waits.
+
+        A missing engine is started only from an idle shell whose imports are done (else a later call
+        starts it); a standby engine that died is dropped.
+        """
+        drop: list[tuple[EngineRecord, Shell]] = []
+        with self._records:
+            for shape in list(self._standby):
+                engines = [(r, sh) for r, sh in self._standby[shape] if sh.alive()]
+                drop += [(r, sh) for r, sh in self._standby[shape] if not sh.alive()]
+                keep = wanted.get(shape, 0)
+                drop += engines[keep:]
+                self._standby[shape] = engines[:keep]
+                if not self._standby[shape]:
+                    del self._standby[shape]
+        for rec, shell in drop:
+            self._close_standby(rec, shell)
+        for shape, count in wanted.items():
+            while len(self._standby.get(shape, [])) < count:
+                try:
+                    shell = self.acquire_shell(0.0)
+                except NoShellError:
+                    break
+                try:
+                    self._start_standby(shape, shell)
+                except OSError:
+                    log.warning("a pre-started shell died before it became a standby engine of %s", shape.model)
+        for _, rec in self.standby():
+            if not rec.ready and model_ready("127.0.0.1", rec.port, rec.served_name):
+                rec.ready, rec.ready_s = True, time.time() - rec.started
+                self._save_standby(rec)
+
+    def _start_standby(self, shape: Shape, shell: Shell) -> None:
+        manifest = os.path.join(self.dir, f"standby-{shape.id}.json")
+        write_json_atomic(manifest, {"standby": True, "model": shape.model})
+        rec = self._start(shell, "", shape.model, shape.model_dir, manifest, None, shape.model, list(shape.args))
+        rec.standby = shape.id
+        with self._records:
+            self._standby.setdefault(shape, []).append((rec, shell))
+        self._save_standby(rec)
+        log.info("standby engine of %s starting: pid %d, port %d", shape.model, rec.pid, rec.port)
+        if self.refill:
+            self.fill_pool()
+
+    def bind(self, key: ReplicaKey, shape: Shape, manifest_path: str, timeout: float = 60.0) -> EngineRecord:
+        """Bind a ready standby engine of ``shape`` to the warm replica ``key`` (whose manifest is given).
+
+        On success the engine is ``key``'s and already serving. Raises :class:`LookupError` when no standby
+        of the shape is ready, :class:`BindError` when the bind failed (that engine is stopped).
+        """
+        with self._records:
+            engines = self._standby.get(shape, [])
+            ready = [(r, sh) for r, sh in engines if r.ready and sh.alive()]
+            if not ready or key in self._engines:
+                raise LookupError(f"no ready standby engine for {shape.model}")
+            rec, shell = ready[0]
+            engines.remove((rec, shell))
+        t0 = time.perf_counter()
+        try:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{rec.port}{BIND_PATH}",
+                json.dumps({"manifest": manifest_path}).encode(),
+                {"content-type": "application/json", "x-warmserve-token": self.token},
+            )
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                json.load(resp)
+        except (OSError, ValueError) as exc:  # URLError/HTTPError are OSErrors
+            detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else exc
+            self._close_standby(rec, shell)
+            raise BindError(f"binding the standby engine of {shape.model} failed: {detail}") from None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._standby_path(rec))
+        rec.uid, rec.standby, rec.ready = key.id, "", True
+        rec.bound_s = rec.ready_s = time.perf_counter() - t0
         with self._records:
             self._engines[key] = rec
             self._procs[key] = shell
         self._save(rec)
-        if self.refill:
-            self.fill_pool()  # refill in the background for the next burst
         return rec
+
+    def _close_standby(self, rec: EngineRecord, shell: Shell) -> None:
+        shell.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._standby_path(rec))
+
+    def _standby_path(self, rec: EngineRecord) -> str:
+        return os.path.join(self.dir, f"standby-{rec.pid}.rec")
+
+    def _save_standby(self, rec: EngineRecord) -> None:
+        write_json_atomic(self._standby_path(rec), asdict(rec))
 
     def promote(
         self,
@@ -501,7 +659,10 @@ class EngineManager:
         """
         adopted = []
         for name in os.listdir(self.dir):
-            if not name.endswith(".json"):
+            if name.startswith("standby-") and name.endswith(".rec"):
+                self._stop_orphan_standby(os.path.join(self.dir, name))
+                continue
+            if not name.endswith(".json") or name.startswith("standby-"):
                 continue
             path = os.path.join(self.dir, name)
             try:
@@ -519,13 +680,27 @@ class EngineManager:
                 os.unlink(path)
         return adopted
 
+    def _stop_orphan_standby(self, path: str) -> None:
+        """A previous agent's standby engine: it answers that agent's token only, so it is stopped."""
+        try:
+            with open(path) as fh:
+                rec = EngineRecord(**json.load(fh))
+            for pid in (rec.pid, rec.core_pid):
+                if pid and is_engine_process(pid):
+                    kill_group(pid)
+        except (OSError, ValueError, TypeError):
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
     def shutdown(self, stop_engines: bool = True) -> None:
-        """Close the idle shells (and stop every engine when ``stop_engines``); no shell is handed out after."""
+        """Close the idle shells and the standby engines (and stop every engine when ``stop_engines``)."""
         with self._lock:
             self._closed = True
             shells, self.shells = self.shells, []
         for shell in shells:
             shell.close()
+        self.keep_standby({})
         if stop_engines:
             for key in self.running():
                 self.stop(key)

@@ -44,6 +44,7 @@ from warmserve.worker.binding import (
     iter_arena_tensors,
     open_arena_tensor,
 )
+from warmserve.worker.vllm_extension import STANDBY, alias_to_scratch
 
 logger = init_logger(__name__)
 
@@ -82,7 +83,7 @@ class WarmServeModelLoader(BaseModelLoader):
 
     def get_external_weight_memory(self, vllm_config: VllmConfig) -> int:
         manifest = self._manifest()
-        if not arena_kind(manifest["arena"]).on_gpu:
+        if manifest.get("standby") or not arena_kind(manifest["arena"]).on_gpu:
             return 0
         return sum(int(t["nbytes"]) for t in manifest["tensors"].values())
 
@@ -128,6 +129,8 @@ class WarmServeModelLoader(BaseModelLoader):
                 device_config.device if self.load_config.device is None else self.load_config.device,
             )
         )
+        if manifest.get("standby"):
+            return self._load_standby(vllm_config, model_config, target_device, prefix)
         device_index = target_device.index if target_device.index is not None else 0
         arena = open_arena_tensor(manifest["arena"], device_index)
         with set_default_torch_dtype(cast(torch.dtype, model_config.dtype)):
@@ -168,4 +171,23 @@ class WarmServeModelLoader(BaseModelLoader):
         if self.report_path:
             with open(self.report_path, "w") as fh:
                 json.dump(report, fh, indent=1)
+        return model.eval()
+
+    def _load_standby(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, target_device: torch.device, prefix: str
+    ) -> nn.Module:
+        """A pre-initialised engine's model: built, every parameter aliasing one zero scratch tensor.
+
+        Bound to a warm replica later by :meth:`WarmServeWorkerExtension.warmserve_bind`.
+        """
+        with set_default_torch_dtype(cast(torch.dtype, model_config.dtype)):
+            with target_device:
+                model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+            scratch = alias_to_scratch(model)
+            STANDBY["model"] = self._manifest().get("model")
+            process_weights_after_loading(model, model_config, target_device)
+        logger.info("warmserve: standby engine built; parameters alias %.1f MiB of scratch", scratch / 2**20)
+        if self.report_path:
+            with open(self.report_path, "w") as fh:
+                json.dump({"standby": True, "scratch_bytes": scratch, "device": str(target_device)}, fh)
         return model.eval()
