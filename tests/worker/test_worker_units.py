@@ -299,3 +299,16 @@ def test_cuda_backend_degrades_cleanly_without_cuda():
     assert arena_kind({"kind": "cuda"}).on_gpu and not DeviceKind.CUDA.outlives_agent
     with pytest.raises(ValueError, match="unknown arena kind"):
         arena_kind({"kind": "tpu"})
+
+
+def test_cpu_engines_get_a_kv_cache_size_from_what_the_node_has_free():
+    from warmserve.worker.__main__ import GiB, cpu_kv_cache_env
+
+    # 24 GiB available, 4 GiB of arenas, 2 engines at once: a quarter of 20 GiB over 2 engines
+    assert cpu_kv_cache_env({}, [], 24 * GiB, 4 * GiB, 2) == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    assert cpu_kv_cache_env({}, [], 2 * GiB, 4 * GiB, 2) == {"VLLM_CPU_KVCACHE_SPACE": "1"}  # at least 1 GiB
+    assert cpu_kv_cache_env({}, [], None, 0, 1) == {"VLLM_CPU_KVCACHE_SPACE": "1"}  # /proc/meminfo unreadable
+    assert cpu_kv_cache_env({}, [], 1024 * GiB, 0, 1) == {"VLLM_CPU_KVCACHE_SPACE": "16"}  # at most 16 GiB
+    # the node's own settings win
+    assert cpu_kv_cache_env({"VLLM_CPU_KVCACHE_SPACE": "3"}, [], 24 * GiB, 0, 1) == {}
+    assert cpu_kv_cache_env({}, ["--kv-cache-memory-bytes=2000000000"], 24 * GiB, 0, 1) == {}

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 
 from warmserve.worker.arena import DEFAULT_PAGE_SIZE
 from warmserve.worker.devices import build_arenas, node_kind
@@ -94,6 +95,38 @@ def setup_logging(level: str) -> None:
     )
 
 
+GiB = 1 << 30
+
+
+def cpu_kv_cache_env(
+    environ: Mapping[str, str], engine_args: list[str], available: int | None, arena_total: int, engines: int
+) -> dict[str, str]:
+    """``VLLM_CPU_KVCACHE_SPACE`` for engines on a CPU node, unless the operator of the node set one.
+
+    vLLM's CPU backend otherwise reserves ``--gpu-memory-utilization`` (0.92 by default) of the node's memory
+    per engine and refuses to start when less is free. The KV cache of each engine is sized instead from what
+    the node has available after the arenas: a quarter of it split over the engines that may run at once,
+    between 1 and 16 GiB.
+    """
+    if environ.get("VLLM_CPU_KVCACHE_SPACE") or any(a.startswith("--kv-cache-memory-bytes") for a in engine_args):
+        return {}
+    spare = max((available or 0) - arena_total, 0)
+    gib = min(max(spare // 4 // max(engines, 1) // GiB, 1), 16)
+    return {"VLLM_CPU_KVCACHE_SPACE": str(gib)}
+
+
+def mem_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
@@ -135,12 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     # On CPU, keep vLLM's model in the engine-core process (no extra spawned worker);
     # on GPU with TP=1 vLLM already uses its in-process ("uni") executor.
-    env = {} if kind.on_gpu else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    engine_args = shlex.split(args.engine_args)
+    env: dict[str, str] = {}
+    if not kind.on_gpu:
+        arena_total = sum(arena.usage().total for arena in arenas.values())
+        engines_at_once = len(arenas) + max(args.standby_engines, 0)
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        env.update(cpu_kv_cache_env(os.environ, engine_args, mem_available_bytes(), arena_total, engines_at_once))
     engines = EngineManager(
         args.state_dir,
         pool_size=args.shells,
         base_port=args.engine_port,
-        engine_args=shlex.split(args.engine_args),
+        engine_args=engine_args,
         env=env,
         bind_host=args.engine_host,
         advertise_host=args.advertise_host,
