@@ -15,9 +15,13 @@ Plan::
     {"generation": int,
      "groups": [{"gpus": [int, ...],                  # non-empty, distinct, >= 0
                  "replicas": [{"model": str, "uid": str, "source": str, "tp": int,
-                               "role": "warm" | "serve", "kvLend": int}]}]}
+                               "role": "warm" | "serve", "kvLend": int,
+                               "engine"?: {"args"?: [str], "maxModelLen"?: int, "dtype"?: str}}]}]}
 
 A replica with `tp = k` occupies the first `k` GPUs of its group; at most one replica of a group is served.
+`engine` (the ModelDeployment's `spec.engine.args`, `spec.engine.maxModelLen`, `spec.model.dtype`) is present
+only when one of them is set; `EngineSettings.argv()` is what the worker appends to `vllm serve`, after checking
+it with `forbidden_engine_flag` (the operator refuses such a ModelDeployment before it is planned).
 
 State::
 
@@ -29,7 +33,13 @@ State::
                    "role"?: str | null, "tp"?: int, "kvLend"?: int, "bytes"?: int}],
      "engines"?: [{"uid", "gpus", "model", "endpoint", "ready", "pid"}],
      "errors": [{"reason": str, "uid"?: str, "gpus"?: [int]}],   # uid/gpus only for a replica's failure
-     "timings": {op: {...}}}
+     "timings": {op: {...}},
+     "capabilities"?: {"kvLend": bool, "tpPromotion": bool, "standbyEngines": bool, "engineSettings": bool,
+                       "deviceKind": str, "reasons": {capability: why unsupported}},
+     "standby"?: [{"model": str, "ready": bool, "bytes": int}]}
+
+`capabilities` absent means an older worker that does not say: the operator then assumes none (no `kvLend`,
+no `tp > 1` engine). `standby` lists pre-initialised engines, which serve nothing: never endpoints.
 
 A replica is identified by `ReplicaKey(uid, gpus)`: `gpus` are the GPUs it occupies, so two replicas of one
 model on one worker are distinct (placement puts two TP1 engines of a model on GPUs 0 and 1).
@@ -38,10 +48,10 @@ model on one worker are distinct (placement puts two TP1 engines of a model on G
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cached_property
+from functools import cached_property, total_ordering
 from typing import Any
 
 GROUP = "warmserve.io"
@@ -163,6 +173,178 @@ def _dumps(doc: Any) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
+# -- engine settings -----------------------------------------------------------------------------------------
+#: The dtypes a ModelDeployment's `spec.model.dtype` may name (the CRD's enum); `auto` is vLLM's own default.
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+MAX_ENGINE_ARGS = 64  # the CRD's `spec.engine.args` maxItems
+MAX_ENGINE_ARG_CHARS = 512  # the CRD's maxLength of one entry
+
+#: vLLM flags a ModelDeployment's `spec.engine.args` must not carry, because the worker sets them itself or
+#: because they would break its contract (`forbidden_engine_flag` also refuses their `--flag=value`, underscore,
+#: `--no-` and abbreviated spellings):
+FORBIDDEN_ENGINE_FLAGS = frozenset(
+    {
+        # the worker owns the engine's endpoint (a port in its pool's engine range, on its pod's IP)
+        "--port",
+        "--host",
+        "--uds",
+        # the worker maps the weights it holds into the engine: the model, its name and how it is loaded
+        "--model",
+        "--served-model-name",
+        "--load-format",
+        "--model-loader-extra-config",
+        "--download-dir",
+        # the worker places the engine on the GPUs of its group, in its own process layout
+        "--device",
+        "--tensor-parallel-size",
+        "-tp",
+        "--pipeline-parallel-size",
+        "-pp",
+        "--data-parallel-size",
+        "-dp",
+        "--distributed-executor-backend",
+        # the worker's arena accounts for every byte of the device: the engine's memory budget is the worker's
+        "--gpu-memory-utilization",
+        "--kv-cache-memory-bytes",
+        "--cpu-offload-gb",
+        "--swap-space",
+        "--enable-sleep-mode",
+        # code, files and secrets an engine would load or serve with the worker's privileges
+        "--worker-extension-cls",
+        "--middleware",
+        "--trust-remote-code",
+        "--api-key",
+        "--ssl-keyfile",
+        "--ssl-certfile",
+        "--allowed-local-media-path",
+        "--config",  # reads more flags from a file, past this check
+        # set from their own CRD fields (spec.engine.maxModelLen, spec.model.dtype): `EngineSettings.argv()`
+        "--max-model-len",
+        "--dtype",
+    }
+)
+_FORBIDDEN_LONG = tuple(sorted(f for f in FORBIDDEN_ENGINE_FLAGS if f.startswith("--")))
+_FORBIDDEN_SHORT = tuple(sorted(f for f in FORBIDDEN_ENGINE_FLAGS if not f.startswith("--")))
+
+
+def _flag_name(arg: str) -> str:
+    """The option an argument names: up to the first `=` or whitespace, lower case, `_` spelled `-`."""
+    name = arg.split("=", 1)[0].split(None, 1)[0] if arg.strip() else arg
+    return name.lower().replace("_", "-")
+
+
+def forbidden_engine_flag(args: Sequence[str]) -> str | None:
+    """The first argument of `args` that would break the worker's contract, or None.
+
+    For a flag: the entry of `FORBIDDEN_ENGINE_FLAGS` it spells, in any form vLLM's parser accepts: exact,
+    `--flag=value`, `--flag_with_underscores`, `--no-flag`, an abbreviation argparse would expand (`--tensor-par`,
+    `-t`) and a short flag with its value glued on (`-tp8`). For an argument holding a NUL or a line break:
+    that argument's `repr()` (shortened). Every argument that starts with `-` is checked, wherever it is (vLLM
+    reads one as a flag even after a flag that takes a value); any other passes (vLLM refuses unknown ones).
+    """
+    for arg in args:
+        if any(ch in arg for ch in "\x00\n\r"):
+            return repr(arg[:64])
+        if not arg.startswith("-") or len(arg) < 2:
+            continue
+        name = _flag_name(arg)
+        if name.startswith("--"):
+            if len(name) <= 2:
+                continue  # `--`: the end of the options, not one
+            candidates = [name] + ([f"--{name[5:]}"] if name.startswith("--no-") and len(name) > 5 else [])
+            for flag in candidates:
+                if flag in FORBIDDEN_ENGINE_FLAGS:
+                    return flag
+                abbreviates = [f for f in _FORBIDDEN_LONG if f.startswith(flag)]
+                if abbreviates:
+                    return abbreviates[0]
+        elif len(name) >= 2:
+            for short in _FORBIDDEN_SHORT:
+                if name.startswith(short) or short.startswith(name):
+                    return short
+    return None
+
+
+def _engine_problem(args: Any, max_model_len: Any, dtype: Any, what: str) -> str | None:
+    if not isinstance(args, list | tuple):
+        return f"{what}.args must be a list, got {type(args).__name__}"
+    if len(args) > MAX_ENGINE_ARGS:
+        return f"{what}.args has {len(args)} entries; at most {MAX_ENGINE_ARGS} are allowed"
+    for i, arg in enumerate(args):
+        if not isinstance(arg, str):
+            return f"{what}.args[{i}] must be a string, got {arg!r}"[:200]
+        if len(arg) > MAX_ENGINE_ARG_CHARS:
+            return f"{what}.args[{i}] is {len(arg)} characters long; at most {MAX_ENGINE_ARG_CHARS} are allowed"
+    if max_model_len is not None and (
+        isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1
+    ):
+        return f"{what}.maxModelLen must be an integer of at least 1, got {max_model_len!r}"
+    if dtype is not None and dtype not in DTYPES:
+        return f"{what}.dtype must be one of {list(DTYPES)}, got {dtype!r}"[:200]
+    return None
+
+
+@total_ordering
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine of a replica is configured: a ModelDeployment's `spec.engine.args`,
+    `spec.engine.maxModelLen` and `spec.model.dtype`. The default (nothing set) is not written into a plan."""
+
+    args: tuple[str, ...] = ()
+    max_model_len: int | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.args, list):
+            object.__setattr__(self, "args", tuple(self.args))
+        problem = _engine_problem(self.args, self.max_model_len, self.dtype, "engine")
+        if problem is not None:
+            raise ProtocolError(problem)
+
+    @property
+    def empty(self) -> bool:
+        return not self.args and self.max_model_len is None and self.dtype is None
+
+    def _key(self) -> tuple[tuple[str, ...], int, str]:
+        return (self.args, self.max_model_len or 0, self.dtype or "")
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, EngineSettings):
+            return NotImplemented
+        return self._key() < other._key()
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.args:
+            doc["args"] = list(self.args)
+        if self.max_model_len is not None:
+            doc["maxModelLen"] = self.max_model_len
+        if self.dtype is not None:
+            doc["dtype"] = self.dtype
+        return doc
+
+    def argv(self) -> list[str]:
+        """The vLLM flags, in order: `--dtype X`, `--max-model-len N`, then `args` as given."""
+        out: list[str] = []
+        if self.dtype is not None:
+            out += ["--dtype", self.dtype]
+        if self.max_model_len is not None:
+            out += ["--max-model-len", str(self.max_model_len)]
+        return out + list(self.args)
+
+
+def _engine_settings(raw: Any, what: str) -> EngineSettings:
+    if raw is None:
+        return EngineSettings()
+    doc = _object(raw, what)
+    args = doc.get("args")
+    args = [] if args is None else args
+    problem = _engine_problem(args, doc.get("maxModelLen"), doc.get("dtype"), what)
+    if problem is not None:
+        raise ProtocolError(problem)
+    return EngineSettings(tuple(args), doc.get("maxModelLen"), doc.get("dtype"))
+
+
 # -- plan ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, order=True)
 class PlanReplica:
@@ -174,6 +356,7 @@ class PlanReplica:
     tp: int
     role: Role = Role.WARM
     kv_lend: int = 0
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -191,7 +374,7 @@ class PlanReplica:
             "tp": self.tp,
             "role": str(self.role),
             "kvLend": self.kv_lend,
-        }
+        } | ({} if self.engine.empty else {"engine": self.engine.to_json()})
 
 
 @dataclass(frozen=True)
@@ -228,6 +411,11 @@ class PlannedReplica:
     @property
     def kv_lend(self) -> int:
         return self.spec.kv_lend
+
+    @property
+    def engine(self) -> EngineSettings:
+        """How to configure this replica's engine (`EngineSettings.argv()`: the flags for `vllm serve`)."""
+        return self.spec.engine
 
     @property
     def serves(self) -> bool:
@@ -294,7 +482,9 @@ def parse_plan(text: str | bytes | Mapping[str, Any]) -> Plan:
 
     Refused, with a message naming the field: a generation that is not a non-negative integer; a group
     without GPUs, with a negative or repeated GPU index; a replica missing `model`, `uid` or `source`, with a
-    role that is not `warm`/`serve`, a `tp` that does not fit its group, a negative `kvLend`; two replicas
+    role that is not `warm`/`serve`, a `tp` that does not fit its group, a negative `kvLend`, an `engine` that is
+    not an object (`args`: at most 64 strings of at most 512 characters; `maxModelLen`: an integer >= 1; `dtype`:
+    one of `DTYPES`); two replicas
     with the same `(uid, gpus)`; more than one served replica in a group.
     """
     data = _load(text, "plan")
@@ -326,6 +516,7 @@ def parse_plan(text: str | bytes | Mapping[str, Any]) -> Plan:
                 tp=tp,
                 role=Role(role),
                 kv_lend=_int(rep.get("kvLend", 0), f"{where}.kvLend", minimum=0),
+                engine=_engine_settings(rep.get("engine"), f"{where}.engine"),
             )
             key = ReplicaKey(replica.uid, gpus[:tp])
             if key in seen:
@@ -343,7 +534,8 @@ def parse_plan(text: str | bytes | Mapping[str, Any]) -> Plan:
 #: The fields `parse_plan` reads, per level (anything else is an unknown field: accepted, see `unknown_plan_fields`).
 PLAN_FIELDS = frozenset({"generation", "groups"})
 PLAN_GROUP_FIELDS = frozenset({"gpus", "replicas"})
-PLAN_REPLICA_FIELDS = frozenset({"model", "uid", "source", "tp", "role", "kvLend"})
+PLAN_REPLICA_FIELDS = frozenset({"model", "uid", "source", "tp", "role", "kvLend", "engine"})
+PLAN_ENGINE_FIELDS = frozenset({"args", "maxModelLen", "dtype"})
 
 
 def unknown_plan_fields(text: str | bytes | Mapping[str, Any]) -> list[str]:
@@ -366,6 +558,11 @@ def unknown_plan_fields(text: str | bytes | Mapping[str, Any]) -> list[str]:
         for ri, rep in enumerate(replicas if isinstance(replicas, list) else []):
             if isinstance(rep, Mapping):
                 out += [f"plan.groups[{gi}].replicas[{ri}].{k}" for k in rep if k not in PLAN_REPLICA_FIELDS]
+                engine = rep.get("engine")
+                if isinstance(engine, Mapping):
+                    out += [
+                        f"plan.groups[{gi}].replicas[{ri}].engine.{k}" for k in engine if k not in PLAN_ENGINE_FIELDS
+                    ]
     return out
 
 
@@ -495,6 +692,47 @@ class WorkerError:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a worker says it can do; the operator plans nothing else for it.
+
+    `kv_lend`: it can lend an engine's idle KV space to warm replicas (`kvLend > 0` in a plan); `tp_promotion`: it
+    can start a `tp > 1` engine from the warm shards it holds; `standby_engines`: it pre-initialises engines
+    (reported in `WorkerState.standby`); `engine_settings`: it applies a plan replica's `engine`; `device_kind`:
+    what its devices are (e.g. "cuda", "cpu"); `reasons`: capability name (the JSON key, e.g. "kvLend") → why it
+    is not supported.
+    """
+
+    kv_lend: bool = False
+    tp_promotion: bool = False
+    standby_engines: bool = False
+    engine_settings: bool = False
+    device_kind: str = ""
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kvLend": self.kv_lend,
+            "tpPromotion": self.tp_promotion,
+            "standbyEngines": self.standby_engines,
+            "engineSettings": self.engine_settings,
+            "deviceKind": self.device_kind,
+            "reasons": dict(self.reasons),
+        }
+
+
+@dataclass(frozen=True)
+class StandbyState:
+    """A pre-initialised engine a worker keeps for `model` (not serving: never an endpoint, never a replica)."""
+
+    model: str
+    ready: bool
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "ready": self.ready, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
 class WorkerState:
     """Everything a worker writes into `warmserve.io/state`."""
 
@@ -504,6 +742,8 @@ class WorkerState:
     errors: tuple[WorkerError, ...] = ()
     timings: Mapping[str, Any] = field(default_factory=dict)
     engines: tuple[EngineState, ...] = ()
+    capabilities: Capabilities | None = None  # None: a worker that does not say (assume it supports nothing)
+    standby: tuple[StandbyState, ...] = ()
 
     @property
     def free_bytes(self) -> int:
@@ -517,7 +757,15 @@ class WorkerState:
             "engines": [e.to_json() for e in self.engines],
             "errors": [e.to_json() for e in self.errors],
             "timings": {op: dict(t) for op, t in self.timings.items()},
-        }
+        } | self._optional_json()
+
+    def _optional_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.capabilities is not None:
+            doc["capabilities"] = self.capabilities.to_json()
+        if self.standby:
+            doc["standby"] = [s.to_json() for s in self.standby]
+        return doc
 
     def dumps(self) -> str:
         return _dumps(self.to_json())
@@ -608,7 +856,60 @@ def parse_state(text: str | bytes | Mapping[str, Any]) -> WorkerState:
     timings = data.get("timings") or {}
     if not isinstance(timings, Mapping):
         raise ProtocolError("state.timings must be an object")
-    return WorkerState(observed, tuple(devices), tuple(replicas), tuple(errors), dict(timings), tuple(engines))
+    return WorkerState(
+        observed,
+        tuple(devices),
+        tuple(replicas),
+        tuple(errors),
+        dict(timings),
+        tuple(engines),
+        _capabilities(data.get("capabilities"), "state.capabilities"),
+        _standby(data.get("standby"), "state.standby"),
+    )
+
+
+def _bool(value: Any, what: str, default: bool = False) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what} must be true or false, got {value!r}"[:200])
+    return value
+
+
+def _capabilities(raw: Any, what: str) -> Capabilities | None:
+    """`state.capabilities`: absent (or null) is None; unknown keys are ignored (a newer worker may add some)."""
+    if raw is None:
+        return None
+    doc = _object(raw, what)
+    kind = doc.get("deviceKind") or ""
+    if not isinstance(kind, str):
+        raise ProtocolError(f"{what}.deviceKind must be a string, got {kind!r}"[:200])
+    reasons = doc.get("reasons") or {}
+    if not isinstance(reasons, Mapping) or not all(isinstance(v, str) for v in reasons.values()):
+        raise ProtocolError(f"{what}.reasons must be an object of strings")
+    return Capabilities(
+        kv_lend=_bool(doc.get("kvLend"), f"{what}.kvLend"),
+        tp_promotion=_bool(doc.get("tpPromotion"), f"{what}.tpPromotion"),
+        standby_engines=_bool(doc.get("standbyEngines"), f"{what}.standbyEngines"),
+        engine_settings=_bool(doc.get("engineSettings"), f"{what}.engineSettings"),
+        device_kind=kind,
+        reasons={str(k): v for k, v in reasons.items()},
+    )
+
+
+def _standby(raw: Any, what: str) -> tuple[StandbyState, ...]:
+    out = []
+    for i, item in enumerate(_list(raw, what)):
+        where = f"{what}[{i}]"
+        s = _object(item, where)
+        out.append(
+            StandbyState(
+                model=_str(s.get("model"), f"{where}.model"),
+                ready=_bool(s.get("ready"), f"{where}.ready"),
+                bytes=_int(s.get("bytes") or 0, f"{where}.bytes", minimum=0),
+            )
+        )
+    return tuple(out)
 
 
 # -- pods ----------------------------------------------------------------------------------------------------

@@ -387,11 +387,25 @@ class SimulatedWorkers:
     """Stands in for the sidecar workers: reads each pod's plan and reports it applied in its state.
 
     Warm replicas report `loading` first and `warm` on the next pass; `serve` replicas report `serving`
-    and ready with an endpoint. Runs as a task on the test's loop; bounded by `stop()`.
+    and ready with an endpoint. They advertise `capabilities` (default: everything, so the operator plans them
+    as the policy decides; None: an older worker that does not say). Runs as a task on the test's loop;
+    bounded by `stop()`.
     """
 
-    def __init__(self, api: Any, pool: str, gpu_bytes: int, gpus: int = 2) -> None:
+    ALL_CAPABILITIES: dict[str, Any] = {  # noqa: RUF012
+        "kvLend": True,
+        "tpPromotion": True,
+        "standbyEngines": False,
+        "engineSettings": True,
+        "deviceKind": "cuda",
+        "reasons": {"standbyEngines": "simulated"},
+    }
+
+    def __init__(
+        self, api: Any, pool: str, gpu_bytes: int, gpus: int = 2, capabilities: dict[str, Any] | None = ALL_CAPABILITIES
+    ) -> None:
         self.api, self.pool, self.gpu_bytes, self.gpus = api, pool, gpu_bytes, gpus
+        self.capabilities = capabilities
         self.passes = 0
         self.enabled = True
         self._task: asyncio.Task | None = None
@@ -429,13 +443,16 @@ class SimulatedWorkers:
             {"index": g, "totalBytes": self.gpu_bytes, "usedBytes": used[g], "freeBytes": self.gpu_bytes - used[g]}
             for g in range(self.gpus)
         ]
-        return {
+        state = {
             "observedGeneration": plan.generation,
             "devices": devices,
             "replicas": replicas,
             "errors": [],
             "timings": {},
         }
+        if self.capabilities is not None:
+            state["capabilities"] = self.capabilities
+        return state
 
     async def one_pass(self) -> None:
         import json

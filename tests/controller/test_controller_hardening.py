@@ -35,7 +35,16 @@ from warmserve.controller.settings import ControllerConfig, SpecRules
 from warmserve.controller.spec import parse_model_spec, parse_pool_spec
 from warmserve.controller.weights import WeightInfo
 from warmserve.core.types import Demand
-from warmserve.protocol import PLAN_ANNOTATION, STATE_ANNOTATION, Plan, PlanGroup, PlanReplica, Role, plan_of_pod
+from warmserve.protocol import (
+    PLAN_ANNOTATION,
+    STATE_ANNOTATION,
+    Plan,
+    PlanGroup,
+    PlanReplica,
+    Role,
+    forbidden_engine_flag,
+    plan_of_pod,
+)
 
 LOG = logging.getLogger("test")
 GIB = 1 << 30
@@ -734,7 +743,9 @@ def test_engine_args_that_widen_access_are_refused(args):
         "m", {"poolRef": {"name": "p"}, "model": {"source": "pvc://weights/m"}, "engine": {"args": args}}
     )
     validation = reconcile.validate_model(model, CACHE, GIB)
-    assert validation.reason == "EngineArgNotAllowed" and "spec.engine.args[" in validation.message
+    # flags the worker sets itself are refused as such (protocol.FORBIDDEN_ENGINE_FLAGS), any other by the allow-list
+    reason = "ForbiddenEngineFlag" if forbidden_engine_flag(args) else "EngineArgNotAllowed"
+    assert validation.reason == reason and "spec.engine.args[" in validation.message
 
 
 def test_allowed_engine_args_pass():
@@ -743,8 +754,8 @@ def test_allowed_engine_args_pass():
         "--max-num-seqs",
         "128",
         "--kv-cache-dtype=fp8",
-        "--gpu-memory-utilization",
-        "0.9",
+        "--block-size",
+        "16",
     ]
     model = parse_model_spec(
         "m", {"poolRef": {"name": "p"}, "model": {"source": "pvc://weights/m"}, "engine": {"args": args}}

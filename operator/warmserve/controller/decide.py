@@ -22,6 +22,7 @@ from typing import Any
 
 from warmserve.controller import conditions as c
 from warmserve.controller import reconcile
+from warmserve.controller.capabilities import capabilities_of, no_lend_pods, restrict_plans
 from warmserve.controller.forecasts import ForecastView
 from warmserve.controller.planner import ModelEntry, PlannerMemory, RoundInput, RoundOutput, WorkerSnapshot, plan_round
 from warmserve.controller.reconcile import Validation, WorkerView
@@ -131,7 +132,17 @@ def catalog(
         source = reconcile.worker_source(spec.source, pool) or spec.source
         if not spec.prewarm_enabled:
             no_prewarm.add(m.uid)
-        entries.append(ModelEntry(m.uid, spec.served_name, source, profile, spec.min_replicas, spec.max_replicas))
+        entries.append(
+            ModelEntry(
+                m.uid,
+                spec.served_name,
+                source,
+                profile,
+                spec.min_replicas,
+                spec.max_replicas,
+                reconcile.engine_settings(spec),
+            )
+        )
     entries.sort(key=lambda e: e.uid)
     return Catalog(tuple(entries), validations, frozenset(no_prewarm))
 
@@ -323,11 +334,14 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
                 {uid: d for uid, d in forecasts.demand.items() if uid not in cat.no_prewarm},
                 planner.memory,
                 forecasts.peak_load,
+                no_lend_pods(w for w in live if w.ready),
             ),
         )
+        # the controller boundary: no worker is asked for what it does not advertise (capabilities.py)
+        outcome.plans, held_back = restrict_plans(outcome.plans, {w.pod: capabilities_of(w) for w in live})
         writes, generation = number_plans(live, outcome.plans)
     else:  # an invalid pool is frozen: the workers keep what their plans say, the status says why
-        outcome = RoundOutput(plans={}, memory=planner.memory)
+        outcome, held_back = RoundOutput(plans={}, memory=planner.memory), []
         writes, generation = number_plans(live, {})
     ports = engine_ports(pool.worker.engine_port_base)
 
@@ -349,6 +363,8 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
     if forecasts.window is not None:
         status["lastForecastWindow"] = iso(forecasts.window * forecasts.window_seconds)
     observed = reconcile.observe_models(after, ports)
+    for held in held_back:
+        observed.setdefault(held.uid, reconcile.ModelObservation()).held_back.append(held.message)
     models = []
     for m in obs.models:
         md_status = model_status(m, cat.validations[m.uid], observed.get(m.uid), forecasts, obs.stamp)

@@ -6,7 +6,8 @@ the pods, so a restarted operator resumes exactly where it was) and from the pha
 then drives the very same `WarmServePolicy` object the simulator drives, in the order of one simulator
 control step (`warmserve.sim.engine`, `_control`):
 
-1. proactive prewarming: the KV space each engine lends, evicting lent replicas when it needs space back;
+1. proactive prewarming: the KV space each engine lends, evicting lent replicas when it needs space back
+   (nothing on the pods of `RoundInput.no_lend`, whose workers cannot lend: see `controller.capabilities`);
 2. evict-aware placement of warm replicas for the forecast demand (max of this window and the next);
 3. autoscale every model on its measured load (stops keep their weights as warm replicas; starts go to
    the group `choose_group` picks: a warm hit, then a loading replica, then the cheapest eviction).
@@ -34,7 +35,7 @@ from warmserve.core.autoscaler import EngineView
 from warmserve.core.cluster import ClusterState, EnginePhase, PlanError, ReplicaPhase, StartSource
 from warmserve.core.policy import EngineLoad, NoEffects, StepInput, StepRecord, WarmServePolicy
 from warmserve.core.types import Demand, GpuGroup, ModelProfile, NodeSpec
-from warmserve.protocol import Phase, Plan, PlanGroup, PlanReplica, Role, WorkerState
+from warmserve.protocol import EngineSettings, Phase, Plan, PlanGroup, PlanReplica, Role, WorkerState
 
 EntityKey = tuple[str, tuple[int, ...], str, Role]  # (pod, gpus, uid, role)
 
@@ -49,6 +50,7 @@ class ModelEntry:
     profile: ModelProfile  # profile.name == uid
     min_replicas: int = 0
     max_replicas: int | None = None
+    engine: EngineSettings = field(default_factory=EngineSettings)  # written into every replica of the model
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,12 @@ class RoundInput:
     demand: Mapping[str, Demand]  # uid → forecast (max of the current and the next window)
     memory: PlannerMemory = field(default_factory=PlannerMemory)
     lend_load: Mapping[str, float] | None = None  # uid → recent peak in-flight (KV lending); None = load
+    no_lend: frozenset[str] = frozenset()  # pods whose engines lend no KV space (their worker cannot lend)
+
+
+#: The KV bytes "in use" the planner tells the policy for an engine of a pod in `RoundInput.no_lend`: more than
+#: any device holds, so the core's reservation keeps all of its KV space and it lends nothing.
+NO_LEND_IN_USE = 1 << 62
 
 
 @dataclass
@@ -168,11 +176,15 @@ def render_plans(state: ClusterState, pods: Sequence[str], models: Mapping[str, 
         m = models[inst.model]
         lend = min((state.lent(g) for g in state.gpus_of(inst.group)), default=0)
         key = (inst.group.node, tuple(inst.group.gpus))
-        groups.setdefault(key, []).append(PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, Role.SERVE, lend))
+        groups.setdefault(key, []).append(
+            PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, Role.SERVE, lend, m.engine)
+        )
     for rep in state.replicas.values():
         m = models[rep.model]
         key = (rep.group.node, tuple(rep.group.gpus))
-        groups.setdefault(key, []).append(PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, Role.WARM, 0))
+        groups.setdefault(key, []).append(
+            PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, Role.WARM, 0, m.engine)
+        )
     per_pod: dict[int, list[PlanGroup]] = {}
     for (node, gpus), replicas in groups.items():
         per_pod.setdefault(node, []).append(PlanGroup(gpus, tuple(replicas)))
@@ -252,7 +264,8 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
     for m in inp.models:
         engines = by_model.get(m.uid, [])
         for inst in engines:
-            loads[inst.iid] = EngineLoad(math.ceil(float(lend_load.get(m.uid, 0.0)) / len(engines)), 0)
+            in_use = NO_LEND_IN_USE if pods[inst.group.node] in inp.no_lend else 0
+            loads[inst.iid] = EngineLoad(math.ceil(float(lend_load.get(m.uid, 0.0)) / len(engines)), in_use)
         serving = [i for i in engines if i.phase != EnginePhase.DRAINING]
         share = float(inp.load.get(m.uid, 0.0)) / len(serving) if serving else 0.0
         # protection runs from readiness, as in the simulator; an engine not serving yet is protected

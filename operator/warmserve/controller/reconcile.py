@@ -21,6 +21,10 @@ from warmserve.controller import conditions as c
 from warmserve.controller.settings import SpecRules
 from warmserve.controller.spec import ModelSpec, PoolSpec
 from warmserve.protocol import (
+    DTYPES,
+    MAX_ENGINE_ARG_CHARS,
+    MAX_ENGINE_ARGS,
+    EngineSettings,
     Phase,
     Plan,
     ProtocolError,
@@ -28,6 +32,7 @@ from warmserve.protocol import (
     Role,
     WorkerState,
     engine_ports,
+    forbidden_engine_flag,
     plan_of_pod,
     state_of_pod,
 )
@@ -145,7 +150,8 @@ def worker_source(source: str, pool: PoolSpec) -> str | None:
 # ------------------------------------------------------------------ engine arguments
 #: vLLM flags a ModelDeployment may pass (engine tuning only): True when the flag takes a value. Nothing that
 #: names a file, a directory, a host, a port, a URL, a model or Python code to import, and nothing the worker
-#: sets itself (model, served name, tensor parallelism, load format, dtype, max model length).
+#: sets itself (model, served name, tensor parallelism, load format, dtype, max model length, memory budget:
+#: `warmserve.protocol.FORBIDDEN_ENGINE_FLAGS`, refused first and even when the operator's settings allow them).
 ENGINE_FLAGS: dict[str, bool] = {
     "--enable-prefix-caching": False,
     "--no-enable-prefix-caching": False,
@@ -169,11 +175,8 @@ ENGINE_FLAGS: dict[str, bool] = {
     "--disable-fastapi-docs": False,
     "--max-num-seqs": True,
     "--max-num-batched-tokens": True,
-    "--gpu-memory-utilization": True,
     "--kv-cache-dtype": True,
     "--block-size": True,
-    "--swap-space": True,
-    "--cpu-offload-gb": True,
     "--seed": True,
     "--max-logprobs": True,
     "--quantization": True,
@@ -229,6 +232,50 @@ def engine_args_problem(args: Sequence[str], allowed_extra: Sequence[str] = ()) 
     return None
 
 
+_OWN_FIELD = {"--max-model-len": "spec.engine.maxModelLen", "--dtype": "spec.model.dtype"}
+
+
+def forbidden_engine_arg_problem(args: Sequence[str]) -> str | None:
+    """Why `args` (spec.engine.args) break the worker's contract (`warmserve.protocol.forbidden_engine_flag`),
+    naming the argument and the flag, or None."""
+    for i, arg in enumerate(args):
+        flag = forbidden_engine_flag([arg])
+        if flag is None:
+            continue
+        where = f"spec.engine.args[{i}] {arg[:64]!r}"
+        if flag not in _OWN_FIELD and not flag.startswith("-"):
+            return f"{where} contains a NUL or line-break character"
+        if flag in _OWN_FIELD:
+            return f"{where}: {flag} may not be passed as an engine argument: set {_OWN_FIELD[flag]} instead"
+        return f"{where}: {flag} may not be passed as an engine argument: the worker sets it (forbidden engine flag)"
+    return None
+
+
+def engine_settings_problem(model: ModelSpec) -> str | None:
+    """The CRD's limits on the engine settings, checked again for objects the API server never validated."""
+    if len(model.engine_args) > MAX_ENGINE_ARGS:
+        return f"spec.engine.args has {len(model.engine_args)} entries; at most {MAX_ENGINE_ARGS} are allowed"
+    for i, arg in enumerate(model.engine_args):
+        if len(arg) > MAX_ENGINE_ARG_CHARS:
+            return f"spec.engine.args[{i}] is longer than {MAX_ENGINE_ARG_CHARS} characters"
+    if not 0 <= model.max_model_len <= 16777216:
+        return f"spec.engine.maxModelLen {model.max_model_len} must be within 0..16777216"
+    if model.dtype not in DTYPES:
+        return f"spec.model.dtype {model.dtype[:40]!r} must be one of {', '.join(DTYPES)}"
+    return None
+
+
+def engine_settings(model: ModelSpec) -> EngineSettings:
+    """What the plan tells the worker about the model's engine: nothing for the defaults (`dtype: auto`,
+    `maxModelLen: 0` and no args), so the plan of a model without engine settings is what it always was.
+    Call it on a model `validate_model` accepted."""
+    return EngineSettings(
+        tuple(model.engine_args),
+        model.max_model_len or None,
+        None if model.dtype == "auto" else model.dtype,
+    )
+
+
 # ------------------------------------------------------------------ models
 def validate_model(
     model: ModelSpec,
@@ -275,6 +322,12 @@ def validate_model(
     source = resolve_source(model.source, pool)
     if source.path is None:
         return Validation(False, source.reason, source.message)
+    problem = engine_settings_problem(model)
+    if problem is not None:
+        return Validation(False, "InvalidSpec", problem)
+    problem = forbidden_engine_arg_problem(model.engine_args)
+    if problem is not None:
+        return Validation(False, "ForbiddenEngineFlag", problem)
     problem = engine_args_problem(model.engine_args, rules.engine_args_allowed)
     if problem is not None:
         return Validation(False, "EngineArgNotAllowed", problem)
@@ -724,6 +777,7 @@ class ModelObservation:
     endpoints: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)  # endpoints reported but refused (endpoint_problem)
+    held_back: list[str] = field(default_factory=list)  # engines not planned: a worker lacks a capability
 
 
 def observe_models(workers: Sequence[WorkerView], ports: range = DEFAULT_ENGINE_PORTS) -> dict[str, ModelObservation]:
@@ -808,9 +862,16 @@ def model_conditions(model: ModelSpec, validation: Validation, observed: ModelOb
             "WarmReplicasLoading",
             f"{observed.prewarmed} of {observed.desired_warm} warm replicas loaded",
         )
-    if observed.errors or observed.rejected:
-        reason = "WorkerErrors" if observed.errors else "EndpointsRejected"
-        degraded = c.Condition(c.DEGRADED, c.TRUE, reason, "; ".join(observed.errors + observed.rejected)[:2000])
+    if observed.errors or observed.rejected or observed.held_back:
+        reason = (
+            "WorkerErrors"
+            if observed.errors
+            else "EndpointsRejected"
+            if observed.rejected
+            else "WorkerCapabilityMissing"
+        )
+        problems = observed.errors + observed.rejected + observed.held_back
+        degraded = c.Condition(c.DEGRADED, c.TRUE, reason, "; ".join(problems)[:2000])
     else:
         degraded = c.Condition(c.DEGRADED, c.FALSE, "NoErrors", "")
     return [valid, ready, prewarmed, degraded]

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from warmserve.local import cel
-from warmserve.protocol import GROUP, VERSION
+from warmserve.protocol import GROUP, VERSION, forbidden_engine_flag
 
 API_VERSION = f"{GROUP}/{VERSION}"
 KINDS = {"WarmPool": "warmserve.io_warmpools.yaml", "ModelDeployment": "warmserve.io_modeldeployments.yaml"}
@@ -140,6 +140,22 @@ def _check(doc: Mapping[str, Any], where: str) -> None:
     _check_cel(schema, doc, where)
 
 
+#: flags of `spec.engine.args` that have a field of their own
+_OWN_FIELD = {"--max-model-len": "spec.engine.maxModelLen", "--dtype": "spec.model.dtype"}
+
+
+def _check_engine_args(doc: Mapping[str, Any], where: str) -> None:
+    """Refuse a flag the worker sets itself (`warmserve.protocol.FORBIDDEN_ENGINE_FLAGS`), as the operator does
+    (a `ForbiddenEngineFlag` condition there; an error here, before anything starts)."""
+    args = (doc["spec"].get("engine") or {}).get("args") or []
+    flag = forbidden_engine_flag(args)
+    if flag is None:
+        return
+    if flag in _OWN_FIELD:
+        raise ConfigError(f"{where}: spec.engine.args: {flag} may not be an engine argument: set {_OWN_FIELD[flag]}")
+    raise ConfigError(f"{where}: spec.engine.args: {flag} may not be an engine argument: the worker sets it")
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -212,6 +228,7 @@ def parse_documents(docs: Iterable[Any], source: str, pool: Mapping[str, Any] | 
                 f"{where}: warmserve up runs one WarmPool, and {pools[0]['metadata']['name']} is already defined"
             )
         if kind == "ModelDeployment":
+            _check_engine_args(doc, where)
             given = doc["spec"]["model"].get("servedName")
             served = given or name
             if served in served_by:

@@ -47,6 +47,7 @@ from typing import Any
 
 from warmserve.protocol import (
     MAX_GENERATION,
+    Capabilities,
     DeviceState,
     EngineState,
     Phase,
@@ -54,8 +55,10 @@ from warmserve.protocol import (
     PlannedReplica,
     ReplicaKey,
     ReplicaState,
+    StandbyState,
     WorkerError,
     WorkerState,
+    forbidden_engine_flag,
     parse_plan,
     unknown_plan_fields,
 )
@@ -239,6 +242,10 @@ class Agent:
                 continue
             if not self._shards_warm(rep):
                 continue
+            flag = forbidden_engine_flag(rep.engine.args)
+            if flag is not None:  # the operator refuses these too; a worker never passes one to vLLM
+                self._fail(rep, plan, f"engine argument {flag} is not allowed (the worker sets it)")
+                continue
             if rep.tp > 1:
                 self._fail(
                     rep,
@@ -326,7 +333,14 @@ class Agent:
             return
         try:
             rec = self.engines.launch(
-                key, shell, rep.model, model_dir, manifest_path, report_path=report_path, served_name=rep.model
+                key,
+                shell,
+                rep.model,
+                model_dir,
+                manifest_path,
+                report_path=report_path,
+                served_name=rep.model,
+                extra_args=rep.engine.argv(),
             )
         except (TimeoutError, OSError) as exc:
             self._fail(rep, plan, f"promotion failed: {exc}")
@@ -345,7 +359,7 @@ class Agent:
     @staticmethod
     def _shape(rep: PlannedReplica) -> Shape | None:
         try:
-            return Shape(rep.model, source_path(rep.source))
+            return Shape(rep.model, source_path(rep.source), tuple(rep.engine.argv()))
         except SourceError:
             return None
 
@@ -571,9 +585,15 @@ class Agent:
                 EngineState(key.uid, key.gpus, rec.served_name, rec.endpoint, rec.ready, rec.pid)
                 for key, rec in sorted(engine_of.items())
             )
+            standby = tuple(
+                StandbyState(shape.model, rec.ready, self._standby_bytes())
+                for shape, rec in (self.engines.standby() if self.engines is not None and self.standby_engines else [])
+            )
         with self._timings_lock:
             timings = {op: dict(t) for op, t in self.timings.items()}
         return WorkerState(
+            capabilities=self._capabilities(),
+            standby=standby,
             observed_generation=plan.generation if plan is not None else 0,
             devices=devices,
             replicas=tuple(replicas),
@@ -581,6 +601,29 @@ class Agent:
             timings=timings,
             engines=engines,
         )
+
+    def _capabilities(self) -> Capabilities:
+        on_gpu = any(arena.kind.on_gpu for arena in self.arenas.values())
+        return Capabilities(
+            kv_lend=False,
+            tp_promotion=False,
+            standby_engines=self.engines is not None and self.standby_engines > 0,
+            engine_settings=True,
+            device_kind="cuda" if on_gpu else "cpu",
+            reasons={
+                "kvLend": "engines size their own KV cache; lending idle KV space to warm replicas is not built",
+                "tpPromotion": "a tp > 1 replica is prewarmed as per-rank shards, but promoting it into one "
+                "tensor-parallel engine is not built",
+            },
+        )
+
+    def _standby_bytes(self) -> int:
+        """Memory a standby engine holds beyond its runtime: its KV cache where the node sets it (CPU)."""
+        env = getattr(self.engines, "env", None) or {}
+        try:
+            return int(env.get("VLLM_CPU_KVCACHE_SPACE", 0)) << 30
+        except ValueError:
+            return 0
 
     @staticmethod
     def _device_state(name: str, arena: Arena) -> DeviceState:

@@ -305,6 +305,7 @@ class Engines(Protocol):
         manifest_path: str | None,
         report_path: str | None = None,
         served_name: str | None = None,
+        extra_args: list[str] | None = None,
     ) -> EngineRecord: ...
 
     def stop(self, key: ReplicaKey) -> float: ...

@@ -1,0 +1,205 @@
+"""The agent's engine decisions with a recording engine fake: a replica's engine settings reach the engine's
+arguments (and its standby shape), a forbidden flag is a per-replica error and starts nothing, a ready standby
+engine is bound instead of starting one, a failed bind falls back to a fresh engine, and the state says what
+the worker can do."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from warmserve.protocol import ReplicaKey, parse_state
+from warmserve.worker.agent import Agent
+from warmserve.worker.arena import Arena
+from warmserve.worker.engines import BindError, Shape
+
+MiB = 1 << 20
+
+
+@dataclass
+class Record:
+    uid: str
+    served_name: str
+    port: int
+    pid: int = 4242
+    host: str = "127.0.0.1"
+    ready: bool = True
+    ready_s: float | None = 0.1
+    bound_s: float | None = None
+    log: str = "fake.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Engines:
+    """`warmserve.worker.engines.Engines` recording launches, binds and the standby shapes asked for."""
+
+    def __init__(self, standby_ready: bool = True, bind_fails: bool = False):
+        self.launches: list[tuple[str, list[str]]] = []
+        self.binds: list[tuple[str, Shape]] = []
+        self.wanted: list[dict[Shape, int]] = []
+        self.standby_ready, self.bind_fails = standby_ready, bind_fails
+        self.env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+        self._engines: dict[ReplicaKey, Record] = {}
+        self._standby: dict[Shape, Record] = {}
+
+    def running(self):
+        return dict(self._engines)
+
+    def poll(self, key):
+        return self._engines.get(key)
+
+    def alive(self, key):
+        return key in self._engines
+
+    def acquire_shell(self, timeout):
+        return "shell"
+
+    def release_shell(self, shell):
+        pass
+
+    def launch(self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None):
+        self.launches.append((key.uid, list(extra_args or [])))
+        self._engines[key] = Record(key.uid, served_name or model, 18000 + len(self.launches))
+        return self._engines[key]
+
+    def stop(self, key):
+        self._engines.pop(key, None)
+        return 0.0
+
+    def standby(self):
+        return [(shape, rec) for shape, rec in self._standby.items()]
+
+    def keep_standby(self, wanted):
+        self.wanted.append(dict(wanted))
+        self._standby = {
+            s: self._standby.get(s) or Record("", s.model, 19000, ready=self.standby_ready) for s in wanted
+        }
+
+    def bind(self, key, shape, manifest_path, timeout=60.0):
+        with open(manifest_path) as fh:
+            assert json.load(fh)["model"] == shape.model
+        self.binds.append((key.uid, shape))
+        rec = self._standby.pop(shape)
+        if self.bind_fails:
+            raise BindError(f"binding the standby engine of {shape.model} failed: 500")
+        rec.uid, rec.bound_s, rec.ready_s = key.uid, 0.05, 0.05
+        self._engines[key] = rec
+        return rec
+
+    def adopt(self):
+        return []
+
+    def shutdown(self, stop_engines=True):
+        pass
+
+
+def replica(name: str, path: str, role: str, engine: dict | None = None) -> dict:
+    rep = {"model": name, "uid": f"uid-{name}", "source": f"file://{path}", "tp": 1, "role": role}
+    return {**rep, "engine": engine} if engine else rep
+
+
+def run(agent: Agent, predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = agent.step()
+        if predicate(state):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"not reached; last state {json.dumps(state.to_json(), indent=1)}")
+
+
+@pytest.fixture
+def arena(shm_path):
+    arena = Arena.host("0", shm_path, 32 * MiB, page_size=256 * 1024)
+    yield arena
+    arena.close()
+
+
+def serving(state, uid: str) -> bool:
+    return any(r.uid == uid and r.phase == "serving" for r in state.replicas)
+
+
+def test_engine_settings_reach_the_engine_arguments(tiny_models, arena, tmp_path):
+    engines = Engines()
+    agent = Agent({"0": arena}, str(tmp_path), engines)
+    settings = {"args": ["--max-num-seqs", "2"], "maxModelLen": 128, "dtype": "bfloat16"}
+    agent.apply(
+        {
+            "generation": 1,
+            "groups": [{"gpus": [0], "replicas": [replica("alpha", tiny_models["alpha"], "serve", settings)]}],
+        }
+    )
+    run(agent, lambda s: serving(s, "uid-alpha"))
+    assert engines.launches == [("uid-alpha", ["--dtype", "bfloat16", "--max-model-len", "128", "--max-num-seqs", "2"])]
+
+
+@pytest.mark.parametrize("args", [["--port", "1"], ["--load-format=auto"], ["--gpu_memory_utilization", "0.99"]])
+def test_a_forbidden_flag_is_a_replica_error_and_starts_nothing(tiny_models, arena, tmp_path, args):
+    engines = Engines()
+    agent = Agent({"0": arena}, str(tmp_path), engines)
+    agent.apply(
+        {
+            "generation": 1,
+            "groups": [{"gpus": [0], "replicas": [replica("alpha", tiny_models["alpha"], "serve", {"args": args})]}],
+        }
+    )
+    state = run(agent, lambda s: bool(s.errors))
+    assert engines.launches == []
+    (error,) = state.errors
+    assert error.uid == "uid-alpha" and "is not allowed" in error.reason
+
+
+def test_a_ready_standby_engine_is_bound_instead_of_starting_one(tiny_models, arena, tmp_path):
+    engines = Engines()
+    agent = Agent({"0": arena}, str(tmp_path), engines, standby_engines=1)
+    models = {m: tiny_models[m] for m in ("alpha", "beta")}
+    agent.apply(
+        {"generation": 1, "groups": [{"gpus": [0], "replicas": [replica(m, p, "warm") for m, p in models.items()]}]}
+    )
+    state = run(
+        agent, lambda s: bool(s.standby) and all(r.phase == "warm" for r in s.replicas) and len(s.replicas) == 2
+    )
+    assert [(s.model, s.ready, s.bytes) for s in state.standby] == [("alpha", True, 2 << 30)]  # warm-only, by name
+    agent.apply(
+        {
+            "generation": 2,
+            "groups": [
+                {
+                    "gpus": [0],
+                    "replicas": [replica("alpha", models["alpha"], "serve"), replica("beta", models["beta"], "warm")],
+                }
+            ],
+        }
+    )
+    state = run(agent, lambda s: serving(s, "uid-alpha") and "promote" in s.timings)
+    assert engines.launches == [] and [uid for uid, _ in engines.binds] == ["uid-alpha"]
+    assert state.timings["promote"]["standby"] is True
+    assert engines.wanted[-1] == {Shape("beta", models["beta"]): 1}  # the next warm-only model gets the standby
+
+
+def test_a_failed_bind_falls_back_to_a_fresh_engine_and_that_shape_gets_no_more_standby(tiny_models, arena, tmp_path):
+    engines = Engines(bind_fails=True)
+    agent = Agent({"0": arena}, str(tmp_path), engines, standby_engines=1)
+    alpha = tiny_models["alpha"]
+    agent.apply({"generation": 1, "groups": [{"gpus": [0], "replicas": [replica("alpha", alpha, "warm")]}]})
+    run(agent, lambda s: bool(s.standby) and bool(s.replicas) and s.replicas[0].phase == "warm")
+    agent.apply({"generation": 2, "groups": [{"gpus": [0], "replicas": [replica("alpha", alpha, "serve")]}]})
+    run(agent, lambda s: serving(s, "uid-alpha"))
+    assert [uid for uid, _ in engines.binds] == ["uid-alpha"] and [uid for uid, _ in engines.launches] == ["uid-alpha"]
+    assert engines.wanted[-1] == {}
+
+
+def test_the_state_says_what_the_worker_can_do(tiny_models, arena, tmp_path):
+    agent = Agent({"0": arena}, str(tmp_path), Engines(), standby_engines=1)
+    caps = parse_state(json.dumps(agent.step().to_json())).capabilities
+    assert caps is not None
+    assert (caps.kv_lend, caps.tp_promotion, caps.standby_engines, caps.engine_settings) == (False, False, True, True)
+    assert caps.device_kind == "cpu" and set(caps.reasons) == {"kvLend", "tpPromotion"}
+    caps = Agent({"0": arena}, str(tmp_path / "b"), Engines()).step().capabilities
+    assert caps is not None and caps.standby_engines is False
