@@ -442,15 +442,26 @@ def prompt_text(words: int, rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(int(words)))
 
 
+def engine_seconds(header: str) -> float | None:
+    """The router's `Server-Timing: ..., engine;dur=<ms>` (the engine's time to its first chunk as the router
+    saw it), in seconds; None without one (a direct request)."""
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        if name == "engine" and params.startswith("dur="):
+            return float(params[4:]) / 1e3
+    return None
+
+
 async def _one(session: Any, url: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
     """POST one streamed completion; returns status, ttft (first chunk), total and outcome."""
     import aiohttp
 
     t0 = time.perf_counter()
-    rec: dict[str, Any] = {"status": None, "ttft": None, "total": None, "outcome": "lost"}
+    rec: dict[str, Any] = {"status": None, "ttft": None, "total": None, "outcome": "lost", "engine": None}
     try:
         async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             rec["status"] = resp.status
+            rec["engine"] = engine_seconds(resp.headers.get("Server-Timing", ""))
             if resp.status != 200:
                 await resp.read()
                 rec["outcome"] = f"http_{resp.status}"
@@ -533,6 +544,7 @@ async def client_pairs(spec: dict[str, Any]) -> dict[str, Any]:
     rng = random.Random(spec["seed"])
     out: dict[str, list[float]] = {"router": [], "direct": []}
     diffs: list[float] = []  # router − direct within a pair, when both succeeded
+    added: list[float] = []  # per router request: its TTFT minus the engine's time to first chunk (Server-Timing)
     failures: dict[str, int] = {"router": 0, "direct": 0}
     targets = {
         "router": (spec["router"] + "/v1/completions", spec["model"]),
@@ -551,11 +563,13 @@ async def client_pairs(spec: dict[str, Any]) -> dict[str, Any]:
                 if rec["outcome"] == "completed" and rec["ttft"] is not None:
                     out[path].append(rec["ttft"])
                     pair[path] = rec["ttft"]
+                    if rec["engine"] is not None:
+                        added.append(rec["ttft"] - rec["engine"])
                 else:
                     failures[path] += 1
             if len(pair) == 2:
                 diffs.append(pair["router"] - pair["direct"])
-    return {"ttft": out, "failures": failures, "paired_diff": diffs}
+    return {"ttft": out, "failures": failures, "paired_diff": diffs, "added": added}
 
 
 async def client_rate(spec: dict[str, Any]) -> dict[str, Any]:
@@ -579,6 +593,7 @@ async def client_rate(spec: dict[str, Any]) -> dict[str, Any]:
     ttft: dict[str, list[float]] = {"router": [], "direct": []}
     failures: dict[str, int] = {"router": 0, "direct": 0}
     lags: list[float] = []
+    added: list[float] = []  # per router request: its TTFT minus the engine's time to first chunk (Server-Timing)
 
     async def fire(path: str, keep: bool) -> None:
         payload = {"model": spec["model"], "prompt": "hello world this is a test", "max_tokens": 3, "stream": True}
@@ -587,6 +602,8 @@ async def client_rate(spec: dict[str, Any]) -> dict[str, Any]:
             failures[path] += 1
         elif keep:
             ttft[path].append(rec["ttft"])
+            if rec["engine"] is not None:
+                added.append(rec["ttft"] - rec["engine"])
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = []
@@ -597,14 +614,22 @@ async def client_rate(spec: dict[str, Any]) -> dict[str, Any]:
             lags.append(time.perf_counter() - (start + offset))
             tasks.append(asyncio.create_task(fire(path, keep)))
         await asyncio.gather(*tasks)
-    return {"ttft": ttft, "failures": failures, "lag_p99_ms": round((pct(lags, 99) or 0.0) * 1e3, 3)}
+    return {
+        "ttft": ttft,
+        "failures": failures,
+        "added": added,
+        "lag_p99_ms": round((pct(lags, 99) or 0.0) * 1e3, 3),
+    }
 
 
 def client_main(spec_path: str) -> int:
     with open(spec_path) as fh:
         spec = json.load(fh)
     mode = {"replay": client_replay, "pairs": client_pairs, "rate": client_rate}[spec["mode"]]
-    result = asyncio.run(mode(spec))
+    from warmserve.router.server import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the loop the router itself runs on
+        result = runner.run(mode(spec))
     with open(spec["out"], "w") as fh:
         json.dump(result, fh)
     return 0
@@ -984,6 +1009,7 @@ async def engine_overhead(s: Settings, up: Any, model: str, port: int, work: str
     out = await client
     summary = overhead_summary(out["ttft"], out["failures"], {"engine": backend.address, "model": model})
     summary["paired_diff_ms"] = spread(out["paired_diff"], 1e3)
+    summary["added_ms"] = spread(out["added"], 1e3)
     return summary
 
 
@@ -1052,6 +1078,7 @@ async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
             await proc.wait()
     summary = overhead_summary(out["ttft"], out["failures"], {"rps_each": s.fake_rps, "seconds": s.fake_seconds})
     summary["client_lag_p99_ms"] = out["lag_p99_ms"]
+    summary["added_ms"] = spread(out["added"], 1e3)
     return summary
 
 
@@ -1097,6 +1124,11 @@ def print_table(report: Mapping[str, Any]) -> None:
             f"router vs direct ({title}): TTFT ms p50 {fmt(r['p50'])} vs {fmt(d['p50'])}, p99 {fmt(r['p99'])} vs "
             f"{fmt(d['p99'])}, max {fmt(r['max'])} vs {fmt(d['max'])} (n {r['n']}/{d['n']}); overhead p50 "
             f"{fmt(o['overhead_p50_ms'])} ms, p99 {fmt(o['overhead_p99_ms'])} ms"
+        )
+        a = o.get("added_ms") or {}
+        print(
+            f"  per request, router TTFT minus the engine's own time to first chunk (Server-Timing): p50 "
+            f"{fmt(a.get('p50'))} ms, p99 {fmt(a.get('p99'))} ms, max {fmt(a.get('max'))} ms (n {a.get('n')})"
         )
 
 
@@ -1206,7 +1238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().addHandler(errors)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     say(f"work directory {work} ({'quick' if s.quick else 'full'} mode)")
-    report = asyncio.run(main_async(s, args, work))
+    from warmserve.router.server import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # `warmserve up` and the router run on it too
+        report = runner.run(main_async(s, args, work))
     with open(args.json, "w") as fh:
         json.dump(report, fh, indent=1)
     print_table(report)

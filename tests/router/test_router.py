@@ -265,3 +265,31 @@ async def test_demand_long_poll_answers_when_a_request_is_held(router_client):
     # a poller that saw another router process is answered at once
     other = await (await client.get("/v1/warmserve/demand", params={"after": "5", "boot": "old"})).json()
     assert other["boot"] == first["boot"]
+
+
+def timing(resp) -> dict[str, float]:
+    """`Server-Timing: queue;dur=X, engine;dur=Y` as {name: milliseconds}."""
+    out = {}
+    for part in resp.headers["Server-Timing"].split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+async def test_answers_say_how_long_they_were_held_and_how_long_the_engine_took(router_client):
+    router, client = await router_client()
+    router.publish(snapshot(["a"], []))
+    pending = asyncio.create_task(completion(client, "a", stream=True))
+    await asyncio.sleep(0.3)  # held: no engine yet
+    engine = await FakeEngine("a", chunks=2).start()
+    try:
+        router.publish(snapshot(["a"], [engine]))
+        held = await asyncio.wait_for(pending, 5)
+        assert held.status == 200
+        t = timing(held)
+        assert t["queue"] >= 250 and 0 <= t["engine"] < 1000  # the hold is queue time, not the engine's
+        plain = await completion(client, "a")
+        t = timing(plain)
+        assert plain.status == 200 and t["queue"] < 250 and t["engine"] >= 0
+    finally:
+        await engine.stop()

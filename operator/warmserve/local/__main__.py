@@ -105,8 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await Up(config, settings).run(stop)
 
+    from warmserve.router.server import new_event_loop
+
     try:
-        asyncio.run(serve())
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the router's loop (uvloop where installed)
+            runner.run(serve())
     except OSError as error:  # e.g. the port is taken
         print(f"warmserve up: {error}", file=sys.stderr)
         return 1
