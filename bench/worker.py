@@ -36,7 +36,6 @@ The ≥ 1 GB model is generated locally (``bench/devmodels.py``, random bf16 wei
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -45,7 +44,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import urllib.response
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,30 +260,6 @@ class Setup:
     timeout: float = 900.0
 
 
-class _BindCapture(urllib.request.BaseHandler):
-    """Keeps the body of ``POST /warmserve/bind`` answers (EngineManager.bind only checks they are JSON)."""
-
-    handler_order = 2000  # after HTTPErrorProcessor: successful answers only
-
-    def __init__(self) -> None:
-        self.last: dict[str, Any] | None = None
-
-    def http_response(self, request, response):
-        from warmserve.worker.engines import BIND_PATH
-
-        if not request.full_url.endswith(BIND_PATH):
-            return response
-        body = response.read()
-        try:
-            self.last = json.loads(body)
-        except ValueError:
-            self.last = None
-        return urllib.response.addinfourl(io.BytesIO(body), response.headers, response.url, response.code)
-
-
-BIND_CAPTURE = _BindCapture()  # installed as urllib's opener by promote_standby (this process only)
-
-
 def _manager(setup: Setup, name: str):
     from warmserve.worker.engines import EngineManager, free_port
 
@@ -396,14 +370,11 @@ def promote_standby(setup: Setup, rnd: int, manifest_path: str) -> Promotion:
         standby_start_s = time.perf_counter() - t_start
         time.sleep(1.0)  # idle and ready: let the warm-up's transient allocations settle
         standby_memory = engine_memory(ready[0].pid, ready[0].core_pid)
-        urllib.request.install_opener(urllib.request.build_opener(BIND_CAPTURE))
-        BIND_CAPTURE.last = None
         t0 = time.perf_counter()
         rec = em.bind(shard(SERVED).replica, shape, manifest_path, timeout=setup.timeout)
         first_token(rec.port)
         elapsed = time.perf_counter() - t0
-        bind = BIND_CAPTURE.last
-        ranks = bind.get("ranks") if isinstance(bind, dict) else None
+        ranks = (rec.bind_report or {}).get("ranks")
         report = ranks[0] if isinstance(ranks, list) and ranks and isinstance(ranks[0], dict) else None
         memory = engine_memory(rec.pid, rec.core_pid)
         extra = {

@@ -29,7 +29,7 @@ class FakeEngine:
         self.calls.append((method, args))
         if self.fail:
             raise RuntimeError("shape mismatch")
-        return [{"mapped_params": 3}]
+        return [{"released_layers": 5}] if method == "warmserve_release" else [{"mapped_params": 3}]
 
     async def reset_prefix_cache(self) -> None:
         self.resets += 1
@@ -138,6 +138,14 @@ def test_a_huge_body_is_refused(middleware):
 def test_a_failed_bind_is_a_500_with_the_reason(middleware):
     status, answer = call(middleware, FakeEngine(fail=True))
     assert status == 500 and "shape mismatch" in answer["error"]
+
+
+def test_release_drops_the_standby_kernels_on_every_rank(middleware):
+    engine = FakeEngine()
+    status, body = call(middleware, engine, path="/warmserve/release", body=b"{}")
+    assert status == 200 and body == {"ranks": [{"released_layers": 5}]}
+    assert engine.calls == [("warmserve_release", ())] and engine.resets == 0
+    assert call(middleware, FakeEngine(), path="/warmserve/release", client="10.1.2.3")[0] == 403
 
 
 def test_other_control_paths_are_404(middleware):

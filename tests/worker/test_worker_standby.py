@@ -103,6 +103,7 @@ def scenario(tiny_models, tmp_path_factory):
         wait(runner, lambda s: standby_models(engines) == ["alpha"], 300, "a ready standby engine of alpha")
         ((_shape, standby),) = engines.standby()
         result["standby_pid"] = standby.pid
+        result["standby_released"] = standby.released
         manifest = agent._write_manifest(ALPHA)
         result["bind_without_token"] = bind_status(standby.port, None, manifest)
         result["bind_wrong_token"] = bind_status(standby.port, "x" * len(engines.token), manifest)
@@ -145,12 +146,15 @@ def scenario(tiny_models, tmp_path_factory):
 
 def test_only_the_agent_that_started_a_standby_engine_can_bind_it(scenario):
     assert scenario["bind_without_token"] == 403 and scenario["bind_wrong_token"] == 403
+    assert scenario["standby_released"]  # it dropped the kernels built from its scratch weights when ready
     assert scenario["standby_listed"] == []  # a standby engine is not a replica's engine: never an endpoint
 
 
 def test_promotion_binds_the_standby_engine_instead_of_starting_one(scenario):
     rec = scenario["record"]
     assert rec.pid == scenario["standby_pid"] and rec.bound_s is not None and rec.ready
+    (report,) = rec.bind_report["ranks"]  # one rank: every parameter mapped from the arena, none copied
+    assert report["mapped_params"] == report["restored_params"] > 0 and report["copied_params"] == 0
     assert scenario["timings"]["promote"]["standby"] is True
     assert scenario["timings"]["promote"]["seconds"] == pytest.approx(rec.bound_s, abs=1e-3)
     (alpha,) = [r for r in scenario["serving"]["replicas"] if r["phase"] == "serving"]

@@ -48,6 +48,7 @@ EXTENSION_CLS = "warmserve.worker.vllm_extension.WarmServeWorkerExtension"
 CONTROL_MIDDLEWARE = "warmserve.worker.vllm_control.ControlMiddleware"
 TOKEN_ENV = "WARMSERVE_CONTROL_TOKEN"  # vllm_control.TOKEN_ENV (that module is imported by vLLM processes only)
 BIND_PATH = "/warmserve/bind"
+RELEASE_PATH = "/warmserve/release"
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +73,8 @@ class EngineRecord:
     core_pid: int | None = None
     standby: str = ""  # the Shape.id of a pre-initialised engine not yet bound to a replica
     bound_s: float | None = None  # a standby engine bound to this replica: seconds the bind took
+    bind_report: dict[str, Any] | None = None  # what each rank reported about the bind
+    released: bool = False  # a standby engine dropped the kernels built from its scratch weights
 
     @property
     def endpoint(self) -> str:
@@ -214,6 +217,13 @@ def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
     if stream is None:  # every pipe of a shell is created with subprocess.PIPE
         raise OSError("engine shell pipe is not open")
     return stream
+
+
+def _detail(exc: BaseException) -> str:
+    """An engine's error answer (its body, shortened) or the exception itself."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.read().decode(errors="replace")[:300]
+    return str(exc)
 
 
 def kill_group(pid: int, timeout: float = 15.0) -> None:
@@ -523,6 +533,11 @@ class EngineManager:
                     log.warning("a pre-started shell died before it became a standby engine of %s", shape.model)
         for _, rec in self.standby():
             if not rec.ready and model_ready("127.0.0.1", rec.port, rec.served_name):
+                try:  # initialised: drop what it built from its scratch weights (on CPU ~ a model's memory)
+                    self._control(rec, RELEASE_PATH, {}, 60.0)
+                    rec.released = True
+                except (OSError, ValueError) as exc:
+                    log.warning("standby engine of %s kept its scratch kernels: %s", rec.model, _detail(exc))
                 rec.ready, rec.ready_s = True, time.time() - rec.started
                 self._save_standby(rec)
 
@@ -553,17 +568,10 @@ class EngineManager:
             engines.remove((rec, shell))
         t0 = time.perf_counter()
         try:
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{rec.port}{BIND_PATH}",
-                json.dumps({"manifest": manifest_path}).encode(),
-                {"content-type": "application/json", "x-warmserve-token": self.token},
-            )
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
-                json.load(resp)
+            rec.bind_report = self._control(rec, BIND_PATH, {"manifest": manifest_path}, timeout)
         except (OSError, ValueError) as exc:  # URLError/HTTPError are OSErrors
-            detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else exc
             self._close_standby(rec, shell)
-            raise BindError(f"binding the standby engine of {shape.model} failed: {detail}") from None
+            raise BindError(f"binding the standby engine of {shape.model} failed: {_detail(exc)}") from None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._standby_path(rec))
         rec.uid, rec.standby, rec.ready = key.id, "", True
@@ -573,6 +581,17 @@ class EngineManager:
             self._procs[key] = shell
         self._save(rec)
         return rec
+
+    def _control(self, rec: EngineRecord, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """POST to an engine's control path (loopback, with this manager's token); the engine's JSON answer."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{rec.port}{path}",
+            json.dumps(body).encode(),
+            {"content-type": "application/json", "x-warmserve-token": self.token},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            answer: dict[str, Any] = json.load(resp)
+        return answer
 
     def _close_standby(self, rec: EngineRecord, shell: Shell) -> None:
         shell.close()

@@ -1,8 +1,9 @@
-"""The worker's control path into a running vLLM API server: ``POST /warmserve/bind``.
+"""The worker's control path into a running vLLM API server: ``POST /warmserve/bind`` and ``/warmserve/release``.
 
 Installed with vLLM's ``--middleware`` option (an ASGI class; every other path passes straight through).
-It binds a standby engine to a warm replica (``collective_rpc("warmserve_bind")`` on every rank, then a
-prefix-cache reset: blocks computed before the bind came from scratch weights).
+``release`` drops the kernels a standby engine built from its scratch weights once it is initialised
+(``collective_rpc("warmserve_release")``); ``bind`` binds it to a warm replica (``collective_rpc("warmserve_bind")``
+on every rank, then a prefix-cache reset: blocks computed before the bind came from scratch weights).
 
 Only the worker that started the engine may call it: the request must come from the loopback interface
 (the worker and its engines share the pod's network namespace; the router and clients do not) and carry the
@@ -23,6 +24,7 @@ TOKEN_ENV = "WARMSERVE_CONTROL_TOKEN"
 TOKEN_HEADER = b"x-warmserve-token"
 PREFIX = "/warmserve/"
 BIND_PATH = "/warmserve/bind"
+RELEASE_PATH = "/warmserve/release"
 LOOPBACK = {"127.0.0.1", "::1"}
 MAX_BODY = 64 << 10
 
@@ -41,8 +43,17 @@ class ControlMiddleware:
         if not self._allowed(scope):
             await _reply(send, 403, {"error": "forbidden"})
             return
-        if scope["path"] != BIND_PATH or scope.get("method") != "POST":
+        if scope["path"] not in (BIND_PATH, RELEASE_PATH) or scope.get("method") != "POST":
             await _reply(send, 404, {"error": f"no control endpoint {scope['method']} {scope['path']}"})
+            return
+        engine = scope["app"].state.engine_client
+        if scope["path"] == RELEASE_PATH:
+            try:
+                ranks = await engine.collective_rpc("warmserve_release")
+            except Exception as exc:
+                await _reply(send, 500, {"error": f"release failed: {type(exc).__name__}: {exc}"})
+                return
+            await _reply(send, 200, {"ranks": ranks})
             return
         try:
             body = json.loads(await _read_body(receive))
@@ -52,7 +63,6 @@ class ControlMiddleware:
         except (ValueError, KeyError, TypeError) as exc:
             await _reply(send, 400, {"error": f"bad bind request: {exc}"})
             return
-        engine = scope["app"].state.engine_client
         try:
             ranks = await engine.collective_rpc("warmserve_bind", args=(manifest,))
             await engine.reset_prefix_cache()

@@ -16,6 +16,7 @@ Imported only inside vLLM processes.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from typing import Any, cast
@@ -113,8 +114,38 @@ def bind_model(
     }
 
 
+def release_kernels(model: nn.Module, device: torch.device) -> int:
+    """Drop what post-processing built from the scratch weights (on CPU: oneDNN-packed copies of every linear
+    weight, about a model's worth of memory) once the standby engine is initialised.
+
+    Parameters go back to checkpoint shape, aliasing the scratch tensor again, and CPU linear layers compute
+    with ``torch.nn.functional.linear`` over them, as vLLM does for layers it does not pack: the engine stays
+    runnable (outputs meaningless, it serves nothing) while holding its KV cache and runtime only. The bind
+    post-processes the real weights as usual. Returns the number of layers whose kernels were dropped.
+    """
+    restore_checkpoint_parameters(model, device)
+    alias_to_scratch(model)
+    dropped = 0
+    for module in model.modules():
+        if hasattr(module, "cpu_linear"):
+            cast(Any, module).cpu_linear = torch.nn.functional.linear
+            dropped += 1
+    return dropped
+
+
 class WarmServeWorkerExtension:
     """Mixed into vLLM's worker class by ``--worker-extension-cls`` (runs in every rank's worker process)."""
+
+    def warmserve_release(self) -> dict[str, Any]:
+        """After initialisation (warm-up done): release the kernels built from the standby's scratch weights."""
+        worker = cast(Any, self)
+        if STANDBY["model"] is None or STANDBY["bound"]:
+            raise RuntimeError("this engine is not an unbound standby engine")
+        device = torch.device(worker.device) if hasattr(worker, "device") else torch.device("cpu")
+        with torch.no_grad():
+            dropped = release_kernels(worker.model_runner.get_model(), device)
+        gc.collect()
+        return {"released_layers": dropped}
 
     def warmserve_bind(self, manifest_path: str) -> dict[str, Any]:
         worker = cast(Any, self)
