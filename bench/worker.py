@@ -371,7 +371,9 @@ def promote_standby(setup: Setup, rnd: int, manifest_path: str) -> Promotion:
         time.sleep(1.0)  # idle and ready: let the warm-up's transient allocations settle
         standby_memory = engine_memory(ready[0].pid, ready[0].core_pid)
         t0 = time.perf_counter()
-        rec = em.bind(shard(SERVED).replica, shape, manifest_path, timeout=setup.timeout)
+        claimed = em.claim_standby(shape)
+        assert claimed is not None
+        rec = em.bind(shard(SERVED).replica, claimed, manifest_path, timeout=setup.timeout)
         first_token(rec.port)
         elapsed = time.perf_counter() - t0
         ranks = (rec.bind_report or {}).get("ranks")

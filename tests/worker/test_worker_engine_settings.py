@@ -81,13 +81,20 @@ class Engines:
             s: self._standby.get(s) or Record("", s.model, 19000, ready=self.standby_ready) for s in wanted
         }
 
-    def bind(self, key, shape, manifest_path, timeout=60.0):
+    def claim_standby(self, shape):
+        rec = self._standby.get(shape)
+        if rec is None or not rec.ready:
+            return None
+        del self._standby[shape]  # claimed: keep_standby neither counts nor stops it
+        return rec
+
+    def bind(self, key, rec, manifest_path, timeout=60.0):
         with open(manifest_path) as fh:
-            assert json.load(fh)["model"] == shape.model
-        self.binds.append((key.uid, shape))
-        rec = self._standby.pop(shape)
+            assert json.load(fh)["model"] == rec.served_name
+        time.sleep(0.05)  # a bind takes a while: the agent's passes go on meanwhile
+        self.binds.append((key.uid, rec.served_name))
         if self.bind_fails:
-            raise BindError(f"binding the standby engine of {shape.model} failed: 500")
+            raise BindError(f"binding the standby engine of {rec.served_name} failed: 500")
         rec.uid, rec.bound_s, rec.ready_s = key.uid, 0.05, 0.05
         self._engines[key] = rec
         return rec

@@ -181,8 +181,11 @@ def test_a_restarted_agent_stops_orphaned_standby_engines_and_adopts_serving_one
     assert not scenario["engine_alive_after_stop"]
 
 
-def test_bind_without_a_ready_standby_is_a_lookup_error(tmp_path):
+def test_nothing_to_claim_without_a_ready_standby_and_an_unclaimed_one_cannot_be_bound(tmp_path):
+    from warmserve.worker.engines import EngineRecord
+
     engines = EngineManager(str(tmp_path), pool_size=0)
+    assert engines.claim_standby(Shape("alpha", "/models/alpha")) is None
     with pytest.raises(LookupError):
-        engines.bind(ALPHA, Shape("alpha", "/models/alpha"), str(tmp_path / "m.json"))
+        engines.bind(ALPHA, EngineRecord("", "alpha", "alpha", 18000, 999999), str(tmp_path / "m.json"))
     assert issubclass(BindError, RuntimeError)

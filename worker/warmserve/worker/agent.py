@@ -63,7 +63,7 @@ from warmserve.protocol import (
     unknown_plan_fields,
 )
 from warmserve.worker.arena import Arena
-from warmserve.worker.engines import BindError, Engines, Shape
+from warmserve.worker.engines import BindError, EngineRecord, Engines, Shape
 from warmserve.worker.files import SourceError, safe_name, source_path
 from warmserve.worker.metrics import WorkerMetrics
 from warmserve.worker.store import Shard, ShardKey, ShardPhase, WeightStore
@@ -382,25 +382,29 @@ class Agent:
         shape = self._shape(rep) if self.standby_engines > 0 else None
         if shape is None or shape in self._bind_failed:
             return False
-        if not any(s == shape and rec.ready for s, rec in self.engines.standby()):
-            return False
         try:
             manifest_path = self._write_manifest(rep.key)
         except (OSError, ValueError) as exc:
             self._fail(rep, plan, f"promotion failed: {exc}")
             return True
+        standby = self.engines.claim_standby(shape)  # now: the pass's keep_standby must not stop it
+        if standby is None:
+            return False
         self._shell_waits.add(rep.key)  # reported starting until the bind returns
         thread = threading.Thread(
-            target=self._await_bind, args=(rep.key, shape, manifest_path), name=f"bind-{rep.key.id}", daemon=True
+            target=self._await_bind,
+            args=(rep.key, shape, standby, manifest_path),
+            name=f"bind-{rep.key.id}",
+            daemon=True,
         )
         thread.start()
         return True
 
-    def _await_bind(self, key: ReplicaKey, shape: Shape, manifest_path: str) -> None:
-        """Background: bind the standby engine; a failed bind sends this shape to fresh engines from now on."""
+    def _await_bind(self, key: ReplicaKey, shape: Shape, standby: EngineRecord, manifest_path: str) -> None:
+        """Background: bind the claimed standby engine; a failed bind sends this shape to fresh engines."""
         assert self.engines is not None
         try:
-            rec = self.engines.bind(key, shape, manifest_path)
+            rec = self.engines.bind(key, standby, manifest_path)
         except (LookupError, BindError) as exc:
             with self._lock:
                 self._shell_waits.discard(key)

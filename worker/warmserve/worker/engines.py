@@ -324,7 +324,11 @@ class Engines(Protocol):
 
     def keep_standby(self, wanted: dict[Shape, int]) -> None: ...
 
-    def bind(self, key: ReplicaKey, shape: Shape, manifest_path: str, timeout: float = 60.0) -> EngineRecord: ...
+    def claim_standby(self, shape: Shape) -> EngineRecord | None: ...
+
+    def bind(
+        self, key: ReplicaKey, standby: EngineRecord, manifest_path: str, timeout: float = 60.0
+    ) -> EngineRecord: ...
 
     def adopt(self) -> list[EngineRecord]: ...
 
@@ -366,6 +370,7 @@ class EngineManager:
         self._procs: dict[ReplicaKey, Shell] = {}
         # pre-initialised engines not yet bound, by shape; the token lets only this manager bind them
         self._standby: dict[Shape, list[tuple[EngineRecord, Shell]]] = {}
+        self._claimed: dict[int, tuple[EngineRecord, Shell]] = {}  # taken for a bind, by pid
         self.token = secrets.token_hex(16)
         self._lock = threading.Lock()  # the shell pool
         self._records = threading.Lock()  # _engines and _procs
@@ -553,25 +558,39 @@ class EngineManager:
         if self.refill:
             self.fill_pool()
 
-    def bind(self, key: ReplicaKey, shape: Shape, manifest_path: str, timeout: float = 60.0) -> EngineRecord:
-        """Bind a ready standby engine of ``shape`` to the warm replica ``key`` (whose manifest is given).
+    def claim_standby(self, shape: Shape) -> EngineRecord | None:
+        """Take a ready standby engine of ``shape`` out of the pool for :meth:`bind` (None if there is none).
 
-        On success the engine is ``key``'s and already serving. Raises :class:`LookupError` when no standby
-        of the shape is ready, :class:`BindError` when the bind failed (that engine is stopped).
+        A claimed engine is no longer the pool's: :meth:`keep_standby` neither counts nor stops it.
         """
         with self._records:
             engines = self._standby.get(shape, [])
             ready = [(r, sh) for r, sh in engines if r.ready and sh.alive()]
-            if not ready or key in self._engines:
-                raise LookupError(f"no ready standby engine for {shape.model}")
-            rec, shell = ready[0]
-            engines.remove((rec, shell))
+            if not ready:
+                return None
+            engines.remove(ready[0])
+            self._claimed[ready[0][0].pid] = ready[0]
+            return ready[0][0]
+
+    def bind(self, key: ReplicaKey, standby: EngineRecord, manifest_path: str, timeout: float = 60.0) -> EngineRecord:
+        """Bind a claimed standby engine to the warm replica ``key`` (whose manifest is given).
+
+        On success the engine is ``key``'s and already serving. Raises :class:`LookupError` when ``standby`` is
+        not claimed (or the manager shut it down), :class:`BindError` when the bind failed (it is stopped).
+        """
+        with self._records:
+            claimed = self._claimed.pop(standby.pid, None)
+            if claimed is None or key in self._engines:
+                if claimed is not None:
+                    self._claimed[standby.pid] = claimed
+                raise LookupError(f"standby engine {standby.pid} of {standby.model} is not claimed")
+            rec, shell = claimed
         t0 = time.perf_counter()
         try:
             rec.bind_report = self._control(rec, BIND_PATH, {"manifest": manifest_path}, timeout)
         except (OSError, ValueError) as exc:  # URLError/HTTPError are OSErrors
             self._close_standby(rec, shell)
-            raise BindError(f"binding the standby engine of {shape.model} failed: {_detail(exc)}") from None
+            raise BindError(f"binding the standby engine of {rec.model} failed: {_detail(exc)}") from None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._standby_path(rec))
         rec.uid, rec.standby, rec.ready = key.id, "", True
@@ -721,6 +740,10 @@ class EngineManager:
         for shell in shells:
             shell.close()
         self.keep_standby({})
+        with self._records:
+            claimed, self._claimed = list(self._claimed.values()), {}
+        for rec, shell in claimed:
+            self._close_standby(rec, shell)
         if stop_engines:
             for key in self.running():
                 self.stop(key)
