@@ -106,15 +106,25 @@ def _recv_job(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), list(fds)
 
 
-def _exit_with_parent(parent: int, handed_over: threading.Event) -> None:
-    """An idle helper whose agent died (SIGKILL, OOM) exits: nobody will ever hand it a job. The API-server
-    half sees EOF on its stdin for the same reason; this half waits on a socket, so it watches its parent."""
-    while not handed_over.wait(0.5):
-        if os.getppid() != parent:
-            os._exit(0)
+def exit_with_parent(handed_over: threading.Event) -> None:
+    """Until ``handed_over`` is set, exit as soon as the process that started this one is gone.
+
+    A pre-started shell (either half) whose agent died (SIGKILL, OOM) will never be handed a job; without
+    this it would finish importing vLLM and wait forever. Watching the parent pid works whichever thread of
+    the agent started the shell (``PR_SET_PDEATHSIG`` would fire when that thread ends). Once the shell has
+    its job it is an engine, which outlives the agent by design.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not handed_over.wait(0.5):
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def serve_one(sock_path: str, ready_line: str) -> None:
+def serve_one(sock_path: str, ready_line: str, handed_over: threading.Event | None = None) -> None:
     """Helper side: wait for one spawn, then become the engine-core process."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(sock_path):
@@ -122,10 +132,9 @@ def serve_one(sock_path: str, ready_line: str) -> None:
     server.bind(sock_path)
     server.listen(1)
     print(ready_line, flush=True)
-    handed_over = threading.Event()
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(), handed_over), daemon=True).start()
     conn, _ = server.accept()
-    handed_over.set()  # from now on this is an engine: it outlives the agent that started it
+    if handed_over is not None:
+        handed_over.set()  # from now on this is an engine: it outlives the agent that started it
     server.close()
     os.unlink(sock_path)  # one hand-over only; later spawns fall back to a real interpreter
     job, fds = _recv_job(conn)

@@ -48,15 +48,20 @@ def preload() -> float:
 
 
 def main() -> None:
+    import threading
+
+    from warmserve.worker.core_zygote import exit_with_parent, serve_one
+
+    handed_over = threading.Event()
+    exit_with_parent(handed_over)  # an orphaned shell stops importing and exits
     import_s = preload()
     if len(sys.argv) == 3 and sys.argv[1] == "--core":
         # engine-core zygote: becomes the process vLLM's API server spawns
-        from warmserve.worker.core_zygote import serve_one
-
-        serve_one(sys.argv[2], f"{READY_LINE} import_s={import_s:.2f}")
+        serve_one(sys.argv[2], f"{READY_LINE} import_s={import_s:.2f}", handed_over)
         return
     print(f"{READY_LINE} import_s={import_s:.2f}", flush=True)
     line = sys.stdin.readline()
+    handed_over.set()
     if not line.strip():
         return  # the agent closed us without a job: exit quietly
     job = json.loads(line)
