@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 
 import pytest
+from test_worker_agent_kmock import FakeRecord
 
 from warmserve.protocol import ReplicaKey, parse_state
 from warmserve.worker.agent import Agent
@@ -19,21 +19,11 @@ from warmserve.worker.engines import BindError, Shape
 MiB = 1 << 20
 
 
-@dataclass
-class Record:
-    uid: str
-    served_name: str
-    port: int
-    pid: int = 4242
-    host: str = "127.0.0.1"
-    ready: bool = True
-    ready_s: float | None = 0.1
-    bound_s: float | None = None
-    log: str = "fake.log"
+class Record(FakeRecord):
+    """An engine record (ready at once), as the agent sees it."""
 
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __init__(self, uid: str, served_name: str, port: int, ready: bool = True):
+        super().__init__(uid, served_name, port, ready=ready, ready_s=0.1)
 
 
 class Engines:

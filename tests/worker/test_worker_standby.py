@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from test_worker_vllm import ALPHA, ENGINE_ARGS, ENV, PROMPTS, MiB, complete  # the same engine settings
 
 from warmserve.protocol import ReplicaKey
 from warmserve.worker.agent import Agent
@@ -25,19 +26,6 @@ from warmserve.worker.kube import LocalFiles
 from warmserve.worker.runner import Runner
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
-
-ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "4"]
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-PROMPTS = ["the quick brown fox", "warm replicas are", "hello world, this"]
-MiB = 1 << 20
-ALPHA = ReplicaKey("uid-alpha", (0,))
-
-
-def complete(port: int, model: str, prompt: str) -> str:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.load(resp)["choices"][0]["text"]
 
 
 def bind_status(port: int, token: str | None, manifest: str) -> int:
