@@ -70,6 +70,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1024,14 +1025,30 @@ def overhead_summary(
     return out
 
 
-async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
-    """Router vs direct against bench/fake_engine.py, both at `fake_rps` open loop, interleaved."""
-    from aiohttp import web
+def router_answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
-    from warmserve.router.server import Router, RouterSettings
+
+def router_main(router_port: int, engine_url: str) -> int:
+    """`--_router PORT URL`: the router as it is deployed (its own process, `server.run`), one static backend."""
+    from warmserve.router.server import Router, RouterSettings, run
     from warmserve.router.table import Backend, Snapshot
 
+    router = Router(RouterSettings(host="127.0.0.1", port=router_port))
+    router.publish(Snapshot(frozenset({"fake"}), (Backend("fake", engine_url, "fake"),)))
+    run(router, "127.0.0.1", router_port, drain_seconds=1.0)
+    return 0
+
+
+async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
+    """Router vs direct against bench/fake_engine.py, both at `fake_rps` open loop, interleaved; the router runs
+    in its own process, as `warmserve router` does."""
     engine_port, router_port = free_port(), free_port()
+    engine_url = f"http://127.0.0.1:{engine_port}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         os.path.join(HERE, "fake_engine.py"),
@@ -1041,18 +1058,16 @@ async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
         "fake",
         stdout=asyncio.subprocess.PIPE,
     )
-    runner: web.AppRunner | None = None
+    router_proc: asyncio.subprocess.Process | None = None
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         if not line.startswith(b"READY"):
             raise RuntimeError(f"fake engine did not start: {line!r}")
-        router = Router(RouterSettings(host="127.0.0.1", port=router_port))
-        engine_url = f"http://127.0.0.1:{engine_port}"
-        router.publish(Snapshot(frozenset({"fake"}), (Backend("fake", engine_url, "fake"),)))
-        runner = web.AppRunner(router.app(), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", router_port).start()
+        router_proc = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.abspath(__file__), "--_router", str(router_port), engine_url
+        )
+        await wait_for(lambda: router_answers(router_port), 60, "the router process", None)
         say(
             f"router overhead (fake engine): {s.fake_rps:g} req/s open loop, 0.25-s blocks alternating router and "
             f"direct, {s.fake_seconds:g} s of each"
@@ -1071,11 +1086,10 @@ async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
             },
         )
     finally:
-        if runner is not None:
-            await runner.cleanup()
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
+        for child in (router_proc, proc):
+            if child is not None and child.returncode is None:
+                child.terminate()
+                await child.wait()
     summary = overhead_summary(out["ttft"], out["failures"], {"rps_each": s.fake_rps, "seconds": s.fake_seconds})
     summary["client_lag_p99_ms"] = out["lag_p99_ms"]
     summary["added_ms"] = spread(out["added"], 1e3)
@@ -1108,13 +1122,14 @@ def print_table(report: Mapping[str, Any]) -> None:
         ("engine_starts", "starts", 7),
         ("gpu_or_cpu_seconds_busy", "engine-s", 9),
     )
-    print()
-    print(f"{'policy':<11}" + "".join(f"{h:>{w}}" for _, h, w in cols))
-    print("-" * (11 + sum(w for _, _, w in cols)))
-    for name, row in report["policies"].items():
-        print(f"{name:<11}" + "".join(f"{fmt(row.get(k)):>{w}}" for k, _, w in cols))
-    ratio = report.get("ttft_p99_ratio_reactive_over_warmserve")
-    print(f"\np99 TTFT reactive / warmserve: {fmt(ratio, 2)}x")
+    if report["policies"]:
+        print()
+        print(f"{'policy':<11}" + "".join(f"{h:>{w}}" for _, h, w in cols))
+        print("-" * (11 + sum(w for _, _, w in cols)))
+        for name, row in report["policies"].items():
+            print(f"{name:<11}" + "".join(f"{fmt(row.get(k)):>{w}}" for k, _, w in cols))
+        ratio = report.get("ttft_p99_ratio_reactive_over_warmserve")
+        print(f"\np99 TTFT reactive / warmserve: {fmt(ratio, 2)}x")
     for key, title in (("router_overhead", "real engine, closed loop"), ("router_overhead_200rps", "fake engine")):
         o = report.get(key)
         if not o:
@@ -1132,8 +1147,22 @@ def print_table(report: Mapping[str, Any]) -> None:
         )
 
 
+async def fake_overhead_report(s: Settings, work: str) -> dict[str, Any]:
+    fake = await fake_overhead(s, work)
+    return {
+        "router_overhead_200rps": fake,
+        "router_overhead_200rps_p50_ms": fake["overhead_p50_ms"],
+        "router_overhead_200rps_p99_ms": fake["overhead_p99_ms"],
+    }
+
+
 async def main_async(s: Settings, args: argparse.Namespace, work: str) -> dict[str, Any]:
     t0 = time.monotonic()
+    if args.overhead_only:
+        only: dict[str, Any] = {"mode": "overhead-only", "settings": dataclasses.asdict(s), "policies": {}}
+        only.update(await fake_overhead_report(s, work))
+        only["run_seconds"] = round(time.monotonic() - t0, 1)
+        return only
     replay = build_replay(s)
     say(
         f"replay: {replay.info['requests']} requests, {replay.info['slice_utc']} of "
@@ -1153,7 +1182,7 @@ async def main_async(s: Settings, args: argparse.Namespace, work: str) -> dict[s
         },
         "policies": {},
     }
-    report["router_overhead_200rps"] = await fake_overhead(s, work)
+    report.update(await fake_overhead_report(s, work))
     for policy in POLICIES:
         report["policies"][policy] = await run_policy(
             policy, s, replay, dirs, work, measure_overhead=(policy == "warmserve")
@@ -1163,9 +1192,6 @@ async def main_async(s: Settings, args: argparse.Namespace, work: str) -> dict[s
     report["router_overhead"] = overhead
     report["router_overhead_p50_ms"] = overhead["overhead_p50_ms"] if overhead else None
     report["router_overhead_p99_ms"] = overhead["overhead_p99_ms"] if overhead else None
-    fake = report["router_overhead_200rps"]
-    report["router_overhead_200rps_p50_ms"] = fake["overhead_p50_ms"]
-    report["router_overhead_200rps_p99_ms"] = fake["overhead_p99_ms"]
     if ws.get("ttft_p99_s") and rx.get("ttft_p99_s"):
         report["ttft_p99_ratio_reactive_over_warmserve"] = round(rx["ttft_p99_s"] / ws["ttft_p99_s"], 3)
     report["page_cache"] = sorted({p["page_cache"] for p in report["policies"].values()})
@@ -1205,6 +1231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fake-seconds", type=float, help="duration of that (default 10; quick 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="only the router's overhead against the fake engine (a minute; no replay, no vLLM)",
+    )
+    p.add_argument(
         "--keep-port-race",
         action="store_true",
         help="do not work around engines launched within seconds of each other getting the same port",
@@ -1216,6 +1247,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--work-dir", help="logs, configs and state (default: a temporary directory, kept)")
     p.add_argument("--_client", help=argparse.SUPPRESS)
+    p.add_argument("--_router", nargs=2, help=argparse.SUPPRESS)
     return p
 
 
@@ -1223,6 +1255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args._client:
         return client_main(args._client)
+    if args._router:
+        return router_main(int(args._router[0]), args._router[1])
     if not args.json:
         build_parser().error("--json is required")
     s = settings_from(args)
