@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from warmserve.core.forecast import FORECASTER_KINDS
-from warmserve.sim.costs import CostModel
-from warmserve.sim.engine import INITIAL_STATES, POLICIES
+from warmserve.sim.costs import COST_TABLES, DEFAULT_TABLE, table_costs
+from warmserve.sim.engine import ALIASES, INITIAL_STATES, POLICIES
 from warmserve.sim.scenarios import SCENARIOS
 
 # Subcommands that hand their arguments to a component's own parser, and the extra that component needs.
@@ -25,7 +26,7 @@ COMPONENTS = {
 
 
 def _policies(text: str) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
+    names = [ALIASES.get(p.strip(), p.strip()) for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in POLICIES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
@@ -72,10 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--cv", type=_positive(float), help="re-draw arrivals with this Gamma CV (default: real)")
     sim.add_argument("--seed", type=int, help="workload seed (default: 0)")
+    sim.add_argument("--history-days", type=int, help="days of history before the replay (paper: 3)")
     sim.add_argument("--window-s", type=_positive(int), help="forecast window in seconds (default: 300)")
     sim.add_argument("--forecaster", choices=FORECASTER_KINDS, default="csp")
-    sim.add_argument("--engine-start-s", type=_positive(float), help="cold engine start (default: 10)")
-    sim.add_argument("--load-gbps", type=_positive(float), help="host→GPU load bandwidth (default: 25)")
+    sim.add_argument(
+        "--costs",
+        choices=sorted(COST_TABLES),
+        default=DEFAULT_TABLE,
+        help="cost table: public A100 figures (default) or this repository's CPU measurements (bench/worker.py); "
+        "the JSON lists every value with its unit and source",
+    )
+    sim.add_argument(
+        "--engine-init-s", type=_positive(float), help="engine initialisation in a fresh process (s; default: table)"
+    )
+    sim.add_argument(
+        "--prestarted-init-s",
+        "--engine-start-s",
+        dest="prestarted_init_s",
+        type=_positive(float),
+        help="engine initialisation in a pre-started process (s; --engine-start-s is its old name)",
+    )
+    sim.add_argument("--promote-s", type=_positive(float), help="standby engine binds a warm replica (s)")
+    sim.add_argument("--wake-s", type=_positive(float), help="fixed part of a wake from sleep (s)")
+    sim.add_argument("--storage-gbps", type=_positive(float), help="storage read bandwidth per GPU (GB/s)")
+    sim.add_argument("--load-gbps", type=_positive(float), help="host→GPU bandwidth per GPU (GB/s)")
     sim.add_argument(
         "--share-contention",
         type=_fraction,
@@ -86,7 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--sensitivity",
         action="store_true",
-        help="also sweep engine start and load bandwidth (warmserve vs autoscale) and share contention (vs gpu-share)",
+        help="also sweep pre-started init and storage bandwidth (warmserve vs reactive-fast), wake cost and "
+        "host→GPU bandwidth (vs sleep-wake) and share contention (vs gpu-share)",
+    )
+    sim.add_argument(
+        "--seeds",
+        type=_positive(int),
+        help="run N workload seeds (from --seed, default 0) and report the median and range of each metric per "
+        "policy, and "
+        "WarmServe's ratio to the strongest baseline per metric (not with --plot or --sensitivity)",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress output")
     for name, text in (
@@ -116,21 +145,39 @@ def simulate(args: argparse.Namespace) -> int:
         changes["cv"] = args.cv
     if args.seed is not None:
         changes["seed"] = args.seed
+    if args.history_days is not None:
+        changes["history_days"] = args.history_days
     scenario = scenario.with_workload(**changes)
     if args.window_s is not None:
         if 86400 % args.window_s:
             raise SystemExit("warmserve simulate: --window-s must divide a day (86400 s)")
         scenario = replace(scenario, window_s=args.window_s)
-    costs = CostModel()
-    if args.engine_start_s is not None:
-        costs = replace(costs, engine_start_s=args.engine_start_s)
-    if args.load_gbps is not None:
-        costs = replace(costs, load_bandwidth=args.load_gbps * 1e9)
-    if args.share_contention is not None:
-        costs = replace(costs, share_contention=args.share_contention)
+    overrides = {
+        "engine_init_s": args.engine_init_s,
+        "prestarted_init_s": args.prestarted_init_s,
+        "promote_s": args.promote_s,
+        "wake_s": args.wake_s,
+        "storage_bandwidth": None if args.storage_gbps is None else args.storage_gbps * 1e9,
+        "load_bandwidth": None if args.load_gbps is None else args.load_gbps * 1e9,
+        "share_contention": args.share_contention,
+    }
+    costs = table_costs(args.costs, **{k: v for k, v in overrides.items() if v is not None})
 
     progress = None if args.quiet else (lambda policy: report.ProgressBar(policy))
-    comparison = report.compare(scenario, args.policies, costs, args.forecaster, progress, args.initial)
+    if args.seeds is not None:
+        if args.plot or args.sensitivity:
+            raise ValueError("--seeds cannot be combined with --plot or --sensitivity")
+        first = 0 if args.seed is None else args.seed
+        seeds = range(first, first + args.seeds)
+        result = report.compare_seeds(
+            scenario, seeds, args.policies, costs, args.forecaster, progress, args.initial, args.costs
+        )
+        print(report.format_seeds(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0
+    comparison = report.compare(scenario, args.policies, costs, args.forecaster, progress, args.initial, args.costs)
     print(report.format_table(comparison))
     if args.json:
         report.write_json(comparison, args.json)

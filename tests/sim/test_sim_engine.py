@@ -62,8 +62,8 @@ def test_other_seed_gives_other_workload(scenario, results):
     )
 
 
-def test_warmserve_promotes_prewarmed_replicas_and_autoscale_loads_cold(results):
-    warm, cold = results["warmserve"], results["autoscale"]
+def test_warmserve_promotes_prewarmed_replicas_and_reactive_baselines_load_cold(results):
+    warm, cold = results["warmserve"], results["reactive-fast"]
     assert warm.starts["hit"] > 0
     assert warm.starts["hit"] / sum(warm.starts.values()) > 0.5
     assert cold.starts["hit"] == cold.starts["loading"] == 0
@@ -72,9 +72,9 @@ def test_warmserve_promotes_prewarmed_replicas_and_autoscale_loads_cold(results)
 
 
 def test_prewarming_cuts_the_tail_under_slow_cold_starts(scenario, workload):
-    costs = CostModel(engine_start_s=30.0)
+    costs = CostModel(prestarted_init_s=30.0)
     warm = Simulation(scenario, workload, "warmserve", costs=costs).run()
-    cold = Simulation(scenario, workload, "autoscale", costs=costs).run()
+    cold = Simulation(scenario, workload, "reactive-fast", costs=costs).run()
     assert np.percentile(cold.ttft, 99.9) > 5 * np.percentile(warm.ttft, 99.9)
 
 
@@ -138,7 +138,7 @@ def test_cli_writes_json_in_the_documented_shape(tmp_path, capsys):
             "--hours",
             "0.2",
             "--policies",
-            "warmserve,autoscale",
+            "warmserve,reactive-fast",
             "--json",
             str(out),
             "--plot",
@@ -149,7 +149,7 @@ def test_cli_writes_json_in_the_documented_shape(tmp_path, capsys):
     assert code == 0
     data = json.loads(out.read_text())
     assert set(data) == {"scenario", "policies"}
-    assert set(data["policies"]) == {"warmserve", "autoscale"}
+    assert set(data["policies"]) == {"warmserve", "reactive-fast"}
     assert data["scenario"]["workload"]["replay_s"] == 720
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "warmserve" in capsys.readouterr().out

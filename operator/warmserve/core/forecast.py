@@ -350,3 +350,18 @@ def accuracy(predicted: np.ndarray, actual: np.ndarray) -> float:
     if not ok.any():
         return float("nan")
     return float(1.0 - np.mean(np.abs(predicted[ok] - actual[ok]) / actual[ok]))
+
+
+def wape_accuracy(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """1 − WAPE = 1 − Σ|p − a| / Σa over windows where both are valid (not NaN; ``actual`` ≥ 0).
+
+    Bounded above by 1 like `accuracy`, but a window with a tiny actual cannot dominate it: on sparse series
+    `accuracy` can fall far below 0 (−7,000 % seen), while 1 − WAPE weighs each window's error by volume.
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    ok = ~np.isnan(actual) & (actual >= 0) & ~np.isnan(predicted)
+    total = float(actual[ok].sum()) if ok.any() else 0.0
+    if total <= 0:
+        return float("nan")
+    return float(1.0 - np.abs(predicted[ok] - actual[ok]).sum() / total)

@@ -15,8 +15,12 @@ Model of the serving path (kept deliberately simple and written down):
   their prefills queue on the shared GPUs' compute like any others, and decoding, bound by memory
   bandwidth because every step reads all the weights, shares each GPU's bandwidth among the busy engines
   in proportion to the weight bytes each reads per step.
-* **Loads.** Each GPU has one host→device link of ``load_bandwidth``; loads to a GPU queue on its link and
-  a TP replica loads its shards in parallel. Eviction is a free of pages: instantaneous.
+* **Loads.** Each GPU has one load link; loads to a GPU queue on it and a TP replica loads its shards in
+  parallel. WarmServe prewarms from storage (``storage_bandwidth``: this repository's worker reads the
+  checkpoint files); a start pays what its mechanism costs (`warmserve.sim.costs.MECHANISMS`), evictions
+  included (``evict_s`` each).
+* **Cost.** ``gpu_hours`` counts every GPU that holds anything (an engine, a warm replica or one loading);
+  ``gpu_hours_engines`` only the GPUs running engines.
 * **Control.** Every ``tick_s`` the autoscaler sees each model's concurrency (in flight + queued) averaged
   over the last ``scale_window_s`` and engines lend idle KV space (proactive prewarming); every
   ``placement_s`` the placement runs on the forecast of the current and the next window; at each window
@@ -42,7 +46,17 @@ from warmserve.core.load import offered_concurrency, window_load
 from warmserve.core.placement import engines_needed
 from warmserve.core.policy import EngineLoad, PolicyParams, StepInput, WarmServePolicy
 from warmserve.core.types import Demand, ModelProfile
-from warmserve.sim.costs import CostModel
+from warmserve.sim.costs import (
+    COLD,
+    FAST_COLD,
+    MECHANISMS,
+    PRESTARTED_COLD,
+    PROMOTE,
+    WAKE,
+    CostModel,
+    load_seconds,
+    start_cost,
+)
 from warmserve.sim.scenarios import Scenario
 from warmserve.workload.build import Workload
 
@@ -50,10 +64,15 @@ POLICIES: tuple[str, ...] = (
     "warmserve",
     "warmserve-noproactive",
     "warmserve-noplacement",
-    "autoscale",
-    "gpu-share",
-    "dedicated",
+    "reactive-cold",  # vLLM autoscaled from zero: weights from storage, full engine initialisation
+    "reactive-fast",  # ServerlessLLM-like: weights from a host-memory tier, pre-started processes
+    "sleep-wake",  # vLLM sleep mode (AIBrix, llm-d): one sleeping engine per model, woken on demand
+    "gpu-share",  # MuxServe-like static co-location
+    "dedicated",  # static peak provisioning
 )
+ALIASES: dict[str, str] = {"autoscale": "reactive-fast"}  # the old name of the ServerlessLLM-like baseline
+REACTIVE: frozenset[str] = frozenset({"reactive-cold", "reactive-fast", "sleep-wake"})
+DYNAMIC: frozenset[str] = REACTIVE | {"warmserve", "warmserve-noproactive", "warmserve-noplacement"}
 
 INITIAL_STATES: tuple[str, ...] = ("empty", "steady")
 
@@ -68,7 +87,7 @@ def policy_params(name: str) -> PolicyParams:
         return PolicyParams(proactive=False)
     if name == "warmserve-noplacement":
         return PolicyParams(evict_aware=False)
-    if name == "autoscale":
+    if name in REACTIVE:
         return PolicyParams(prewarm=False, proactive=False)
     raise ValueError(f"{name!r} is not a dynamic policy")
 
@@ -87,6 +106,17 @@ class _Engine:
     neighbours: tuple[int, ...] = ()  # co-located engines (GPU sharing)
 
 
+@dataclass(frozen=True)
+class StartRecord:
+    """One engine start: the mechanism it used and when its own work began (after any load it waited for)."""
+
+    model: int
+    mechanism: str
+    begin: float
+    ready: float
+    evicted: int = 0  # warm replicas evicted to make room (each pays ``evict_s``)
+
+
 @dataclass
 class SimResult:
     policy: str
@@ -100,6 +130,9 @@ class SimResult:
     evictions: dict[str, int]
     lent_replicas: int = 0  # replicas prewarmed into KV space a running engine lent
     lent_hits: int = 0  # engines promoted from such a replica
+    gpu_seconds_engines: float = 0.0  # GPU time of engines only (``gpu_seconds`` adds warm-only GPUs)
+    start_log: list[StartRecord] = field(default_factory=list)
+    host_bytes_asleep_peak: float = 0.0  # sleep-wake: most host memory held by sleeping engines at once
 
     def summary(self, slo_s: float) -> dict:
         ttft = self.ttft
@@ -115,7 +148,14 @@ class SimResult:
             "ttft_under_100ms": float(np.mean(ttft < 0.1)),
             "slo_attainment": float(np.mean(ttft <= slo_s)),
             "gpu_hours": self.gpu_seconds / 3600.0,
+            "gpu_hours_engines": self.gpu_seconds_engines / 3600.0,
             "engine_starts": {str(source): n for source, n in self.starts.items()},
+            "starts_by_mechanism": {
+                mechanism: sum(1 for r in self.start_log if r.mechanism == mechanism)
+                for mechanism in sorted({r.mechanism for r in self.start_log})
+            },
+            "start_s_mean": float(np.mean([r.ready - r.begin for r in self.start_log])) if self.start_log else 0.0,
+            "host_gb_asleep_peak": self.host_bytes_asleep_peak / 1e9,
             "prewarm_hit_rate": (self.starts.get(StartSource.HIT, 0) / promotions) if promotions else 0.0,
             "prewarm_loaded_gb": self.prewarm_loaded_bytes / 1e9,
             "wasted_prewarm_gb": self.wasted_prewarm_bytes / 1e9,
@@ -148,6 +188,7 @@ class Simulation:
     def __post_init__(self) -> None:
         if self.initial not in INITIAL_STATES:
             raise ValueError(f"unknown initial state {self.initial!r}; choose from {', '.join(INITIAL_STATES)}")
+        self.policy = ALIASES.get(self.policy, self.policy)
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
         self.profiles: list[ModelProfile] = list(self.scenario.models)
@@ -206,6 +247,14 @@ class Simulation:
         ]
         self._starts: dict[StartSource, int] = dict.fromkeys(StartSource, 0)
         self._gpu_seconds = 0.0
+        self._gpu_seconds_engines = 0.0
+        self._held = (0, 0)  # (GPUs holding anything, GPUs running engines), recomputed when ``_dirty``
+        self._dirty = True
+        self._start_log: list[StartRecord] = []
+        self._promotion_evictions = 0  # replicas evicted for the promotion being booked
+        # sleep-wake: model → when its sleeping engine can be woken (absent: no sleeping engine)
+        self._asleep: dict[int, float] = dict.fromkeys(range(len(self.profiles)), 0.0)
+        self._host_asleep_peak = 0.0
         self._last_account = 0.0
         self._loaded_bytes = 0.0
         self._wasted_bytes = 0.0
@@ -218,7 +267,9 @@ class Simulation:
         self._compute_free: dict[Gpu, float] = {}  # when each GPU's compute has run the prefills queued on it
         self._end_of_replay = float(wl.spec.replay_s)
 
-        dynamic = self.policy in ("warmserve", "warmserve-noproactive", "warmserve-noplacement", "autoscale")
+        dynamic = self.policy in DYNAMIC
+        if self.policy == "sleep-wake":
+            self._note_host_asleep()
         if dynamic:
             self.state = ClusterState(self.scenario.nodes)
             self.core = WarmServePolicy({p.name: p for p in self.profiles}, policy_params(self.policy))
@@ -270,6 +321,9 @@ class Simulation:
             evictions=dict(self._evictions),
             lent_replicas=len(self._lent),
             lent_hits=self._lent_hits,
+            gpu_seconds_engines=self._gpu_seconds_engines,
+            start_log=self._start_log,
+            host_bytes_asleep_peak=self._host_asleep_peak,
         )
 
     def _push(self, when: float, kind: int, payload) -> None:
@@ -277,11 +331,19 @@ class Simulation:
         heapq.heappush(self._events, (when, self._seq, kind, payload))
 
     def _advance(self, when: float) -> None:
-        """Move the clock, charging GPU time for engines held during the replay span."""
+        """Move the clock, charging GPU time during the replay span: every GPU holding anything, and apart
+        the GPUs running engines (co-located engines share GPUs, counted once)."""
         start, end = self._last_account, min(when, self._end_of_replay)
         if end > start:
-            held = len({g for e in self._engines.values() for g in e.gpus})  # co-located engines share GPUs
-            self._gpu_seconds += held * (end - start)
+            if self._dirty:
+                engines = {g for e in self._engines.values() for g in e.gpus}
+                held = engines
+                if hasattr(self, "state"):
+                    held = engines | {g for g, used in self.state.used_by_gpu().items() if used > 0}
+                self._held = (len(held), len(engines))
+                self._dirty = False
+            self._gpu_seconds += self._held[0] * (end - start)
+            self._gpu_seconds_engines += self._held[1] * (end - start)
             self._last_account = end
         self.now = when
 
@@ -403,6 +465,9 @@ class Simulation:
         unfinished load is cancelled and frees its link.
         """
         rid = replica.rid
+        self._dirty = True
+        if reason == "promotion":
+            self._promotion_evictions += 1
         prewarmed = rid in self._prewarmed
         self._prewarmed.discard(rid)
         total = replica.bytes_per_gpu * replica.group.size
@@ -420,10 +485,12 @@ class Simulation:
         self._evictions[reason] = self._evictions.get(reason, 0) + 1
 
     def added(self, replica: WarmReplica, score: float) -> None:
-        """A new replica starts loading: its shards queue on their GPUs' links, in parallel across the group."""
+        """A new replica starts loading from storage: its shards queue on their GPUs' links, in parallel across
+        the group."""
+        self._dirty = True
         gpus = self.state.gpus_of(replica.group)
         start = max([self.now] + [self._link_free.get(g, 0.0) for g in gpus])
-        end = start + replica.bytes_per_gpu / self.costs.load_bandwidth
+        end = start + replica.bytes_per_gpu / self.costs.storage_bandwidth
         for g in gpus:
             self._link_free[g] = end
         self._loading[replica.rid] = _Loading(start, end)
@@ -440,36 +507,74 @@ class Simulation:
             self._stop(engine)
 
     def started(self, promotion: Promotion) -> None:
-        """Time the new engine: a cold load goes first on its links; a hit or a replica still loading only
-        pays the promotion (after the load ends)."""
+        """Time the new engine by the mechanism of the policy's system (`warmserve.sim.costs.MECHANISMS`).
+
+        WarmServe: a hit binds a standby engine (``promote``); a replica still loading does so when its load
+        ends; without a replica the weights are read from storage into a pre-started engine. The reactive
+        baselines start cold (from storage, fresh process; or from host memory, pre-started process);
+        sleep-wake wakes the model's sleeping engine when it has one, else starts like WarmServe without a
+        replica (storage, pre-started process). Every replica the promotion evicted adds ``evict_s``.
+        """
+        self._dirty = True
         instance = promotion.instance
         m = self.names.index(instance.model)
         profile = self.profiles[m]
         gpus = self.state.gpus_of(instance.group)
-        if promotion.consumed is None:
-            end = self.now + profile.shard_bytes / self.costs.load_bandwidth
-            for g in gpus:
-                self._link_free[g] = end
-            overhead = self.costs.engine_start_s if self.policy == "autoscale" else self.costs.promote_s
-            ready = end + overhead
-        else:
+        begin = self.now
+        if promotion.consumed is not None:
+            mechanism = PROMOTE
             self._prewarmed.discard(promotion.consumed.rid)
             if promotion.consumed.rid in self._lent:
                 self._lent_hits += 1
             loading = self._loading.pop(promotion.consumed.rid, None)
-            ready = max(self.now, loading.end if loading else self.now) + self.costs.promote_s
+            begin = max(self.now, loading.end if loading else self.now)
+        elif self.policy == "reactive-cold":
+            mechanism = COLD
+        elif self.policy == "reactive-fast":
+            mechanism = FAST_COLD
+        elif self.policy == "sleep-wake":
+            mechanism = PRESTARTED_COLD
+            if m in self._asleep:
+                mechanism = WAKE
+                begin = max(self.now, self._asleep.pop(m))  # a sleep still copying out finishes first
+        else:
+            mechanism = PRESTARTED_COLD
+        assert mechanism in MECHANISMS[self.policy], (self.policy, mechanism)
+        link = load_seconds(mechanism, profile.shard_bytes, self.costs)
+        if link:
+            for g in gpus:
+                self._link_free[g] = max(self._link_free.get(g, 0.0), begin + link)
+        evicted, self._promotion_evictions = self._promotion_evictions, 0
+        ready = begin + start_cost(mechanism, profile.shard_bytes, self.costs) + evicted * self.costs.evict_s
+        self._start_log.append(StartRecord(m, mechanism, begin, ready, evicted))
         self._starts[promotion.source] += 1
         engine = _Engine(instance.iid, m, ready, tuple(gpus), profile.max_batch)
         self._engines[engine.iid] = engine
         self._push(ready, _READY, engine.iid)
 
     def _stop(self, engine: _Engine) -> None:
+        self._dirty = True
         del self._engines[engine.iid]
         if self.policy in ("dedicated", "gpu-share"):
             return
         replica = self.state.stop_instance(engine.iid)
-        if self.policy == "autoscale":  # no prewarming: the GPU is released
+        if self.policy in REACTIVE:  # no warm replicas: the GPUs are released
             self.state.evict(replica.rid)
+        if self.policy == "sleep-wake" and engine.model not in self._asleep:
+            # The model's last sleeping engine: its weights are copied out to host memory at load_bandwidth,
+            # holding the GPUs meanwhile (charged here; the group is booked free at once).
+            shard = self.profiles[engine.model].shard_bytes
+            sleep_s = shard / self.costs.load_bandwidth
+            self._asleep[engine.model] = self.now + sleep_s
+            held = max(min(self.now + sleep_s, self._end_of_replay) - self.now, 0.0)  # within the replay only
+            self._gpu_seconds += held * len(engine.gpus)
+            self._gpu_seconds_engines += held * len(engine.gpus)
+            self._note_host_asleep()
+
+    def _note_host_asleep(self) -> None:
+        """Track the host memory sleeping engines hold (their whole weights)."""
+        held = sum(self.profiles[m].weight_bytes for m in self._asleep)
+        self._host_asleep_peak = max(self._host_asleep_peak, float(held))
 
     def _start_running_system(self) -> None:
         """The dynamic policies' state at t = 0.
@@ -490,6 +595,7 @@ class Simulation:
                 engine.ready_at = -self.core.params.autoscaler.protection_s
                 self.state.instances[engine.iid].phase = EnginePhase.SERVING
         self._starts = dict.fromkeys(StartSource, 0)
+        self._start_log.clear()
         self._link_free.clear()
         if self.core.params.prewarm:
             self.core.step(self.state, self._step_input(self._demand(self.first_window), scale=False), self)
@@ -501,13 +607,22 @@ class Simulation:
 
     # -------------------------------------------------------- static policies
     def _peak_engines(self) -> list[int]:
-        """Engines per model for the highest peak seen in the history (static peak provisioning)."""
+        """Engines per model for the highest peak seen in the history (static peak provisioning).
+
+        Peak provisioning needs a history: without one (``history_days=0``) or for a model whose history
+        holds no valid window, it refuses with a ValueError rather than guess a size.
+        """
         upper = 0.8
         history_windows = self.first_window
-        return [
-            max(1, engines_needed(float(np.nanmax(self.peak_hist[m][:history_windows])), p, upper))
-            for m, p in enumerate(self.profiles)
-        ]
+        if history_windows == 0:
+            raise ValueError("dedicated provisions each model for its history's peak: the workload has no history")
+        wanted = []
+        for m, profile in enumerate(self.profiles):
+            history = self.peak_hist[m][:history_windows]
+            if np.isnan(history).all():
+                raise ValueError(f"dedicated: model {profile.name!r} has no valid window in its history to size for")
+            wanted.append(max(1, engines_needed(float(np.nanmax(history)), profile, upper)))
+        return wanted
 
     def _start_dedicated(self) -> None:
         """Peak provisioning: engines for each model's history peak; when the cluster is too small, models

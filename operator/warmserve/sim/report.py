@@ -11,7 +11,15 @@ from typing import TextIO
 
 import numpy as np
 
-from warmserve.sim.costs import CostModel
+from warmserve.sim.costs import (
+    ALL_MECHANISMS,
+    DEFAULT_TABLE,
+    MECHANISMS,
+    CostModel,
+    cost_table,
+    start_cost,
+    table_costs,
+)
 from warmserve.sim.engine import POLICIES, SimResult, Simulation
 from warmserve.sim.scenarios import Scenario
 from warmserve.workload.build import build_workload
@@ -24,6 +32,7 @@ class Comparison:
     forecaster: str
     results: dict[str, SimResult]
     initial: str = "empty"
+    cost_table: str = DEFAULT_TABLE  # the table ``costs`` came from (for the sources)
 
     def to_json(self) -> dict:
         wl = self.scenario.workload
@@ -37,7 +46,13 @@ class Comparison:
                 "ttft_slo_s": self.scenario.ttft_slo_s,
                 "forecaster": self.forecaster,
                 "initial": self.initial,
-                "costs": asdict(self.costs),
+                "cost_table": self.cost_table,
+                "costs": {name: asdict(cost) for name, cost in cost_table(self.costs, self.cost_table).items()},
+                "mechanisms": {name: sorted(MECHANISMS[r.policy]) for name, r in self.results.items()},
+                "start_costs_s": {
+                    m.name: {k: round(start_cost(k, m.shard_bytes, self.costs), 4) for k in ALL_MECHANISMS}
+                    for m in self.scenario.models
+                },
                 "notes": dict(self.scenario.notes),
             },
             "policies": {name: r.summary(self.scenario.ttft_slo_s) for name, r in self.results.items()},
@@ -73,15 +88,19 @@ def compare(
     forecaster: str = "csp",
     progress: Callable[[str], Callable[[float], None] | None] | None = None,
     initial: str = "empty",
+    table: str = DEFAULT_TABLE,
 ) -> Comparison:
-    """Simulate every policy on the same workload (built once, so the comparison is paired)."""
-    costs = costs or CostModel()
+    """Simulate every policy on the same workload (built once, so the comparison is paired).
+
+    ``costs`` defaults to the cost table ``table``; when given, ``table`` names the table it was derived from.
+    """
+    costs = costs or table_costs(table)
     workload = build_workload(scenario.workload)
     results = {}
     for policy in policies:
         simulation = Simulation(scenario, workload, policy, costs=costs, forecaster=forecaster, initial=initial)
         results[policy] = simulation.run(progress(policy) if progress else None)
-    return Comparison(scenario, costs, forecaster, results, initial)
+    return Comparison(scenario, costs, forecaster, results, initial, table)
 
 
 COLUMNS = (
@@ -93,6 +112,7 @@ COLUMNS = (
     ("<100ms", "{:.1%}", "ttft_under_100ms"),
     ("SLO", "{:.1%}", "slo_attainment"),
     ("GPU-h", "{:.1f}", "gpu_hours"),
+    ("engine GPU-h", "{:.1f}", "gpu_hours_engines"),
     ("hit rate", "{:.0%}", "prewarm_hit_rate"),
     ("starts", "{}", "starts"),
     ("wasted GB", "{:.0f}", "wasted_prewarm_gb"),
@@ -116,7 +136,10 @@ def format_table(comparison: Comparison) -> str:
     header = line(headers)
     out = [header, "-" * len(header), *(line(row) for row in rows)]
     slo = comparison.scenario.ttft_slo_s
-    out.append(f"TTFT in seconds; SLO = TTFT ≤ {slo:g} s; GPU-h = GPU-hours held by engines during the replay.")
+    out.append(
+        f"TTFT in seconds; SLO = TTFT ≤ {slo:g} s; GPU-h = GPU-hours of every GPU holding an engine or a warm "
+        f"replica during the replay (engine GPU-h: engines only); costs: table {comparison.cost_table!r}."
+    )
     return "\n".join(out)
 
 
@@ -124,36 +147,69 @@ def write_json(comparison: Comparison, path: Path) -> None:
     path.write_text(json.dumps(comparison.to_json(), indent=2, sort_keys=False) + "\n")
 
 
+def identical_groups(results: dict[str, SimResult]) -> list[tuple[list[str], SimResult]]:
+    """Policies whose TTFTs are identical, grouped (first result of each group kept), in the results' order."""
+    groups: list[tuple[list[str], SimResult]] = []
+    for name, result in results.items():
+        for names, first in groups:
+            if np.array_equal(first.ttft, result.ttft):
+                names.append(name)
+                break
+        else:
+            groups.append(([name], result))
+    return groups
+
+
 def write_plot(comparison: Comparison, path: Path) -> None:
-    """TTFT CDFs (log scale) of every policy, and p99 TTFT against GPU-hours."""
+    """TTFT CDFs (log scale) of every policy, and p99 TTFT against GPU-hours.
+
+    Policies whose TTFTs are identical are drawn once, labelled with all their names; each curve has its own
+    line style so overlapping curves stay visible, and the points' labels are stacked apart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (cdf, cost) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, result in comparison.results.items():
+    fig, (cdf, cost) = plt.subplots(1, 2, figsize=(12, 4.8))
+    groups = identical_groups(comparison.results)
+    styles = ("-", "--", "-.", ":")
+    points = []
+    for i, (names, result) in enumerate(groups):
         ttft = np.sort(result.ttft)
-        cdf.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size, label=name)
-        summary = result.summary(comparison.scenario.ttft_slo_s)
-        cost.scatter(summary["gpu_hours"], summary["ttft_p99_s"], s=40)
-        cost.annotate(
-            name, (summary["gpu_hours"], summary["ttft_p99_s"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+        label = " = ".join(names)
+        (line,) = cdf.plot(
+            ttft, np.arange(1, ttft.size + 1) / ttft.size, label=label, ls=styles[i % len(styles)], lw=1.4
         )
+        summary = result.summary(comparison.scenario.ttft_slo_s)
+        points.append((summary["gpu_hours"], summary["ttft_p99_s"], label))
+        cost.scatter(summary["gpu_hours"], summary["ttft_p99_s"], s=40, color=line.get_color())
+    # Labels of points close to one another (5 % of the x range, 0.1 decade in y) are stacked apart.
+    span = (max(p[0] for p in points) - min(p[0] for p in points)) or 1.0
+    done: list[tuple[float, float]] = []
+    for x, y, label in sorted(points, key=lambda p: (p[1], p[0])):
+        near = sum(
+            1 for px, py in done if abs(px - x) < 0.05 * span and abs(np.log10(max(py, 1e-9) / max(y, 1e-9))) < 0.1
+        )
+        done.append((x, y))
+        cost.annotate(label, (x, y), fontsize=8, xytext=(4, 4 + 11 * near), textcoords="offset points")
     cdf.set_xscale("log")
     cdf.set_xlabel("TTFT (s)")
     cdf.set_ylabel("share of requests")
-    cdf.axvline(0.1, color="grey", lw=0.8, ls=":")
+    cdf.axvline(0.1, color="grey", lw=0.8, ls=":", label="100 ms")
     cdf.set_ylim(0.8, 1.001)
     cdf.set_xlim(left=0.01)
     cdf.legend(fontsize=8)
     cdf.set_title("TTFT distribution (tail)")
     cost.set_yscale("log")
-    cost.set_xlabel("GPU-hours")
+    cost.set_xlabel("GPU-hours (every GPU holding an engine or a warm replica)")
     cost.set_ylabel("p99 TTFT (s)")
     cost.set_title("tail latency against cost")
     wl = comparison.scenario.workload
-    fig.suptitle(f"{comparison.scenario.name}: {wl.n_models} models, {wl.rps:g} RPS, α={wl.alpha:g}")
+    fig.suptitle(
+        f"{comparison.scenario.name}: {wl.n_models} models, {wl.rps:g} RPS, α={wl.alpha:g}; "
+        f"costs {comparison.cost_table}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -172,13 +228,21 @@ class Sweep:
 SWEEPS = (
     Sweep(
         "startup",
-        (("engine start (s)", "engine_start_s", 1.0), ("load (GB/s)", "load_bandwidth", 1e9)),
+        (("pre-started init (s)", "prestarted_init_s", 1.0), ("storage (GB/s)", "storage_bandwidth", 1e9)),
         tuple(
-            {"engine_start_s": start, "load_bandwidth": gbps * 1e9}
+            {"prestarted_init_s": start, "storage_bandwidth": gbps * 1e9}
             for start in (1.0, 3.0, 10.0, 20.0, 30.0)
-            for gbps in (12.5, 25.0, 50.0)
+            for gbps in (2.0, 6.4, 12.5)
         ),
-        ("warmserve", "autoscale"),
+        ("warmserve", "reactive-fast"),
+    ),
+    Sweep(
+        "wake",
+        (("wake (s)", "wake_s", 1.0), ("host→GPU (GB/s)", "load_bandwidth", 1e9)),
+        tuple(
+            {"wake_s": wake, "load_bandwidth": gbps * 1e9} for wake in (0.2, 1.0, 3.0) for gbps in (10.0, 21.0, 32.0)
+        ),
+        ("warmserve", "sleep-wake"),
     ),
     Sweep(
         "contention",
@@ -201,7 +265,7 @@ def sensitivity(
     workload = build_workload(scenario.workload)
     rows = []
     for changes in sweep.points:
-        point = replace(costs or CostModel(), **changes)
+        point = replace(costs or table_costs(DEFAULT_TABLE), **changes)
         row: dict = {"costs": changes}
         for policy in sweep.policies:
             simulation = Simulation(scenario, workload, policy, costs=point, forecaster=forecaster, initial=initial)
@@ -224,3 +288,120 @@ def format_sensitivity(rows: list[dict], sweep: Sweep) -> str:
         qa, qb = row[a]["ttft_p999_s"], row[b]["ttft_p999_s"]
         out.append(f"{settings} {pa:>14.3f} {pb:>14.3f} {pb / pa:>6.1f}× {qa:>16.3f} {qb:>16.3f} {qb / qa:>6.1f}×")
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ several seeds
+BASELINES: tuple[str, ...] = ("reactive-cold", "reactive-fast", "sleep-wake", "gpu-share", "dedicated")
+SEED_METRICS: tuple[tuple[str, str, str], ...] = (  # (summary key, heading, format); lower is better for all
+    ("ttft_p50_s", "p50", "{:.3f}"),
+    ("ttft_p99_s", "p99", "{:.3f}"),
+    ("ttft_p999_s", "p99.9", "{:.3f}"),
+    ("gpu_hours", "GPU-h", "{:.2f}"),
+    ("gpu_hours_engines", "engine GPU-h", "{:.2f}"),
+)
+
+
+def compare_seeds(
+    scenario: Scenario,
+    seeds: Iterable[int],
+    policies: Iterable[str] = POLICIES,
+    costs: CostModel | None = None,
+    forecaster: str = "csp",
+    progress: Callable[[str], Callable[[float], None] | None] | None = None,
+    initial: str = "empty",
+    table: str = DEFAULT_TABLE,
+) -> dict:
+    """Every policy on the workload of each seed; per metric the median and range over the seeds, and
+    WarmServe's ratio to the strongest baseline (lowest median) per metric.
+
+    Only summaries are kept between seeds, so a day-long run holds one seed's requests at a time.
+    """
+    policies = list(policies)
+    runs: dict[int, dict[str, dict]] = {}
+    first: Comparison | None = None
+    for seed in seeds:
+        comparison = compare(scenario.with_workload(seed=seed), policies, costs, forecaster, progress, initial, table)
+        runs[seed] = {p: r.summary(scenario.ttft_slo_s) for p, r in comparison.results.items()}
+        if first is None:
+            first = comparison
+            first.results = {}
+    assert first is not None, "at least one seed"
+    aggregate: dict[str, dict[str, dict[str, float]]] = {}
+    for policy in policies:
+        aggregate[policy] = {}
+        for key, _, _ in SEED_METRICS:
+            values = [runs[seed][policy][key] for seed in runs]
+            aggregate[policy][key] = {
+                "median": float(np.median(values)),
+                "min": float(min(values)),
+                "max": float(max(values)),
+            }
+    baselines = [b for b in BASELINES if b in aggregate]
+    versus = _versus(aggregate, baselines)
+    if "warmserve" in aggregate:
+        budget = aggregate["warmserve"]["gpu_hours"]["median"]
+        frugal = [b for b in baselines if aggregate[b]["gpu_hours"]["median"] <= budget * (1 + 1e-9)]
+        versus_frugal = _versus(aggregate, frugal)
+    else:
+        versus_frugal = {}
+    info = first.to_json()["scenario"]
+    info["workload"].pop("seed", None)
+    return {
+        "scenario": info,
+        "seeds": list(runs),
+        "runs": {str(seed): summaries for seed, summaries in runs.items()},
+        "aggregate": aggregate,
+        "warmserve_vs_strongest_baseline": versus,
+        "warmserve_vs_strongest_baseline_within_its_gpu_hours": versus_frugal,
+    }
+
+
+def _versus(aggregate: dict[str, dict[str, dict[str, float]]], baselines: list[str]) -> dict[str, dict]:
+    """Per metric: the baseline with the lowest median, and its median ÷ WarmServe's (> 1: WarmServe lower)."""
+    versus: dict[str, dict] = {}
+    if "warmserve" not in aggregate or not baselines:
+        return versus
+    for key, _, _ in SEED_METRICS:
+        strongest = min(baselines, key=lambda b: aggregate[b][key]["median"])
+        ours = aggregate["warmserve"][key]["median"]
+        theirs = aggregate[strongest][key]["median"]
+        versus[key] = {
+            "strongest_baseline": strongest,
+            "baseline_median": theirs,
+            "warmserve_median": ours,
+            "ratio_baseline_over_warmserve": theirs / ours if ours > 0 else float("inf"),
+        }
+    return versus
+
+
+def format_seeds(result: dict) -> str:
+    """Median [min–max] over the seeds per policy and metric, then WarmServe's ratio to the strongest baseline."""
+    headers = ["policy", *(title for _, title, _ in SEED_METRICS)]
+    rows = []
+    for policy, metrics in result["aggregate"].items():
+        cells = [policy]
+        for key, _, fmt in SEED_METRICS:
+            m = metrics[key]
+            cells.append(f"{fmt.format(m['median'])} [{fmt.format(m['min'])}–{fmt.format(m['max'])}]")
+        rows.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [headers, *rows]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    lines.append(f"median [min–max] over seeds {seeds}; TTFT in seconds; GPU-h counts warm-only GPUs.")
+    for title_set, versus in (
+        ("", result["warmserve_vs_strongest_baseline"]),
+        (" using no more GPU-hours", result["warmserve_vs_strongest_baseline_within_its_gpu_hours"]),
+    ):
+        for key, title, fmt in SEED_METRICS:
+            v = versus.get(key)
+            if v:
+                lines.append(
+                    f"{title}: strongest baseline{title_set} {v['strongest_baseline']} "
+                    f"{fmt.format(v['baseline_median'])} vs warmserve {fmt.format(v['warmserve_median'])} "
+                    f"(baseline ÷ warmserve {v['ratio_baseline_over_warmserve']:.2f}×)"
+                )
+    return "\n".join(lines)
