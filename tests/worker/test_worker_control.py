@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from warmserve.worker import vllm_control
-from warmserve.worker.engines import BIND_PATH, TOKEN_ENV
+from warmserve.worker.vllm_control import BIND_PATH, TOKEN_ENV
 
 TOKEN = "s3cret-token"
 
@@ -76,7 +76,6 @@ def call(
 @pytest.fixture
 def middleware(monkeypatch: pytest.MonkeyPatch) -> vllm_control.ControlMiddleware:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    assert vllm_control.TOKEN_ENV == TOKEN_ENV and vllm_control.BIND_PATH == BIND_PATH  # one name on both sides
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 299, "headers": []})

@@ -40,15 +40,13 @@ from typing import IO, Any, Protocol
 from warmserve.protocol import ReplicaKey
 from warmserve.worker.engine_shell import READY_LINE
 from warmserve.worker.files import safe_name, write_json_atomic
+from warmserve.worker.vllm_control import BIND_PATH, RELEASE_PATH, TOKEN_ENV  # stdlib-only: one set of names
 
 SHELL_MODULE = "warmserve.worker.engine_shell"
 #: vLLM extension points every engine is started with (see vllm_extension / vllm_control): they make any
 #: engine bindable to a warm replica and add nothing to its request path.
 EXTENSION_CLS = "warmserve.worker.vllm_extension.WarmServeWorkerExtension"
 CONTROL_MIDDLEWARE = "warmserve.worker.vllm_control.ControlMiddleware"
-TOKEN_ENV = "WARMSERVE_CONTROL_TOKEN"  # vllm_control.TOKEN_ENV (that module is imported by vLLM processes only)
-BIND_PATH = "/warmserve/bind"
-RELEASE_PATH = "/warmserve/release"
 log = logging.getLogger(__name__)
 
 
@@ -371,6 +369,7 @@ class EngineManager:
         # pre-initialised engines not yet bound, by shape; the token lets only this manager bind them
         self._standby: dict[Shape, list[tuple[EngineRecord, Shell]]] = {}
         self._claimed: dict[int, tuple[EngineRecord, Shell]] = {}  # taken for a bind, by pid
+        self._releasing: set[int] = set()  # standby engines (by pid) whose release is in flight
         self.token = secrets.token_hex(16)
         self._lock = threading.Lock()  # the shell pool
         self._records = threading.Lock()  # _engines and _procs
@@ -537,14 +536,21 @@ class EngineManager:
                 except OSError:
                     log.warning("a pre-started shell died before it became a standby engine of %s", shape.model)
         for _, rec in self.standby():
-            if not rec.ready and model_ready("127.0.0.1", rec.port, rec.served_name):
-                try:  # initialised: drop what it built from its scratch weights (on CPU ~ a model's memory)
-                    self._control(rec, RELEASE_PATH, {}, 60.0)
-                    rec.released = True
-                except (OSError, ValueError) as exc:
-                    log.warning("standby engine of %s kept its scratch kernels: %s", rec.model, _detail(exc))
-                rec.ready, rec.ready_s = True, time.time() - rec.started
-                self._save_standby(rec)
+            if not rec.ready and rec.pid not in self._releasing and model_ready("127.0.0.1", rec.port, rec.served_name):
+                self._releasing.add(rec.pid)  # the caller may hold a lock: the release runs on its own thread
+                threading.Thread(target=self._release, args=(rec,), name=f"release-{rec.pid}", daemon=True).start()
+
+    def _release(self, rec: EngineRecord) -> None:
+        """An initialised standby engine drops what it built from its scratch weights, then counts as ready."""
+        try:
+            self._control(rec, RELEASE_PATH, {}, 60.0)
+            rec.released = True
+        except (OSError, ValueError) as exc:
+            log.warning("standby engine of %s kept its scratch kernels: %s", rec.model, _detail(exc))
+        rec.ready, rec.ready_s = True, time.time() - rec.started
+        if any(rec is r for _, r in self.standby()):  # not stopped meanwhile: its record stays current
+            self._save_standby(rec)
+        self._releasing.discard(rec.pid)
 
     def _start_standby(self, shape: Shape, shell: Shell) -> None:
         manifest = os.path.join(self.dir, f"standby-{shape.id}.json")

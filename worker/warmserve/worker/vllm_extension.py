@@ -133,6 +133,11 @@ def release_kernels(model: nn.Module, device: torch.device) -> int:
     return dropped
 
 
+def _device(worker: Any) -> torch.device:
+    """The device of vLLM's worker (CPU workers set one too; CPU where an older worker does not)."""
+    return torch.device(worker.device) if hasattr(worker, "device") else torch.device("cpu")
+
+
 class WarmServeWorkerExtension:
     """Mixed into vLLM's worker class by ``--worker-extension-cls`` (runs in every rank's worker process)."""
 
@@ -141,7 +146,7 @@ class WarmServeWorkerExtension:
         worker = cast(Any, self)
         if STANDBY["model"] is None or STANDBY["bound"]:
             raise RuntimeError("this engine is not an unbound standby engine")
-        device = torch.device(worker.device) if hasattr(worker, "device") else torch.device("cpu")
+        device = _device(worker)
         with torch.no_grad():
             dropped = release_kernels(worker.model_runner.get_model(), device)
         gc.collect()
@@ -156,7 +161,7 @@ class WarmServeWorkerExtension:
         if manifest.get("model") != STANDBY["model"]:
             raise RuntimeError(f"standby engine of {STANDBY['model']!r} cannot serve {manifest.get('model')!r}")
         STANDBY["bound"] = True  # even if the bind fails half-way: the worker stops this engine then
-        device = torch.device(worker.device) if hasattr(worker, "device") else torch.device("cpu")
+        device = _device(worker)
         handle = manifest["arena"]
         index = device.index if arena_kind(handle).on_gpu and device.index is not None else 0
         arena = open_arena_tensor(handle, index)
