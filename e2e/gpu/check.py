@@ -1,6 +1,6 @@
 """One-GPU check of the worker's mechanisms (also runs on CPU); see README.md beside this file.
 
-    python e2e/gpu/check.py --device cuda|cpu --json OUT [--model-dir DIR] [--promote-repeats N]
+    python e2e/gpu/check.py --device cuda|cpu --json OUT [--model-dir DIR] [--promote-repeats N] [--targets report]
 
 Measures, with a small generated Llama (``bench/devmodels.py``): arena allocation (CUDA on GPU, /dev/shm on
 CPU, through ``build_arenas``), prewarm GB/s vs raw read, warm promotion (a standby engine bound to the warm
@@ -34,6 +34,8 @@ MiB = 1 << 20
 PAGE = 2 * MiB
 BUDGET_S = 480.0  # the whole check must fit in 8 minutes
 PROMOTION_VARIANTS = ("cold", "shell_warm", "warm")
+#: checks of a timing target (the rest check a mechanism: arena kind, identical tokens, zero copy)
+TARGETS = frozenset({"warm_first_token", "warm_vs_cold", "prewarm_vs_read", "evict_flat", "time_budget"})
 
 
 def log(msg: str) -> None:
@@ -150,8 +152,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = checks_for(args.device, r)
     if "error" in r:
         checks.insert(0, ("run", False, r["error"]))
-    r["checks"] = {name: {"pass": ok, "detail": detail} for name, ok, detail in checks}
-    r["failed"] = [f"{name}: {detail}" for name, ok, detail in checks if not ok]
+    r["checks"] = {name: {"pass": ok, "target": name in TARGETS, "detail": detail} for name, ok, detail in checks}
+    missed = [f"{name}: {detail}" for name, ok, detail in checks if not ok]
+    if args.targets == "report":  # a shared or loaded machine: timing targets are reported, not enforced
+        r["missed_targets"] = [m for m in missed if m.split(":")[0] in TARGETS]
+        missed = [m for m in missed if m not in r["missed_targets"]]
+    r["failed"] = missed
     r["passed"] = not r["failed"]
     if args.keep_work:
         r["work_dir"] = work
@@ -168,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="storage rounds (medians)")
     ap.add_argument("--evict-repeats", type=int, default=5)
     ap.add_argument("--promote-repeats", type=int, default=1, help="promotion rounds (variants interleaved)")
+    ap.add_argument(
+        "--targets",
+        choices=("enforce", "report"),
+        default="enforce",
+        help="enforce (default): a missed timing target fails the check; report: it is printed and kept in the "
+        "JSON under missed_targets, and only the mechanism checks decide the exit code (for loaded machines)",
+    )
     ap.add_argument("--keep-work", action="store_true", help="keep the work directory (engine logs)")
     args = ap.parse_args(argv)
     r = run(args)
@@ -176,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(r, fh, indent=1)
     for name, check in r["checks"].items():
         print(f"{'PASS' if check['pass'] else 'FAIL'} {name}: {check['detail']}")
+    for line in r.get("missed_targets", []):
+        print(f"MISSED TARGET {line}", file=sys.stderr)
     for line in r["failed"]:
         print(f"FAILED {line}", file=sys.stderr)
     print(f"{'all checks passed' if r['passed'] else 'checks failed'}; results in {args.json}")
