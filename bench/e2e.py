@@ -40,6 +40,11 @@ What it does, in one run (progress lines on stderr, a table on stdout, every fig
    and ≥ 200 straight to the engine it routes to, one at a time, interleaved; (b) against
    bench/fake_engine.py (its own process) at 200 requests/s open loop, in 0.25-s blocks that alternate
    between the router and the engine itself (so each path sees 200 requests/s under the same conditions).
+   (b) runs twice: with the router pinned to a CPU of its own and the client and fake engine to the others
+   (`isolated`: as deployed, where the router is its own pod and the load comes from elsewhere; the headline
+   keys), then with all three processes sharing every CPU (`shared`: the worst case of a 2-core machine, where
+   the router waits for a CPU behind the load generator). The router process's CPU time per proxied request
+   is reported for both.
 
 Counters come from the running system: promotions by source from the operator metrics
 (`warmserve_promotions_total{source=hit|loading|cold}`), engine lifetimes (engine-seconds) and weight loads
@@ -71,7 +76,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -619,6 +624,7 @@ async def client_rate(spec: dict[str, Any]) -> dict[str, Any]:
         "ttft": ttft,
         "failures": failures,
         "added": added,
+        "router_sent": sum(1 for _, path, _ in plan if path == "router"),
         "lag_p99_ms": round((pct(lags, 99) or 0.0) * 1e3, 3),
     }
 
@@ -636,13 +642,30 @@ def client_main(spec_path: str) -> int:
     return 0
 
 
-async def run_client(work: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run the client in its own process (same interpreter) and return what it wrote."""
+def pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A `preexec_fn` that pins the child process to `cpus` (None: no pinning)."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_client(work: str, name: str, spec: dict[str, Any], cpus: set[int] | None = None) -> dict[str, Any]:
+    """Run the client in its own process (same interpreter, pinned to `cpus` if given) and return what it
+    wrote."""
     spec_path = os.path.join(work, f"client-{name}.json")
     out_path = os.path.join(work, f"client-{name}-out.json")
     with open(spec_path, "w") as fh:
         json.dump({**spec, "out": out_path}, fh)
-    proc = await asyncio.create_subprocess_exec(sys.executable, os.path.abspath(__file__), "--_client", spec_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.abspath(__file__), "--_client", spec_path, preexec_fn=pinned(cpus)
+    )
     code = await proc.wait()
     if code != 0:
         raise RuntimeError(f"the {name} client exited with {code}")
@@ -1044,9 +1067,19 @@ def router_main(router_port: int, engine_url: str) -> int:
     return 0
 
 
-async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
+def cpu_split() -> tuple[set[int], set[int]] | None:
+    """(the router's CPU, everyone else's) from this process's CPUs; None with fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+async def fake_overhead(s: Settings, work: str, isolate: bool) -> dict[str, Any]:
     """Router vs direct against bench/fake_engine.py, both at `fake_rps` open loop, interleaved; the router runs
-    in its own process, as `warmserve router` does."""
+    in its own process, as `warmserve router` does, on a CPU of its own when `isolate` (and the machine has two)."""
+    split = cpu_split() if isolate else None
+    router_cpus, other_cpus = split if split else (None, None)
     engine_port, router_port = free_port(), free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
     proc = await asyncio.create_subprocess_exec(
@@ -1057,6 +1090,7 @@ async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
         "--model",
         "fake",
         stdout=asyncio.subprocess.PIPE,
+        preexec_fn=pinned(other_cpus),
     )
     router_proc: asyncio.subprocess.Process | None = None
     try:
@@ -1065,16 +1099,27 @@ async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
         if not line.startswith(b"READY"):
             raise RuntimeError(f"fake engine did not start: {line!r}")
         router_proc = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), "--_router", str(router_port), engine_url
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_router",
+            str(router_port),
+            engine_url,
+            preexec_fn=pinned(router_cpus),
         )
         await wait_for(lambda: router_answers(router_port), 60, "the router process", None)
-        say(
-            f"router overhead (fake engine): {s.fake_rps:g} req/s open loop, 0.25-s blocks alternating router and "
-            f"direct, {s.fake_seconds:g} s of each"
+        where = (
+            f"router on CPU {sorted(router_cpus)}, client and engine on {sorted(other_cpus)}"
+            if router_cpus and other_cpus
+            else "all processes share every CPU"
         )
+        say(
+            f"router overhead (fake engine, {where}): {s.fake_rps:g} req/s open loop, 0.25-s blocks alternating "
+            f"router and direct, {s.fake_seconds:g} s of each"
+        )
+        cpu0 = cpu_seconds(router_proc.pid)
         out = await run_client(
             work,
-            "fake-rate",
+            f"fake-rate-{'isolated' if split else 'shared'}",
             {
                 "mode": "rate",
                 "router": f"http://127.0.0.1:{router_port}",
@@ -1084,15 +1129,23 @@ async def fake_overhead(s: Settings, work: str) -> dict[str, Any]:
                 "seconds": s.fake_seconds,
                 "start": time.time() + 2.0,
             },
+            other_cpus,
         )
+        router_cpu_s = cpu_seconds(router_proc.pid) - cpu0
     finally:
         for child in (router_proc, proc):
             if child is not None and child.returncode is None:
                 child.terminate()
                 await child.wait()
     summary = overhead_summary(out["ttft"], out["failures"], {"rps_each": s.fake_rps, "seconds": s.fake_seconds})
+    summary["cpus"] = (
+        {"router": sorted(router_cpus), "client_and_engine": sorted(other_cpus)}
+        if router_cpus and other_cpus
+        else "shared"
+    )
     summary["client_lag_p99_ms"] = out["lag_p99_ms"]
     summary["added_ms"] = spread(out["added"], 1e3)
+    summary["router_cpu_ms_per_request"] = round(router_cpu_s * 1e3 / max(1, out["router_sent"]), 3)
     return summary
 
 
@@ -1130,7 +1183,11 @@ def print_table(report: Mapping[str, Any]) -> None:
             print(f"{name:<11}" + "".join(f"{fmt(row.get(k)):>{w}}" for k, _, w in cols))
         ratio = report.get("ttft_p99_ratio_reactive_over_warmserve")
         print(f"\np99 TTFT reactive / warmserve: {fmt(ratio, 2)}x")
-    for key, title in (("router_overhead", "real engine, closed loop"), ("router_overhead_200rps", "fake engine")):
+    for key, title in (
+        ("router_overhead", "real engine, closed loop"),
+        ("router_overhead_200rps", "fake engine, router on its own CPU"),
+        ("router_overhead_200rps_shared", "fake engine, every CPU shared"),
+    ):
         o = report.get(key)
         if not o:
             continue
@@ -1144,15 +1201,24 @@ def print_table(report: Mapping[str, Any]) -> None:
         print(
             f"  per request, router TTFT minus the engine's own time to first chunk (Server-Timing): p50 "
             f"{fmt(a.get('p50'))} ms, p99 {fmt(a.get('p99'))} ms, max {fmt(a.get('max'))} ms (n {a.get('n')})"
+            + (
+                f"; router CPU {fmt(o['router_cpu_ms_per_request'])} ms/request"
+                if "router_cpu_ms_per_request" in o
+                else ""
+            )
         )
 
 
 async def fake_overhead_report(s: Settings, work: str) -> dict[str, Any]:
-    fake = await fake_overhead(s, work)
+    """The fake-engine overhead twice: router isolated (the headline keys: the deployed shape) and shared."""
+    fake = await fake_overhead(s, work, isolate=True)
+    shared = await fake_overhead(s, work, isolate=False) if fake["cpus"] != "shared" else fake
     return {
         "router_overhead_200rps": fake,
         "router_overhead_200rps_p50_ms": fake["overhead_p50_ms"],
         "router_overhead_200rps_p99_ms": fake["overhead_p99_ms"],
+        "router_overhead_200rps_shared": shared,
+        "router_overhead_200rps_shared_p99_ms": shared["overhead_p99_ms"],
     }
 
 

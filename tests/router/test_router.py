@@ -58,6 +58,16 @@ async def test_unknown_model_is_an_openai_404(router_client):
     assert err["code"] == "model_not_found" and "nope" in err["message"]
 
 
+async def test_unknown_model_names_never_become_metric_labels(router_client):
+    router, client = await router_client()
+    router.publish(snapshot(["a"], []))
+    for i in range(20):
+        assert (await completion(client, f"made-up-{i}")).status == 404
+    page = await (await client.get("/metrics")).text()
+    assert "made-up" not in page
+    assert metric(page, "warmserve_router_responses_total", model="", code="404") == 20
+
+
 async def test_models_lists_every_deployed_model_even_at_zero_engines(router_client):
     engine = await FakeEngine("a").start()
     try:

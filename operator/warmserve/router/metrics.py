@@ -11,6 +11,7 @@ Demand gauges are read from the dispatcher at scrape time, so they can never dri
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -52,7 +53,7 @@ class RouterMetrics:
         )
         self.responses = Counter(
             "warmserve_router_responses",
-            "Responses per model and HTTP status (499: the client went away)",
+            'Responses per model and HTTP status (499: the client went away; model "": an unknown model)',
             ["model", "code"],
             registry=self.registry,
         )
@@ -81,6 +82,32 @@ class RouterMetrics:
             "Engine endpoints reported by a worker that the router refused to use",
             registry=self.registry,
         )
+        # labelled children by label values: `labels()` costs a lock and a tuple build per call, on every request
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Counter | Histogram, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+    def arrival(self, model: str) -> None:
+        self._child(self.arrivals, model).inc()
+
+    def response(self, model: str, code: str) -> None:
+        """Count a response; `model` must be a known model's name ("" for an unknown one: client-supplied names
+        never become label values, so a client cannot grow the series without bound)."""
+        self._child(self.responses, model, code).inc()
+
+    def retry(self, model: str) -> None:
+        self._child(self.retries, model).inc()
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        self._child(self.ttft, model).observe(seconds)
+
+    def observe_queue_wait(self, model: str, seconds: float) -> None:
+        self._child(self.queue_wait, model).observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 RETRYABLE_STATUSES = frozenset({404, 502, 503})  # the engine does not (or no longer) serve the model
 SSE = "text/event-stream"
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 #: Discovery: runs for ever, calling `publish(snapshot)` whenever what it knows changes.
 Discovery = Callable[[Callable[[Snapshot], None]], Awaitable[None]]
@@ -185,8 +186,9 @@ class Router:
     # -- the proxy ------------------------------------------------------------------------------------------
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         arrival = self.clock()
+        raw = await request.read()
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             return openai_error(400, "The request body must be a JSON object.", "invalid_request_error")
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
@@ -195,12 +197,12 @@ class Router:
         try:
             self.dispatcher.admit(model)
         except UnknownModel as exc:
-            self.metrics.responses.labels(model, "404").inc()
+            self.metrics.response("", "404")
             return openai_error(404, str(exc), "invalid_request_error", "model_not_found")
-        self.metrics.arrivals.labels(model).inc()
+        self.metrics.arrival(model)
         code = "500"
         try:
-            response = await self._route(request, body, model, arrival)
+            response = await self._route(request, raw, body, model, arrival)
             code = str(response.status)
             return response
         except (ConnectionResetError, asyncio.CancelledError):  # the client went away (handler cancellation)
@@ -208,10 +210,10 @@ class Router:
             raise
         finally:
             self.dispatcher.finish(model)
-            self.metrics.responses.labels(model, code).inc()
+            self.metrics.response(model, code)
 
     async def _route(
-        self, request: web.Request, body: dict[str, Any], model: str, arrival: float
+        self, request: web.Request, raw: bytes, body: dict[str, Any], model: str, arrival: float
     ) -> web.StreamResponse:
         deadline = arrival + self.settings.max_wait_seconds
         waited = False
@@ -231,10 +233,10 @@ class Router:
             except WaitTimeout as exc:
                 return openai_error(504, str(exc), "timeout_error", "no_engine_ready")
             if not waited:
-                self.metrics.queue_wait.labels(model).observe(self.clock() - arrival)
+                self.metrics.observe_queue_wait(model, self.clock() - arrival)
                 waited = True
             try:
-                return await self._forward(request, backend, body, arrival)
+                return await self._forward(request, backend, raw, body, arrival)
             except EngineFailed as exc:
                 log.warning(
                     "engine %s failed a request for %s before answering (%s); sending it again",
@@ -243,18 +245,23 @@ class Router:
                     exc,
                 )
                 self.dispatcher.mark_down(backend)
-                self.metrics.retries.labels(model).inc()
+                self.metrics.retry(model)
             finally:
                 self.dispatcher.release(backend)
 
     async def _forward(
-        self, request: web.Request, backend: Backend, body: dict[str, Any], arrival: float
+        self, request: web.Request, backend: Backend, raw: bytes, body: dict[str, Any], arrival: float
     ) -> web.StreamResponse:
+        """Send the request to `backend` (its bytes as they came when the engine serves the model under the name
+        the client used, else re-encoded with the engine's name) and relay the answer, streamed chunk by chunk."""
         assert self._session is not None
-        payload = body if body["model"] == backend.engine_model else {**body, "model": backend.engine_model}
+        if body["model"] == backend.engine_model:
+            data = raw
+        else:
+            data = json.dumps({**body, "model": backend.engine_model}).encode()
         sent = self.clock()
         try:
-            resp = await self._session.post(backend.url + request.path, json=payload)
+            resp = await self._session.post(backend.url + request.path, data=data, headers=JSON_HEADERS)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineFailed(f"{type(exc).__name__}: {exc}") from exc
         async with resp:
@@ -266,7 +273,7 @@ class Router:
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise EngineFailed(f"{type(exc).__name__} while reading the answer") from exc
                 now = self.clock()
-                self.metrics.ttft.labels(backend.model).observe(now - arrival)
+                self.metrics.observe_ttft(backend.model, now - arrival)
                 return web.Response(
                     body=data,
                     status=resp.status,
@@ -287,7 +294,7 @@ class Router:
             }
             out = web.StreamResponse(status=resp.status, headers=headers)
             await out.prepare(request)
-            self.metrics.ttft.labels(backend.model).observe(now - arrival)
+            self.metrics.observe_ttft(backend.model, now - arrival)
             await out.write(first)
             try:
                 async for chunk in resp.content.iter_any():
