@@ -9,7 +9,9 @@ Condition types:
   ModelDeployment: Valid (spec makes sense against its pool), Ready (minimum serving replicas are ready),
                    Prewarmed (every warm replica the plan asks for is loaded), Degraded (something is wrong
                    that the operator cannot fix by itself).
-  WarmPool:        Ready (every expected worker reports state), Degraded (worker errors, bad annotations).
+  WarmPool:        Ready (every expected worker reports state), Degraded (worker errors, bad annotations),
+                   InferencePool (only with the operator's --inference-pool: the pool's InferencePool was
+                   written, or why the API refused it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ VALID = "Valid"
 READY = "Ready"
 PREWARMED = "Prewarmed"
 DEGRADED = "Degraded"
+INFERENCE_POOL = "InferencePool"
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 _CAMEL = re.compile(r"^[A-Z][A-Za-z0-9]*$")

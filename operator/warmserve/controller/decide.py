@@ -51,6 +51,8 @@ class ObservedPool:
     body: Mapping[str, Any] = field(default_factory=dict, compare=False)  # owner of what act creates
     desired_workers: int | None = None  # worker pods the workload wants (DaemonSet desiredNumberScheduled)
     workload_problem: tuple[str, str] | None = None  # (reason, message) when the API refused the workload
+    inference_pool_enabled: bool = False  # the operator manages InferencePools (--inference-pool)
+    inference_pool: c.Condition | None = None  # what the WarmPool handler made of it (None: not tried yet)
     rules: SpecRules = field(default_factory=SpecRules)  # what the operator's settings allow (validate_pool)
 
     @cached_property
@@ -309,6 +311,26 @@ def model_status(
     return status
 
 
+def inference_pool_condition(obs: Observation) -> c.Condition | None:
+    """The pool's `InferencePool` condition: the WarmPool handler's outcome, and when it is written but the pool's
+    engines serve several models, that caveat (an endpoint picker that does not route by model sends a request
+    to any engine of the pool: docs/gateway.md). None: the setting is off, or the handler has not run yet."""
+    if not obs.pool.inference_pool_enabled:
+        return None
+    outcome = obs.pool.inference_pool
+    if outcome is None or outcome.status != c.TRUE:
+        return outcome
+    served = sorted({m.spec.served_name for m in obs.models})
+    if len(served) <= 1:
+        return outcome
+    listed = ", ".join(served[:8]) + (f" and {len(served) - 8} more" if len(served) > 8 else "")
+    message = (
+        f"{outcome.message}; {len(served)} models share these engine ports ({listed}): an endpoint picker that "
+        "does not route by model sends a request to engines of other models"
+    )[:2000]
+    return c.Condition(c.INFERENCE_POOL, c.TRUE, "MultipleModels", message)
+
+
 def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> Decision:
     """Plan the pool (the simulator's control step on the state rebuilt from the pods' plans) and derive
     the status of the pool and of its models from the workers as they will be once the plans are written.
@@ -359,6 +381,8 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
         validation=validation,
         ports=ports,
         history=history_condition(forecasts),
+        inference_pool=inference_pool_condition(obs),
+        drop=() if obs.pool.inference_pool_enabled else (c.INFERENCE_POOL,),
     )
     if forecasts.window is not None:
         status["lastForecastWindow"] = iso(forecasts.window * forecasts.window_seconds)

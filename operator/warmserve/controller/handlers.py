@@ -48,6 +48,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     async def pool_loop(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         await pools.run_loop(runtime, body, memo, stopped, logger)
 
+    @kopf.on.delete(  # only with --inference-pool: otherwise pools get no finalizer for it
+        *POOLS, registry=registry, id="pool-delete", when=lambda **_: runtime.config.inference_pool.enabled
+    )
+    async def pool_delete(body: kopf.Body, logger: Any, **_: Any) -> None:
+        await pools.delete_pool(runtime, body, logger)
+
     # ---------------------------------------------------- ModelDeployment
     @kopf.on.resume(*MODELS, registry=registry, id="model-resume")
     @kopf.on.create(*MODELS, registry=registry, id="model-create")

@@ -55,6 +55,8 @@ CONFIGMAPS = Resource("", "v1", "configmaps")
 DAEMONSETS = Resource("apps", "v1", "daemonsets")
 WARMPOOLS = Resource(GROUP, VERSION, "warmpools")
 MODELDEPLOYMENTS = Resource(GROUP, VERSION, "modeldeployments")
+#: Gateway API Inference Extension (GA v1); its CRD may not be installed: a create answers 404 then.
+INFERENCEPOOLS = Resource("inference.networking.k8s.io", "v1", "inferencepools")
 
 
 class ApiError(Exception):
@@ -234,9 +236,12 @@ class Api:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiError(0, type(exc).__name__, str(exc)) from exc
 
-    async def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
+    async def delete(self, res: Resource, namespace: str | None, name: str, *, uid: str | None = None) -> bool:
+        """Delete; False when it is not there. With `uid`, only that very object (a precondition: an object
+        re-created under the same name answers 409, raised)."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}} if uid else None
         try:
-            await self.request("DELETE", res.path(namespace, name))
+            await self.request("DELETE", res.path(namespace, name), body=body)
             return True
         except ApiError as exc:
             if exc.status == 404:

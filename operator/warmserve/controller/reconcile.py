@@ -700,8 +700,11 @@ def pool_status(
     validation: Validation | None = None,
     ports: range = DEFAULT_ENGINE_PORTS,
     history: c.Condition | None = None,
+    inference_pool: c.Condition | None = None,
+    drop: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The status fields the pool round owns, from the worker pods. An invalid spec (`validation`) wins over a
+    """The status fields the pool round owns, from the worker pods. `drop`: condition types the round owns that no
+    longer apply (`InferencePool` with the setting off) and are removed. An invalid spec (`validation`) wins over a
     workload the API refused, which wins over worker counts. `observedGeneration` and `workload` belong to the
     WarmPool handler (`pools.reconcile_pool`). Worker-reported strings are truncated: a worker's state is not
     trusted to keep the status small."""
@@ -752,14 +755,15 @@ def pool_status(
         )
     else:
         degraded = c.Condition(c.DEGRADED, c.FALSE, "NoErrors", "")
-    conditions = [ready, degraded] + [x for x in (valid, history) if x is not None]
+    conditions = [ready, degraded] + [x for x in (valid, history, inference_pool) if x is not None]
+    kept = [x for x in existing_conditions or () if x.get("type") not in drop]
     return {
         "expectedWorkers": expected_workers,
         "readyWorkers": reporting,
         "planGeneration": plan_generation,
         "totalFreeBytes": free_total,
         "workers": entries,
-        "conditions": c.merge_conditions(existing_conditions, conditions, now=now, generation=generation),
+        "conditions": c.merge_conditions(kept, conditions, now=now, generation=generation),
     }
 
 
