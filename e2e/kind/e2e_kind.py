@@ -52,7 +52,8 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "warmserve-e2e"
 CONTEXT = f"kind-{CLUSTER}"
 NODE = f"{CLUSTER}-worker"  # the node labelled warmserve.io/e2e=true in kind-config.yaml; the control plane is tainted
-NS = "warmserve"
+NS = "warmserve"  # the pools, models and worker pods (manifests/examples/)
+SYSTEM_NS = "warmserve-system"  # the operator and the router (manifests/)
 OVERLAY = REPO / "e2e" / "kind" / "overlay"  # manifests/ with OPERATOR_IMAGE in place of the released image
 EXAMPLES = REPO / "manifests" / "examples"
 OPERATOR_IMAGE = "warmserve/operator:dev"  # the tags of `make images`
@@ -142,8 +143,8 @@ def apply(obj: dict[str, Any]) -> None:
     kubectl("apply", "-f", "-", input=json.dumps(obj))
 
 
-def get(kind: str, name: str) -> dict[str, Any]:
-    return json.loads(kubectl("get", kind, name, "-n", NS, "-o", "json"))
+def get(kind: str, name: str, namespace: str = NS) -> dict[str, Any]:
+    return json.loads(kubectl("get", kind, name, "-n", namespace, "-o", "json"))
 
 
 def worker_pods() -> list[dict[str, Any]]:
@@ -213,11 +214,13 @@ def install() -> None:
     kubectl("apply", "-k", str(OVERLAY))
     kubectl("wait", "--for=condition=Established", "crd/warmpools.warmserve.io", "crd/modeldeployments.warmserve.io")
     for deployment in ("warmserve-operator", "warmserve-router"):
-        images = [c["image"] for c in get("deployment", deployment)["spec"]["template"]["spec"]["containers"]]
+        images = [
+            c["image"] for c in get("deployment", deployment, SYSTEM_NS)["spec"]["template"]["spec"]["containers"]
+        ]
         assert images == [OPERATOR_IMAGE], f"{deployment} runs {images}, expected [{OPERATOR_IMAGE}] (e2e/kind/overlay)"
         kubectl(
             "-n",
-            NS,
+            SYSTEM_NS,
             "rollout",
             "status",
             f"deployment/{deployment}",
@@ -364,9 +367,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def port_forward(service: str, port: int, timeout: float = 60) -> Iterator[str]:
-    """`kubectl port-forward svc/<service>` on a free local port; yields the base URL."""
+    """`kubectl port-forward svc/<service>` in the system namespace on a free local port; yields the base URL."""
     local = free_port()
-    args = ["kubectl", "--context", CONTEXT, "-n", NS, "port-forward", f"svc/{service}", f"{local}:{port}"]
+    args = ["kubectl", "--context", CONTEXT, "-n", SYSTEM_NS, "port-forward", f"svc/{service}", f"{local}:{port}"]
     proc = subprocess.Popen(
         [*args, "--address", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -592,8 +595,9 @@ def diagnostics() -> str:
         ["get", "pods", "-A", "-o", "wide"],
         ["get", "warmpools,modeldeployments,daemonsets,jobs", "-n", NS, "-o", "wide"],
         ["get", "events", "-n", NS, "--sort-by=.lastTimestamp"],
-        ["logs", "deployment/warmserve-operator", "-n", NS, "--tail=80"],
-        ["logs", "deployment/warmserve-router", "-n", NS, "--tail=80"],
+        ["get", "events", "-n", SYSTEM_NS, "--sort-by=.lastTimestamp"],
+        ["logs", "deployment/warmserve-operator", "-n", SYSTEM_NS, "--tail=80"],
+        ["logs", "deployment/warmserve-router", "-n", SYSTEM_NS, "--tail=80"],
         ["logs", f"job/{MODEL_JOB}", "-n", NS, "--tail=40"],
         ["logs", "-l", f"{POOL_LABEL}={POOL}", "-n", NS, "--tail=120"],
     ]

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
+import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from controller_support import REPO, load_yaml_docs
-from test_controller_chart import _rules, render
+from controller_support import EXAMPLES, REPO, load_yaml_docs
+from test_controller_chart import CHART, _rules, render
 
 MANIFESTS = REPO / "manifests"
+# One namespace story (README "The operator on a cluster", the chart's NOTES.txt, manifests/, manifests/examples/):
+# the operator and the router in warmserve-system, WarmPools and ModelDeployments in warmserve.
+SYSTEM_NAMESPACE = "warmserve-system"
+MODELS_NAMESPACE = "warmserve"
 
 
 def kustomized_files() -> list:
@@ -57,7 +63,7 @@ def test_operator_service_account_is_bound():
         if (binding["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "router":
             continue  # the router's own read-only binding: test_router_install.py
         assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": "warmserve-operator", "namespace": "warmserve"}
+            {"kind": "ServiceAccount", "name": "warmserve-operator", "namespace": SYSTEM_NAMESPACE}
         ]
 
 
@@ -67,3 +73,71 @@ def test_kustomize_builds_offline():
     assert result.returncode == 0, result.stderr
     built = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert len(built) == len(all_docs())
+
+
+def example_docs() -> list[dict]:
+    return [d for path in sorted(EXAMPLES.glob("*.yaml")) for d in load_yaml_docs(path)]
+
+
+def worker_account(pool: dict) -> str:
+    """The ServiceAccount a WarmPool's worker pods run as (the CRD's default when the pool names none)."""
+    return ((pool.get("spec") or {}).get("worker") or {}).get("serviceAccountName", "warmserve-worker")
+
+
+def test_operator_and_router_run_in_the_system_namespace():
+    docs = all_docs()
+    for doc in docs:
+        worker = (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "worker"
+        if doc["kind"] in ("Deployment", "Service", "ServiceAccount") and not worker:
+            assert doc["metadata"]["namespace"] == SYSTEM_NAMESPACE, (doc["kind"], doc["metadata"]["name"])
+    (operator,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "warmserve-operator"]
+    env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["WARMSERVE_ROUTER_URL"] == f"http://warmserve-router.{SYSTEM_NAMESPACE}.svc:8080"
+    namespaces = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Namespace")
+    assert namespaces == sorted({SYSTEM_NAMESPACE, MODELS_NAMESPACE})
+
+
+@pytest.mark.parametrize("source", ["plain manifests", "chart defaults"])
+def test_every_example_lands_where_its_pool_can_run(source):
+    """Each example names a namespace that the install creates (or that the release lives in) and in which the
+    worker ServiceAccount of its pool exists, with the default values: applying it right after the install works."""
+    if source == "plain manifests":
+        docs, created = all_docs(), set()
+    else:
+        docs, created = render({}), {SYSTEM_NAMESPACE}  # helm install -n warmserve-system --create-namespace
+    created |= {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"}
+    accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs if d["kind"] == "ServiceAccount"}
+    bound = {
+        (d["metadata"]["namespace"], s["name"])
+        for d in docs
+        if d["kind"] == "RoleBinding"
+        for s in d["subjects"]
+        if s["kind"] == "ServiceAccount" and s.get("namespace") == d["metadata"]["namespace"]
+    }
+    examples = example_docs()
+    assert {d["kind"] for d in examples} == {"WarmPool", "ModelDeployment"}
+    pools = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in examples if d["kind"] == "WarmPool"}
+    for doc in examples:
+        namespace = doc["metadata"].get("namespace")
+        assert namespace == MODELS_NAMESPACE, (doc["metadata"]["name"], namespace)
+        assert namespace in created, f"{source}: namespace {namespace} of {doc['metadata']['name']} is not created"
+        if doc["kind"] == "ModelDeployment":
+            assert (namespace, doc["spec"]["poolRef"]["name"]) in pools, doc["metadata"]["name"]
+    for (namespace, name), pool in pools.items():
+        account = (namespace, worker_account(pool))
+        assert account in accounts, f"{source}: no ServiceAccount {account} for WarmPool {namespace}/{name}"
+        assert account in bound, f"{source}: ServiceAccount {account} has no RoleBinding"
+
+
+def test_readme_and_notes_tell_the_same_story():
+    readme = (REPO / "README.md").read_text()
+    assert f"helm install warmserve helm/warmserve -n {SYSTEM_NAMESPACE} --create-namespace" in readme
+    applied = re.findall(r"kubectl apply -f (manifests/examples/\S+\.yaml)", readme)
+    assert applied and all((REPO / path).exists() for path in applied)
+    notes = helm_python.Chart.load(str(CHART)).render({}, name="warmserve", namespace=SYSTEM_NAMESPACE)
+    text = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+    assert f"go in: {MODELS_NAMESPACE} " in text
+    urls = re.findall(r"kubectl apply -f https://raw\.githubusercontent\.com/warmserve/warmserve/main/(\S+)", text)
+    assert len(urls) == 2 and all((REPO / path).exists() for path in urls), urls
+    assert f"kubectl -n {MODELS_NAMESPACE} get mdep" in text
+    assert f"kubectl -n {SYSTEM_NAMESPACE} port-forward svc/warmserve-router" in text

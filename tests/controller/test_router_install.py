@@ -445,8 +445,9 @@ def test_plain_router_manifests_validate_strict(version):
 
 def test_plain_router_matches_the_chart():
     plain = router_docs(plain_docs())
-    # The chart rendered as the plain install is: release "warmserve" in the plain manifests' namespace.
-    namespace = one([d for d in plain_docs() if d["kind"] == "Namespace"], "Namespace")["metadata"]["name"]
+    # The chart rendered as the plain install is: release "warmserve" in the plain operator's namespace.
+    operators = [d for d in plain_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "warmserve-operator"]
+    namespace = one(operators, "Deployment")["metadata"]["namespace"]
     chart = router_docs(render({}, namespace=namespace))
     assert sorted((d["kind"], d["metadata"]["name"]) for d in plain) == sorted(
         (d["kind"], d["metadata"]["name"]) for d in chart

@@ -347,6 +347,12 @@ async def test_worker_http_metrics_and_healthz(tiny_models, shm_path, tmp_path):
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         assert 'warmserve_worker_replicas{phase="warm"} 1.0' in metrics
         assert 'warmserve_worker_arena_bytes{gpu="0",kind="total"} 4.194304e+06' in metrics
+        (last_pass,) = [
+            float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("warmserve_worker_last_pass_timestamp_seconds ")
+        ]
+        assert abs(time.time() - last_pass) < 60, "set by the pass that just ran"
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read() == b"ok"
         state = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/state"))
         assert state["observedGeneration"] == 1

@@ -39,11 +39,31 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* Namespaces that get application RBAC and the worker ServiceAccount. */}}
+{{/* Namespaces where WarmPools and ModelDeployments live (worker.namespaces while the operator watches every
+     namespace, else watchNamespaces), without the release namespace. */}}
+{{- define "warmserve.poolNamespaces" -}}
+{{- $list := list }}
+{{- range (.Values.watchNamespaces | default .Values.worker.namespaces) }}
+{{- if and (ne . $.Release.Namespace) (not (has . $list)) }}{{ $list = append $list . }}{{ end }}
+{{- end }}
+{{- join "," $list }}
+{{- end }}
+
+{{/* Namespaces that get the worker ServiceAccount and Role (and the workers' NetworkPolicy): the release
+     namespace and those where WarmPools live. */}}
 {{- define "warmserve.workerNamespaces" -}}
 {{- $list := list .Release.Namespace }}
-{{- range .Values.watchNamespaces }}{{ if not (has . $list) }}{{ $list = append $list . }}{{ end }}{{ end }}
+{{- range splitList "," (include "warmserve.poolNamespaces" .) }}{{ if . }}{{ $list = append $list . }}{{ end }}{{ end }}
 {{- join "," $list }}
+{{- end }}
+
+{{/* Labels of a monitoring object (call with dict "root" $ "own" <its labels value> "component" <name>): the
+     chart's, monitoring.labels, then the object's own; a later one wins on the same key. */}}
+{{- define "warmserve.monitoringLabels" -}}
+{{- $labels := fromYaml (include "warmserve.labels" .root) }}
+{{- $_ := set $labels "app.kubernetes.io/component" .component }}
+{{- $labels = mustMergeOverwrite $labels (.root.Values.monitoring.labels | default dict) (.own | default dict) }}
+{{- toYaml $labels }}
 {{- end }}
 
 {{/* The router's name: its ServiceAccount, RBAC objects, Deployment, Service and PodDisruptionBudget. */}}

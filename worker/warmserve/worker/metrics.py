@@ -20,6 +20,11 @@ class WorkerMetrics:
         self.generation = Gauge(
             "warmserve_worker_observed_generation", "Plan generation applied", registry=self.registry
         )
+        self.last_pass = Gauge(
+            "warmserve_worker_last_pass_timestamp_seconds",
+            "Unix time the worker last finished a reconcile pass and published its state",
+            registry=self.registry,
+        )
         self.ops = Counter(
             "warmserve_worker_operations", "Operations by kind and outcome", ["op", "outcome"], registry=self.registry
         )
@@ -38,7 +43,8 @@ class WorkerMetrics:
         self.seconds.labels(op).observe(seconds)
 
     def observe_state(self, state: WorkerState) -> None:
-        """Gauges from a published state: one replica count per phase (failures are counted from ``errors``)."""
+        """Gauges from a published state: one replica count per phase (failures are counted from ``errors``), and
+        the time of this pass (a worker whose passes stop, e.g. stuck behind a lock, shows as stale)."""
         for dev in state.devices:
             for kind, value in (("total", dev.total_bytes), ("used", dev.used_bytes), ("free", dev.free_bytes)):
                 self.arena_bytes.labels(str(dev.index), kind).set(value)
@@ -49,6 +55,7 @@ class WorkerMetrics:
             self.replicas.labels(str(phase)).set(n)
         self.errors.set(len(state.errors))
         self.generation.set(state.observed_generation)
+        self.last_pass.set_to_current_time()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
