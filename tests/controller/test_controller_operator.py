@@ -275,8 +275,8 @@ async def test_restart_creates_no_duplicates_and_keeps_forecast_history(emulator
     assert len(daemonsets) == 1
     ds_posts_after = len(list(emulator["post", emulator.resource("apps/v1/daemonsets")]))
     assert ds_posts_after - ds_posts_before <= 1, "at most one ensure-create attempt, answered 409"
-    configmaps = [k for k in emulator.objects if "configmaps" in str(k[0])]
-    assert len(configmaps) == 1
+    configmaps = sorted(k[2] for k in emulator.objects if "configmaps" in str(k[0]))
+    assert configmaps == ["pool1-load-history", "pool1-load-window"], "one history and one open-window checkpoint"
 
 
 async def test_injected_faults_refuse_the_write(emulator, client):
@@ -408,7 +408,8 @@ async def test_a_restart_during_a_refused_history_save_loses_no_window(emulator,
     assert len(daemonsets) == 1, "no duplicate DaemonSet"
     ds_posts = len([r for r in list(emulator) if writes_to("daemonsets")(r) and r.action == kmock.action.CREATE])
     assert ds_posts - ds_posts_before <= 1
-    assert len([k for k in emulator.objects if "configmaps" in str(k[0])]) == 1
+    configmaps = sorted(k[2] for k in emulator.objects if "configmaps" in str(k[0]))
+    assert configmaps == ["pool1-load-history", "pool1-load-window"], "one history and one open-window checkpoint"
 
 
 async def test_a_pool_that_asks_for_privileges_gets_no_workers_and_says_why(emulator, client):

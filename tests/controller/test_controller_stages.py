@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 from dataclasses import replace
+from typing import Any
 
 import kopf
 import pytest
@@ -23,7 +24,7 @@ from warmserve.controller.decide import (
     decide,
 )
 from warmserve.controller.forecasts import Forecasts, ForecastUpdate, ForecastView
-from warmserve.controller.history import LoadHistory
+from warmserve.controller.history import LoadHistory, OpenWindow
 from warmserve.controller.k8s import CONFIGMAPS, DAEMONSETS, MODELDEPLOYMENTS, PODS, WARMPOOLS, ApiError, Resource
 from warmserve.controller.observe import KubeObserver
 from warmserve.controller.reconcile import view_worker
@@ -184,6 +185,86 @@ def test_forecasts_close_windows_into_the_history_and_forecast():
     assert view.window == 11 and view.last_observed == {"ua": (4.0, 6.0)}
     assert view.mean_load == {"ua": 3.0} and view.peak_load == {"ua": 6.0}  # the last 5 s / 10 rounds
     assert view.demand == {"ua": Demand(4.0, 6.0)}  # the `last` forecaster: the window that just closed
+
+
+def _forecast_setup() -> tuple[Any, Any]:
+    pool = parse_pool_spec({**pool_body()["spec"], "forecast": {"windowSeconds": 60, "kind": "last"}})
+    pool = replace(pool, interval_seconds=1.0)
+    obs_model = ObservedModel(
+        "a", "ua", 1, parse_model_spec("a", model_body("a")["spec"]), WeightInfo(1, "spec", ""), {}
+    )
+    return pool, catalog(pool, [obs_model]).entries
+
+
+def test_the_open_window_is_checkpointed_at_its_first_round_and_four_times_per_window():
+    pool, entries = _forecast_setup()
+    forecasts = Forecasts(LoadHistory(60, 100))
+    times = [600.0 + 5 * i for i in range(25)]  # windows 10, 11 and the first round of 12
+    emitted = [t for t in times if forecasts.advance(t, pool, entries, {"ua": 1.0}).open_window is not None]
+    assert emitted == [600.0, 615.0, 630.0, 645.0, 660.0, 675.0, 690.0, 705.0, 720.0]
+    forecasts.checkpoint_failed()  # a failed save: handed out again at the next round
+    assert forecasts.advance(725.0, pool, entries, {"ua": 1.0}).open_window is not None
+
+
+def test_a_checkpoint_restores_closed_unsaved_windows_and_the_open_windows_samples():
+    pool, entries = _forecast_setup()
+    first = Forecasts(LoadHistory(60, 100))
+    first.advance(600.0, pool, entries, {"ua": 2.0})
+    first.advance(630.0, pool, entries, {"ua": 6.0})
+    first.advance(660.0, pool, entries, {"ua": 1.0})  # window 10 closes; its history save never lands
+    first.advance(670.0, pool, entries, {"ua": 3.0})
+    text = first.open_window()
+    assert text is not None
+    checkpoint = OpenWindow.decode(text, 60)
+    assert checkpoint is not None and checkpoint.window == 11 and checkpoint.closed == {10: {"ua": (4.0, 6.0)}}
+
+    # restarted in the same window: window 10 joins the history (unsaved: the next round saves it) and the
+    # samples of window 11 go on
+    same = Forecasts(LoadHistory(60, 100))
+    same.restore(checkpoint)
+    update = same.advance(680.0, pool, entries, {"ua": 5.0})
+    assert update.history is not None and LoadHistory.decode(update.history, 60, 100).series["ua"]["avg"] == {10: 4.0}
+    closing = same.advance(720.0, pool, entries, {"ua": 0.0})
+    assert [(c.avg, c.peak) for c in closing.closed] == [(3.0, 5.0)], "window 11: 1, 3 and 5 (0 is window 12's)"
+
+    # restarted two windows later: both closed windows are restored, what the history has is not overwritten
+    later = Forecasts(LoadHistory(60, 100))
+    later.history.record("ua", 10, 9.0, 9.0)
+    later.restore(checkpoint)
+    later.advance(790.0, pool, entries, {"ua": 0.0})
+    assert later.history.series["ua"]["avg"] == {10: 9.0, 11: 2.0} and later.unsaved
+
+    # once a history save succeeded, the next checkpoint holds no closed window
+    same.saved(None)
+    again = OpenWindow.decode(same.open_window() or "", 60)
+    assert again is not None and again.closed == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "[]",
+        '{"version":2}',
+        '{"version":1,"windowSeconds":30,"window":1,"models":{}}',
+        '{"version":1,"windowSeconds":60,"window":"x","models":{}}',
+        '{"version":1,"windowSeconds":60,"window":1,"models":{"a":[1]}}',
+        '{"version":1,"windowSeconds":60,"window":1,"models":{},"closed":{"x":{}}}',
+        '{"version":1,"windowSeconds":60,"window":1,"models":{},"closed":{"1":{"a":"bc"}}}',
+    ],
+)
+def test_an_unreadable_checkpoint_is_ignored(text):
+    assert OpenWindow.decode(text, 60) is None
+
+
+def test_a_checkpoint_drops_non_finite_values():
+    text = (
+        '{"version":1,"windowSeconds":60,"window":1,"models":{"a":[1e999,1,1],"b":[2,1,2]},'
+        '"closed":{"0":{"a":[1e999,1]}}}'
+    )
+    checkpoint = OpenWindow.decode(text, 60)
+    assert checkpoint is not None and set(checkpoint.samples) == {"b"} and checkpoint.closed == {0: {}}
 
 
 # ----------------------------------------------------------------- decide

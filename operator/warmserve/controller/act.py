@@ -1,8 +1,10 @@
 """The act stage of a pool round: carry out a `Decision` and report it.
 
-`act` does, in this order: report the window that closed and save the load history (a failed save is logged,
-counted in `warmserve_history_save_failures_total` and retried at the next round; the `ActResult` goes back to
-the pool's `Forecasts`, whose view becomes the `HistorySaved` condition); under the pool's lock (shared with
+`act` does, in this order: report the window that closed and save the load history, then the open window's
+checkpoint when the update carries one (a failed save is logged, counted in
+`warmserve_history_save_failures_total` or `warmserve_history_checkpoint_failures_total` and retried at the next
+round; the `ActResult` goes back to the pool's
+`Forecasts`, whose view becomes the `HistorySaved` condition); under the pool's lock (shared with
 ModelDeployment deletion) count the promotions and write the changed plans; set the plan metrics; patch the
 WarmPool status and each ModelDeployment status whose fields changed. `Actuator` is the interface it writes
 through; `KubeActuator` is the operator's implementation over `k8s.Api`.
@@ -10,7 +12,8 @@ through; `KubeActuator` is the operator's implementation over `k8s.Api`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -39,6 +42,11 @@ class Actuator(Protocol):
         An implementation may also raise: the act stage reports that the same way."""
         ...
 
+    async def save_open_window(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> str | None:
+        """Persist the checkpoint of the open window (`history.OpenWindow`), apart from the history; same
+        contract as `save_history`."""
+        ...
+
     async def write_plan(self, pod: str, plan: Plan) -> None: ...
 
     async def patch_pool_status(self, status: Mapping[str, Any]) -> None: ...
@@ -54,6 +62,7 @@ class ActResult:
 
     history_attempted: bool = False
     history_error: str | None = None  # None: saved (or not attempted)
+    open_window_error: str | None = None  # the checkpoint of the open window: None when saved or not attempted
 
 
 async def save_history(
@@ -64,17 +73,38 @@ async def save_history(
     pool: str,
     logger: Any,
 ) -> ActResult:
-    """Save `update.history` through `actuator`; a failure is counted and logged, never raised."""
-    if update.history is None:
-        return ActResult()
+    """Save `update.history`, then `update.open_window`, through `actuator`; a failure is counted and logged,
+    never raised."""
+    result = ActResult()
+    if update.history is not None:
+        failures = metrics.history_save_failures.labels(pool)
+        error = await _persist(actuator.save_history, update.history, owner, failures, logger, "load history")
+        result = ActResult(True, error)
+    if update.open_window is not None:
+        failures = metrics.checkpoint_failures.labels(pool)
+        error = await _persist(
+            actuator.save_open_window, update.open_window, owner, failures, logger, "open-window checkpoint"
+        )
+        result = dataclasses.replace(result, open_window_error=error)
+    return result
+
+
+async def _persist(
+    save: Callable[[str, Mapping[str, Any], Any], Awaitable[str | None]],
+    encoded: str,
+    owner: Mapping[str, Any],
+    failures: Any,
+    logger: Any,
+    what: str,
+) -> str | None:
     try:
-        error = await actuator.save_history(update.history, owner, logger)
+        error = await save(encoded, owner, logger)
     except Exception as exc:  # a failed save must not keep the round from writing plans
         error = f"{type(exc).__name__}: {exc}"
     if error is not None:
-        metrics.history_save_failures.labels(pool).inc()
-        logger.warning(f"load history not saved (retried next round): {error}")
-    return ActResult(True, error)
+        failures.inc()
+        logger.warning(f"{what} not saved (retried next round): {error}")
+    return error
 
 
 async def act(
@@ -127,13 +157,20 @@ class KubeActuator:
         return self.runtime.pool_lock(self.namespace, self.name)
 
     async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> str | None:
+        return await self._save_configmap(builders.build_history_configmap(self.name, self.namespace, encoded), owner)
+
+    async def save_open_window(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> str | None:
+        body = builders.build_open_window_configmap(self.name, self.namespace, encoded)
+        return await self._save_configmap(body, owner)
+
+    async def _save_configmap(self, body: dict[str, Any], owner: Mapping[str, Any]) -> str | None:
+        """Create the pool-owned ConfigMap `body`, or patch its data when it exists; an API error is returned."""
         api = self.runtime.require_api()
-        body = builders.build_history_configmap(self.name, self.namespace, encoded)
         kopf.adopt(body, owner=cast(kopf.Body, dict(owner)))
         try:
             _, created = await api.create(CONFIGMAPS, self.namespace, body)
             if not created:
-                patch = {"binaryData": body["binaryData"]}
+                patch: dict[str, Any] = {k: body[k] for k in ("data", "binaryData") if k in body}
                 await api.patch(CONFIGMAPS, self.namespace, body["metadata"]["name"], patch)
         except ApiError as exc:
             return str(exc)

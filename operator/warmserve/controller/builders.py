@@ -1,7 +1,8 @@
 """Pure manifest builders: (CR, spec) → Kubernetes objects as plain dicts.
 
-No API calls here: `k8s.py` sends what these return, `handlers.py` adopts it with `kopf.adopt`, and the tests
-validate every output with kubernetes-validate (strict). Names, labels and selectors are derived only from
+No API calls here: `k8s.py` sends what these return, `pools.py` adopts it with `kopf.adopt`, and the tests
+validate every output with kubernetes-validate (strict) or, for the InferencePool, against the published
+CRD's schema (tests/data/gateway-api-inference-extension/). Names, labels and selectors are derived only from
 the owning WarmPool's name, so a restarted operator rebuilds byte-identical children and never duplicates.
 
 The worker pod is hardened (docs/design.md, "Trust model"): it runs as uid/gid 65532 with a read-only root
@@ -18,14 +19,15 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from warmserve.controller.settings import OPERATOR_NAME
+from warmserve.controller.settings import OPERATOR_NAME, InferencePoolSettings
 from warmserve.controller.spec import PoolSpec
-from warmserve.protocol import POOL_LABEL
+from warmserve.protocol import POOL_LABEL, engine_ports
 
 APP_NAME = "warmserve"
 WORKER_COMPONENT = "worker"
 WORKER_CONTAINER = "worker"
 HISTORY_KEY = "history.json.z"
+OPEN_WINDOW_KEY = "window.json"
 STATE_DIR = "/var/run/warmserve"
 SHM_DIR = "/dev/shm"
 TMP_DIR = "/tmp"
@@ -58,6 +60,10 @@ CACHE_ENV = {
 #: Engines read weights from the arena and model files from the cache: never from the network.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
+INFERENCE_POOL_COMPONENT = "inference-pool"
+#: An InferencePool lists at most 8 target ports (v1 CRD: spec.targetPorts maxItems 8).
+INFERENCE_POOL_MAX_PORTS = 8
 
 
 def _short(text: str, limit: int) -> str:
@@ -80,6 +86,10 @@ def worker_workload_name(pool_name: str) -> str:
 
 def history_configmap_name(pool_name: str) -> str:
     return _short(f"{pool_name}-load-history", 253)
+
+
+def open_window_configmap_name(pool_name: str) -> str:
+    return _short(f"{pool_name}-load-window", 253)
 
 
 def selector_labels(pool_name: str) -> dict[str, str]:
@@ -165,8 +175,13 @@ def _env(pool_name: str) -> list[dict[str, Any]]:
     ]
 
 
-def worker_args(pool: PoolSpec) -> list[str]:
-    """Command-line of `python -m warmserve.worker` (worker/warmserve/worker/__main__.py) for this pool."""
+def worker_args(pool: PoolSpec, *, standby_engines: bool = True) -> list[str]:
+    """Command-line of `python -m warmserve.worker` (worker/warmserve/worker/__main__.py) for this pool.
+
+    `standby_engines=False` (the operator manages InferencePools) passes `--standby-engines 0`: an unbound standby
+    engine listens on an engine port under its model's served name with scratch weights until a promotion binds
+    it; the router never uses it (it is never an endpoint), but a gateway that routes by port would.
+    """
     w = pool.worker
     args = [
         "--page-size",
@@ -185,10 +200,12 @@ def worker_args(pool: PoolSpec) -> list[str]:
     else:
         arena = int(pool.gpu.memory_mib * (1 << 20) * w.arena_fraction)
         args += ["--device", "cpu", "--cpu-devices", "1", "--arena-bytes", str(arena)]
+    if not standby_engines:
+        args += ["--standby-engines", "0"]
     return args
 
 
-def build_worker_container(pool_name: str, pool: PoolSpec) -> dict[str, Any]:
+def build_worker_container(pool_name: str, pool: PoolSpec, *, standby_engines: bool = True) -> dict[str, Any]:
     """The sidecar worker: holds the GPUs, the arena, and launches the engines of promoted replicas."""
     w = pool.worker
     limits: dict[str, str] = {"cpu": w.cpu, "memory": w.memory}
@@ -200,7 +217,7 @@ def build_worker_container(pool_name: str, pool: PoolSpec) -> dict[str, Any]:
         "image": w.image,
         "imagePullPolicy": w.image_pull_policy,
         "command": ["python", "-m", "warmserve.worker"],
-        "args": worker_args(pool),
+        "args": worker_args(pool, standby_engines=standby_engines),
         "env": [
             *_env(pool_name)[:5],
             {"name": "WARMSERVE_LOG_LEVEL", "value": w.log_level},
@@ -226,11 +243,13 @@ def build_worker_container(pool_name: str, pool: PoolSpec) -> dict[str, Any]:
     }
 
 
-def build_worker_daemonset(pool_name: str, namespace: str, pool: PoolSpec) -> dict[str, Any]:
+def build_worker_daemonset(
+    pool_name: str, namespace: str, pool: PoolSpec, *, standby_engines: bool = True
+) -> dict[str, Any]:
     """One worker pod per matching GPU node (a DaemonSet), holding all of that node's GPUs.
 
     Rolling updates replace one worker at a time: a worker that restarts loses its warm replicas, so the
-    pool should never lose more than one node's prewarmed weights at once.
+    pool should never lose more than one node's prewarmed weights at once. `standby_engines`: see `worker_args`.
     """
     labels = common_labels(pool_name)
     writable: list[dict[str, Any]] = []
@@ -248,7 +267,7 @@ def build_worker_daemonset(pool_name: str, namespace: str, pool: PoolSpec) -> di
             "runAsGroup": WORKER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [build_worker_container(pool_name, pool)],
+        "containers": [build_worker_container(pool_name, pool, standby_engines=standby_engines)],
         "volumes": [
             *writable,
             _model_cache_volume(pool),
@@ -304,6 +323,88 @@ def build_history_configmap(pool_name: str, namespace: str | None, payload_b64: 
         },
         "binaryData": {HISTORY_KEY: payload_b64},
     }
+
+
+def build_open_window_configmap(pool_name: str, namespace: str | None, encoded: str) -> dict[str, Any]:
+    """The ConfigMap that keeps the checkpoint of a pool's open load window (`history.OpenWindow`): small and
+    written a few times per window, apart from the history, which is written once per window."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": open_window_configmap_name(pool_name),
+            "namespace": namespace,
+            "labels": common_labels(pool_name) | {"app.kubernetes.io/component": "load-history"},
+        },
+        "data": {OPEN_WINDOW_KEY: encoded},
+    }
+
+
+def inference_pool_name(pool_name: str) -> str:
+    """The pool's InferencePool is named like the WarmPool (what an HTTPRoute's backendRef names)."""
+    return _short(pool_name, 253)
+
+
+def inference_pool_ports(pool: PoolSpec) -> range:
+    """The engine ports an InferencePool targets: the first min(8, engine slots) of the pool's engine range.
+
+    A worker gives each engine it starts the lowest port of `enginePortBase` .. +63 that no engine of its own holds
+    and that binds (worker `engines.free_port`), and with standby engines off (`worker_args`) it runs at most one
+    engine per GPU (one on a CPU pool's single device). So a worker's engines sit on the first `max(1, gpu.count)`
+    ports, except an engine started while a lower port did not bind (a just-stopped engine's port), which lands
+    higher. Ports past the slots would be endpoints where no engine can listen; an InferencePool lists at most 8
+    ports, so on a 16-GPU pool the engines on ports 9..16 are not targeted (the condition says so).
+    """
+    slots = max(1, pool.gpu.count)
+    ports = engine_ports(pool.worker.engine_port_base)
+    return range(ports.start, ports.start + min(slots, INFERENCE_POOL_MAX_PORTS, len(ports)))
+
+
+def epp_service_name(pool_name: str, settings: InferencePoolSettings) -> str:
+    """The endpoint picker Service a pool's InferencePool names: `{pool}` replaced by the pool's name, and shortened
+    like the other derived names (a prefix and a hash) beyond the 63 characters a Service name may have."""
+    return _short(settings.epp.replace("{pool}", pool_name), 63)
+
+
+def build_inference_pool(
+    pool_name: str, namespace: str | None, pool: PoolSpec, settings: InferencePoolSettings
+) -> dict[str, Any]:
+    """The Gateway API Inference Extension InferencePool (v1) of a WarmPool: its worker pods (the labels the
+    DaemonSet selects them by) on `inference_pool_ports`, and the endpoint picker the operator's settings name."""
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(pool_name)},
+        "targetPorts": [{"number": port} for port in inference_pool_ports(pool)],
+        "appProtocol": "http",  # vLLM's OpenAI server: HTTP/1.1
+    }
+    if settings.epp:
+        spec["endpointPickerRef"] = {
+            "group": "",
+            "kind": "Service",
+            "name": epp_service_name(pool_name, settings),
+            "port": {"number": settings.epp_port},
+            "failureMode": settings.failure_mode,
+        }
+    return {
+        "apiVersion": INFERENCE_POOL_API_VERSION,
+        "kind": "InferencePool",
+        "metadata": {
+            "name": inference_pool_name(pool_name),
+            "namespace": namespace,
+            "labels": common_labels(pool_name) | {"app.kubernetes.io/component": INFERENCE_POOL_COMPONENT},
+        },
+        "spec": spec,
+    }
+
+
+def inference_pool_drift(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`drift_patch` for an InferencePool, plus removing an `endpointPickerRef` the settings no longer name (a
+    merge patch keeps keys it does not mention)."""
+    patch = drift_patch(current, desired)
+    stale_ref = "endpointPickerRef" in (current.get("spec") or {}) and "endpointPickerRef" not in desired["spec"]
+    if stale_ref:
+        patch = patch or {}
+        patch["spec"] = {**patch.get("spec", {}), "endpointPickerRef": None}
+    return patch
 
 
 def drift_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any] | None:

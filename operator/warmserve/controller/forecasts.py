@@ -19,6 +19,13 @@ Saving: a closed window makes the history "unsaved"; every round then asks the a
 within the pool's byte budget, the oldest days dropped first) until a save succeeds (`saved`), so a failed save
 is retried at the next round, not the next window. `ForecastView.history_save` is the outcome of the last
 attempt (the pool's `HistorySaved` condition).
+
+Checkpoint: the first round of each window and then every `windowSeconds / CHECKPOINTS_PER_WINDOW` the update
+carries an `OpenWindow` for the act stage to save apart from the history: the open window's samples and the
+windows closed since the last successful history save (at most `CHECKPOINT_CLOSED_WINDOWS`), a few numbers per
+model. An operator killed before a closed window reached a saved history restores it from the checkpoint
+(`restore`): the window is kept with the samples up to its last checkpoint, never lost, whatever the order of
+the two saves and even while history saves fail. A checkpoint of the current window lets its samples go on.
 """
 
 from __future__ import annotations
@@ -26,12 +33,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from warmserve.controller.history import LoadHistory, WindowAccumulator
+from warmserve.controller.history import LoadHistory, OpenWindow, WindowAccumulator
 from warmserve.controller.planner import ModelEntry
 from warmserve.controller.settings import HISTORY_BUDGET_BYTES
 from warmserve.controller.spec import PoolSpec
@@ -41,6 +48,8 @@ from warmserve.core.types import Demand
 SCALE_WINDOW_SECONDS = 5.0  # the autoscaler averages load over this long (the simulator's default)
 LEND_WINDOW_ROUNDS = 10  # KV lending is sized on the peak of this many rounds (the simulator's)
 STATS = ("avg", "peak")
+CHECKPOINTS_PER_WINDOW = 4  # the open window is checkpointed at its first round and then this often
+CHECKPOINT_CLOSED_WINDOWS = 24  # closed windows a checkpoint keeps while history saves fail (newest first)
 
 
 def forecaster_for(pool: PoolSpec) -> Any:
@@ -69,6 +78,7 @@ class ForecastUpdate:
     history: str | None = None  # the encoded history to save (a window closed and is not saved yet), else None
     forecast: tuple[tuple[str, str, float], ...] = ()  # (served name, stat, value) of a new forecast
     history_note: str = ""  # what the encoding kept (days dropped to fit the budget)
+    open_window: str | None = None  # the encoded checkpoint of the open window to save, else None
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,9 @@ class Forecasts:
         self._window_samples: dict[str, WindowAccumulator] = {}
         self._recent: dict[str, deque[float]] = {}  # last samples: the autoscaler and KV-lending windows
         self._keep = 1  # rounds in the autoscaler window
+        self.pending: OpenWindow | None = None  # a restored checkpoint, taken up by the first round (`restore`)
+        self._checkpoint: tuple[int, float] | None = None  # (window, time) of the last checkpoint handed out
+        self._unsaved: dict[int, dict[str, tuple[float, float]]] = {}  # closed, not in a saved history yet
 
     def advance(
         self, now: float, pool: PoolSpec, entries: Sequence[ModelEntry], load: Mapping[str, float]
@@ -110,6 +123,7 @@ class Forecasts:
         window = int(now // pool.forecast.window_seconds)
         if self.window is None:
             self.window = window
+            self._resume(window)
         if window != self.window:
             closed = self._close(entries, window)
             self.unsaved = True
@@ -123,7 +137,47 @@ class Forecasts:
             self._recent.setdefault(e.uid, deque(maxlen=max(self._keep, LEND_WINDOW_ROUNDS))).append(sample)
         if not self.demand and entries:
             gauges += self._forecast(pool, entries, window)
-        return ForecastUpdate(closed, saved, tuple(gauges), self._note if saved is not None else "")
+        checkpoint = None
+        every = pool.forecast.window_seconds / CHECKPOINTS_PER_WINDOW
+        if self._checkpoint is None or self._checkpoint[0] != window or now - self._checkpoint[1] >= every:
+            self._checkpoint = (window, now)
+            checkpoint = self.open_window()
+        note = self._note if saved is not None else ""
+        return ForecastUpdate(closed, saved, tuple(gauges), note, checkpoint)
+
+    def open_window(self) -> str | None:
+        """The encoded checkpoint of the open window (None before the first round)."""
+        if self.window is None:
+            return None
+        closed = dict(sorted(self._unsaved.items())[-CHECKPOINT_CLOSED_WINDOWS:])
+        return OpenWindow(self.window, self.history.window_seconds, self._window_samples, closed).encode()
+
+    def restore(self, checkpoint: OpenWindow | None) -> None:
+        """Take up a checkpoint read back after a restart (before the first round; see `_resume`)."""
+        self.pending = checkpoint
+
+    def checkpoint_failed(self) -> None:
+        """The act stage could not save `ForecastUpdate.open_window`: hand out a new one next round."""
+        self._checkpoint = None
+
+    def _resume(self, window: int) -> None:
+        """The first round: a checkpoint of this window lets its samples go on; one of an earlier window is a
+        window that closed while the operator was down or before it could save the history: it joins the history
+        (unless the history has it) and the history becomes unsaved."""
+        checkpoint, self.pending = self.pending, None
+        if checkpoint is None or checkpoint.window > window:
+            return
+        closed = dict(checkpoint.closed)
+        if checkpoint.window == window:
+            self._window_samples = {uid: replace(a) for uid, a in checkpoint.samples.items()}
+        else:
+            closed[checkpoint.window] = {uid: (a.avg, a.peak) for uid, a in checkpoint.samples.items()}
+        for w, per in sorted(closed.items()):
+            for uid, (avg, peak) in per.items():
+                if w not in self.history.series.get(uid, {}).get("avg", {}):
+                    self.history.record(uid, w, avg, peak)
+                    self._unsaved.setdefault(w, {})[uid] = (avg, peak)
+                    self.unsaved = True
 
     def encode(self) -> tuple[str, str]:
         """The history encoded within the byte budget, and a note on what was dropped to fit ("" if nothing)."""
@@ -140,6 +194,7 @@ class Forecasts:
         """The act stage's outcome of saving `ForecastUpdate.history`: None when saved, else why not."""
         if error is None:
             self.unsaved = False
+            self._unsaved.clear()
             models = len(self.history.series)
             if note:
                 self.last_save = (True, "SavedTruncated", f"{models} model(s); {note}")
@@ -168,6 +223,7 @@ class Forecasts:
             if acc is None or acc.count == 0:
                 continue
             self.history.record(e.uid, self.window, acc.avg, acc.peak)
+            self._unsaved.setdefault(self.window, {})[e.uid] = (acc.avg, acc.peak)
             self.last_observed[e.uid] = (acc.avg, acc.peak)
             closed.append(ClosedWindow(e.served_name, acc.avg, acc.peak, self.demand.get(e.uid)))
         self.history.forget({e.uid for e in entries})

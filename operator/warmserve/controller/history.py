@@ -6,6 +6,11 @@ absolute window index `floor(unix_time / window_seconds)`, so windows line up ac
 and missing windows (operator down) stay NaN, which the forecasters skip instead of reading as zero.
 
 Pure: the loop decides when to save; `encode`/`decode` turn it into zlib-compressed JSON for `binaryData`.
+
+`OpenWindow` is the checkpoint of what a saved history does not hold yet (a few numbers per model, saved apart
+from the history several times per window): the samples of the window still being measured, and the windows
+that closed since the last successful history save. An operator killed before it saved a window that just
+closed restores that window from the checkpoint, so no window is lost, only the samples of its last moments.
 """
 
 from __future__ import annotations
@@ -37,6 +42,48 @@ class WindowAccumulator:
     @property
     def avg(self) -> float:
         return self.total / self.count if self.count else 0.0
+
+
+@dataclass
+class OpenWindow:
+    """The checkpoint of a pool's load windows that a saved history does not hold yet: the samples so far of the
+    open window `window` (absolute index) per model uid, and the closed windows not yet saved
+    (`closed`: window → uid → (avg, peak))."""
+
+    window: int
+    window_seconds: int
+    samples: dict[str, WindowAccumulator]
+    closed: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
+
+    def encode(self) -> str:
+        doc = {
+            "version": 1,
+            "window": self.window,
+            "windowSeconds": self.window_seconds,
+            "models": {m: [a.total, a.count, a.peak] for m, a in sorted(self.samples.items()) if a.count},
+            "closed": {str(w): {m: list(v) for m, v in sorted(per.items())} for w, per in sorted(self.closed.items())},
+        }
+        return json.dumps(doc, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str, window_seconds: int) -> OpenWindow | None:
+        """Inverse of `encode`; None for anything unreadable or of another window length (never raises)."""
+        try:
+            doc = json.loads(text)
+            if doc.get("version") != 1 or doc.get("windowSeconds") != window_seconds:
+                return None
+            samples = {}
+            for model, (total, count, peak) in doc["models"].items():
+                acc = WindowAccumulator(float(total), int(count), float(peak))
+                if isinstance(model, str) and acc.count > 0 and all(map(math.isfinite, (acc.total, acc.peak))):
+                    samples[model] = acc
+            closed: dict[int, dict[str, tuple[float, float]]] = {}
+            for w, per in (doc.get("closed") or {}).items():
+                values = {m: (float(a), float(p)) for m, (a, p) in per.items() if isinstance(m, str)}
+                closed[int(w)] = {m: v for m, v in values.items() if all(map(math.isfinite, v))}
+            return cls(int(doc["window"]), window_seconds, samples, closed)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
 
 
 @dataclass

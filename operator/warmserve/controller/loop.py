@@ -30,7 +30,7 @@ from warmserve.controller.decide import PlannerState, decide
 from warmserve.controller.forecasts import LEND_WINDOW_ROUNDS, SCALE_WINDOW_SECONDS, Forecasts, ForecastUpdate
 from warmserve.controller.history import LoadHistory
 from warmserve.controller.k8s import ApiError
-from warmserve.controller.observe import KubeObserver, Observer
+from warmserve.controller.observe import InferencePoolOutcome, KubeObserver, Observer
 from warmserve.controller.runtime import Runtime
 from warmserve.controller.spec import PoolSpec, parse_pool_spec
 from warmserve.core.types import Demand
@@ -50,11 +50,12 @@ class PoolLoop:
         observer: Observer | None = None,
         actuator: Actuator | None = None,
         workload_problem: Callable[[], tuple[str, str] | None] | None = None,
+        inference_pool: InferencePoolOutcome | None = None,
     ) -> None:
         self.runtime = runtime
         self.namespace = namespace
         self.name = name
-        self.observer = observer or KubeObserver(runtime, namespace, name, workload_problem)
+        self.observer = observer or KubeObserver(runtime, namespace, name, workload_problem, inference_pool)
         self.actuator = actuator or KubeActuator(runtime, namespace, name)
         self.forecasts: Forecasts | None = None
         self.planner = PlannerState()
@@ -81,7 +82,12 @@ class PoolLoop:
                 self.forecasts.history = history
             # what is persisted is all there is: nothing is waiting to be saved (HistorySaved=True)
             self.forecasts.last_save = (True, "Restored", f"{len(history.series)} model(s) restored")
-            logger.info(f"load history of pool {self.name}: {len(history.series)} model(s) restored")
+            checkpoint = await self.observer.load_open_window(pool)
+            self.forecasts.restore(checkpoint)
+            logger.info(
+                f"load history of pool {self.name}: {len(history.series)} model(s) restored"
+                + (f", open-window checkpoint of window {checkpoint.window}" if checkpoint else "")
+            )
         return self.forecasts
 
     async def tick(self, body: Mapping[str, Any], logger: Any) -> None:
@@ -103,20 +109,25 @@ class PoolLoop:
         self.rounds += 1
 
     def _saved(self, update: ForecastUpdate, result: ActResult) -> None:
-        if result.history_attempted and self.forecasts is not None:
+        if self.forecasts is None:
+            return
+        if result.history_attempted:
             self.forecasts.saved(result.history_error, update.history_note)
+        if result.open_window_error is not None:
+            self.forecasts.checkpoint_failed()
 
     async def flush_history(self, logger: Any) -> None:
-        """Save a history whose last save failed (or has not happened yet since a window closed): called when the
-        daemon stops, so that an orderly stop or restart of the operator loses no window."""
+        """Save a history whose last save failed (or has not happened yet since a window closed), and the open
+        window's samples: called when the daemon stops, so that an orderly stop or restart of the operator loses
+        no window and no sample."""
         forecasts = self.forecasts
-        if forecasts is None or not forecasts.unsaved or self.last_body is None:
+        if forecasts is None or self.last_body is None:
             return
-        text, note = await asyncio.to_thread(forecasts.encode)
-        update = ForecastUpdate(history=text, history_note=note)
+        text, note = await asyncio.to_thread(forecasts.encode) if forecasts.unsaved else (None, "")
+        update = ForecastUpdate(history=text, history_note=note, open_window=forecasts.open_window())
         result = await save_history(update, self.last_body, self.actuator, self.runtime.metrics, self.name, logger)
         self._saved(update, result)
-        if result.history_error is None:
+        if result.history_attempted and result.history_error is None:
             logger.info(f"load history of pool {self.name} saved on stop")
 
 
@@ -126,10 +137,13 @@ async def run(
     stopped: Any,
     logger: Any,
     workload_problem: Callable[[], tuple[str, str] | None] | None = None,
+    inference_pool: InferencePoolOutcome | None = None,
 ) -> None:
     """The daemon body: one round per interval until kopf stops the daemon (deletion, pause, exit)."""
     meta = body.get("metadata") or {}
-    loop = PoolLoop(runtime, meta.get("namespace"), meta["name"], workload_problem=workload_problem)
+    loop = PoolLoop(
+        runtime, meta.get("namespace"), meta["name"], workload_problem=workload_problem, inference_pool=inference_pool
+    )
     if runtime.on_loop is not None:
         runtime.on_loop(loop)
     wake = runtime.wakeups.register()

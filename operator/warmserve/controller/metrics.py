@@ -66,6 +66,12 @@ class OperatorMetrics:
             ["pool"],
             registry=r,
         )
+        self.checkpoint_failures = Counter(
+            "warmserve_history_checkpoint_failures_total",
+            "Saves of the open load window's checkpoint that failed (retried at the next round)",
+            ["pool"],
+            registry=r,
+        )
 
     @contextmanager
     def timed(self, kind: str, step: str) -> Iterator[None]:

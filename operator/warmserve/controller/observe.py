@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from warmserve.controller import builders, reconcile
-from warmserve.controller.conditions import now_rfc3339
+from warmserve.controller.conditions import Condition, now_rfc3339
 from warmserve.controller.decide import Observation, ObservedModel, ObservedPool
-from warmserve.controller.history import LoadHistory
+from warmserve.controller.history import LoadHistory, OpenWindow
 from warmserve.controller.k8s import CONFIGMAPS, DAEMONSETS, MODELDEPLOYMENTS, PODS
 from warmserve.controller.runtime import Runtime
 from warmserve.controller.scrape import LoadScraper, PrometheusScraper, RouterScraper, WorkerMetricsScraper
@@ -27,6 +27,7 @@ from warmserve.controller.weights import WeightInfo
 from warmserve.protocol import engine_ports
 
 WorkloadProblem = Callable[[], tuple[str, str] | None]
+InferencePoolOutcome = Callable[[], Condition | None]  # the WarmPool handler's outcome (pools.record_inference_pool)
 
 
 class Observer(Protocol):
@@ -34,6 +35,10 @@ class Observer(Protocol):
 
     async def load_history(self, pool: PoolSpec) -> LoadHistory:
         """The persisted load history of the pool (empty when there is none)."""
+        ...
+
+    async def load_open_window(self, pool: PoolSpec) -> OpenWindow | None:
+        """The persisted checkpoint of the pool's open load window (None when there is none or it is unreadable)."""
         ...
 
     async def observe(self, body: Mapping[str, Any], now: float, logger: Any) -> Observation:
@@ -74,12 +79,18 @@ class KubeObserver:
     """Observes a WarmPool through the Kubernetes API (`k8s.Api`) and its load source."""
 
     def __init__(
-        self, runtime: Runtime, namespace: str | None, name: str, workload_problem: WorkloadProblem | None = None
+        self,
+        runtime: Runtime,
+        namespace: str | None,
+        name: str,
+        workload_problem: WorkloadProblem | None = None,
+        inference_pool: InferencePoolOutcome | None = None,
     ) -> None:
         self.runtime = runtime
         self.namespace = namespace
         self.name = name
         self.workload_problem = workload_problem or (lambda: None)
+        self.inference_pool = inference_pool or (lambda: None)
 
     async def load_history(self, pool: PoolSpec) -> LoadHistory:
         api = self.runtime.require_api()
@@ -88,6 +99,12 @@ class KubeObserver:
         text = ((cm or {}).get("binaryData") or {}).get(builders.HISTORY_KEY, "")
         history = LoadHistory.decode(text, pool.forecast.window_seconds, capacity) if text else None
         return history or LoadHistory(pool.forecast.window_seconds, capacity)
+
+    async def load_open_window(self, pool: PoolSpec) -> OpenWindow | None:
+        api = self.runtime.require_api()
+        cm = await api.get(CONFIGMAPS, self.namespace, builders.open_window_configmap_name(self.name))
+        text = ((cm or {}).get("data") or {}).get(builders.OPEN_WINDOW_KEY)
+        return OpenWindow.decode(text, pool.forecast.window_seconds) if isinstance(text, str) else None
 
     async def observe(self, body: Mapping[str, Any], now: float, logger: Any) -> Observation:
         runtime, api = self.runtime, self.runtime.require_api()
@@ -131,6 +148,8 @@ class KubeObserver:
                 body=body,
                 desired_workers=int(desired) if isinstance(desired, int) and desired > 0 else None,
                 workload_problem=self.workload_problem(),
+                inference_pool_enabled=runtime.config.inference_pool.enabled,
+                inference_pool=self.inference_pool(),
                 rules=rules,
             ),
             workers=workers,

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from aiohttp import web
 
 from warmserve.controller.decide import Observation, ObservedModel, ObservedPool
-from warmserve.controller.history import LoadHistory
+from warmserve.controller.history import LoadHistory, OpenWindow
 from warmserve.controller.loop import PoolLoop
 from warmserve.controller.reconcile import WorkerView
 from warmserve.controller.runtime import Runtime
@@ -83,6 +83,10 @@ class LocalWorld:
     def history_path(self) -> str:
         return os.path.join(self.state_dir, "load-history.txt")
 
+    @property
+    def open_window_path(self) -> str:
+        return os.path.join(self.state_dir, "load-window.json")
+
     def served_names(self) -> dict[str, str]:
         """{ModelDeployment uid: served name}."""
         return {
@@ -105,6 +109,13 @@ class LocalObserver:
         except FileNotFoundError:
             history = None
         return history or LoadHistory(pool.forecast.window_seconds, capacity)
+
+    async def load_open_window(self, pool: PoolSpec) -> OpenWindow | None:
+        try:
+            with open(self.world.open_window_path) as fh:
+                return OpenWindow.decode(fh.read(), pool.forecast.window_seconds)
+        except FileNotFoundError:
+            return None
 
     async def observe(self, body: Mapping[str, Any], now: float, logger: Any) -> Observation:
         world = self.world
@@ -155,10 +166,10 @@ class LocalActuator:
         return self._lock
 
     async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> None:
-        tmp = self.world.history_path + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(encoded)
-        os.replace(tmp, self.world.history_path)
+        write_atomically(self.world.history_path, encoded)
+
+    async def save_open_window(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> None:
+        write_atomically(self.world.open_window_path, encoded)
 
     async def write_plan(self, pod: str, plan: Plan) -> None:
         self.world.plan = plan
@@ -169,6 +180,13 @@ class LocalActuator:
 
     async def patch_model_status(self, name: str, status: Mapping[str, Any]) -> None:
         self.world.model_status[name] = {**self.world.model_status.get(name, {}), **status}
+
+
+def write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def status_lines(world: LocalWorld, router: Router) -> list[str]:
