@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from warmserve.cliutil import HelpFormatter
 from warmserve.core.forecast import FORECASTER_KINDS
 from warmserve.sim.costs import COST_TABLES, DEFAULT_TABLE, table_costs
 from warmserve.sim.engine import ALIASES, INITIAL_STATES, POLICIES
@@ -51,20 +52,33 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="warmserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="warmserve", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser(
         "simulate",
         help="replay a real-trace workload against WarmServe and its baselines",
-        description="Trace-driven simulation of WarmServe and the baselines on one workload (the bundled "
-        "Azure 2024 code trace by default); prints a comparison table.",
+        description="Trace-driven simulation of WarmServe and the baselines on one workload (the bundled Azure\n"
+        "2024 code trace by default); prints a comparison table. Progress goes to stderr.",
+        formatter_class=HelpFormatter,
     )
     sim.add_argument("--scenario", choices=sorted(SCENARIOS), default="paper")
     sim.add_argument("--policies", type=_policies, default=list(POLICIES), help="comma-separated (default: all)")
-    sim.add_argument("--rps", type=_positive(float), help="total requests per second (paper: 15)")
-    sim.add_argument("--alpha", type=float, help="popularity skew: share of model i ∝ (i+1)^-alpha (paper: 0.5)")
-    sim.add_argument("--hours", type=_positive(float), help="replayed hours (paper: 1/3, the first 20 minutes)")
-    sim.add_argument("--start-hour", type=float, help="time of day the replay starts, UTC (paper: 0)")
+    sim.add_argument(
+        "--rps", type=_positive(float), help="total requests per second (default: the scenario's; paper: 15)"
+    )
+    sim.add_argument(
+        "--alpha",
+        type=float,
+        help="popularity skew: share of model i ∝ (i+1)^-alpha (default: the scenario's; paper: 0.5)",
+    )
+    sim.add_argument(
+        "--hours",
+        type=_positive(float),
+        help="replayed hours (default: the scenario's; paper: 1/3, the first 20 minutes)",
+    )
+    sim.add_argument(
+        "--start-hour", type=float, help="time of day the replay starts, UTC (default: the scenario's; paper: 0)"
+    )
     sim.add_argument(
         "--initial",
         choices=INITIAL_STATES,
@@ -72,35 +86,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="state at t=0: 'empty' (no engine, the paper's protocol) or 'steady' (engines for the load before)",
     )
     sim.add_argument("--cv", type=_positive(float), help="re-draw arrivals with this Gamma CV (default: real)")
-    sim.add_argument("--seed", type=int, help="workload seed (default: 0)")
-    sim.add_argument("--history-days", type=int, help="days of history before the replay (paper: 3)")
+    sim.add_argument("--seed", type=int, help="workload seed (default: the scenario's; paper: 0)")
+    sim.add_argument(
+        "--history-days", type=int, help="days of history before the replay (default: the scenario's; paper: 3)"
+    )
     sim.add_argument("--window-s", type=_positive(int), help="forecast window in seconds (default: 300)")
-    sim.add_argument("--forecaster", choices=FORECASTER_KINDS, default="csp")
+    sim.add_argument("--forecaster", choices=FORECASTER_KINDS, default="csp", help="load forecaster of WarmServe")
     sim.add_argument(
         "--costs",
         choices=sorted(COST_TABLES),
         default=DEFAULT_TABLE,
-        help="cost table: public A100 figures (default) or this repository's CPU measurements (bench/worker.py); "
+        help="cost table: public A100 figures or this repository's CPU measurements (bench/worker.py); "
         "the JSON lists every value with its unit and source",
     )
     sim.add_argument(
-        "--engine-init-s", type=_positive(float), help="engine initialisation in a fresh process (s; default: table)"
+        "--engine-init-s",
+        type=_positive(float),
+        help="engine initialisation in a fresh process (s; default: the cost table's)",
     )
     sim.add_argument(
         "--prestarted-init-s",
         "--engine-start-s",
         dest="prestarted_init_s",
         type=_positive(float),
-        help="engine initialisation in a pre-started process (s; --engine-start-s is its old name)",
+        help="engine initialisation in a pre-started process (s; --engine-start-s is its old name; default: "
+        "the cost table's)",
     )
-    sim.add_argument("--promote-s", type=_positive(float), help="standby engine binds a warm replica (s)")
-    sim.add_argument("--wake-s", type=_positive(float), help="fixed part of a wake from sleep (s)")
-    sim.add_argument("--storage-gbps", type=_positive(float), help="storage read bandwidth per GPU (GB/s)")
-    sim.add_argument("--load-gbps", type=_positive(float), help="host→GPU bandwidth per GPU (GB/s)")
+    sim.add_argument(
+        "--promote-s", type=_positive(float), help="standby engine binds a warm replica (s; default: the cost table's)"
+    )
+    sim.add_argument(
+        "--wake-s", type=_positive(float), help="fixed part of a wake from sleep (s; default: the cost table's)"
+    )
+    sim.add_argument(
+        "--storage-gbps",
+        type=_positive(float),
+        help="storage read bandwidth per GPU (GB/s; default: the cost table's)",
+    )
+    sim.add_argument(
+        "--load-gbps", type=_positive(float), help="host→GPU bandwidth per GPU (GB/s; default: the cost table's)"
+    )
     sim.add_argument(
         "--share-contention",
         type=_fraction,
-        help="gpu-share: prefill slow-down per co-located decoding engine, 0 (overlap) to 1 (time slicing)",
+        help="gpu-share: prefill slow-down per co-located decoding engine, 0 (overlap) to 1 (time slicing) "
+        "(default: the cost table's)",
     )
     sim.add_argument("--json", type=Path, help="write the results as JSON")
     sim.add_argument("--plot", type=Path, help="write TTFT CDFs and p99-vs-cost as a PNG")
@@ -117,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "policy, and "
         "WarmServe's ratio to the strongest baseline per metric (not with --plot or --sensitivity)",
     )
-    sim.add_argument("--quiet", action="store_true", help="no progress output")
+    sim.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (on stderr: a live bar on a terminal, otherwise a line per policy and one "
+        "every 10 s while a policy runs)",
+    )
     for name, text in (
         ("up", "serve the models of a YAML file on this machine, no Kubernetes (-f models.yaml; --help lists options)"),
         ("operator", "run the Kubernetes operator (same as python -m warmserve.controller; --help lists settings)"),

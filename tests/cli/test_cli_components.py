@@ -10,7 +10,11 @@ from warmserve.cli import main
 
 @pytest.mark.parametrize(
     ("command", "usage"),
-    [("operator", "warmserve.controller"), ("worker", "warmserve.worker"), ("router", "warmserve router")],
+    [
+        ("operator", "usage: warmserve operator"),
+        ("worker", "usage: warmserve worker"),
+        ("router", "usage: warmserve router"),
+    ],
 )
 def test_component_help_comes_from_the_component(command, usage, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -17,21 +17,22 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from warmserve.cliutil import HelpFormatter
 from warmserve.local.config import ConfigError, load
 from warmserve.local.driver import Up, UpSettings
 
 
 def build_parser(prog: str = "warmserve up") -> argparse.ArgumentParser:
     d = UpSettings()
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "-f", "--file", required=True, help="YAML with ModelDeployment (and optionally one WarmPool) objects"
     )
-    p.add_argument("--host", default=d.host, help=f"router address (default {d.host})")
-    p.add_argument("--port", type=int, default=d.port, help=f"router port (default {d.port})")
+    p.add_argument("--host", default=d.host, help=f"router address (default: {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"router port (default: {d.port})")
     p.add_argument("--state-dir", default="", help="worker state directory (default: a temporary one, removed at exit)")
     p.add_argument(
-        "--device", choices=["auto", "cuda", "cpu"], default=d.device, help="cuda GPUs or a host arena (default auto)"
+        "--device", choices=["auto", "cuda", "cpu"], default=d.device, help="cuda GPUs or a host arena (default: auto)"
     )
     p.add_argument(
         "--arena-mib",
@@ -54,25 +55,31 @@ def build_parser(prog: str = "warmserve up") -> argparse.ArgumentParser:
         "--max-wait-seconds",
         type=float,
         default=d.max_wait_seconds,
-        help=f"longest a request is held for an engine (default {d.max_wait_seconds:g})",
+        help=f"longest a request is held for an engine (default: {d.max_wait_seconds:g})",
     )
     p.add_argument(
         "--max-queue",
         type=int,
         default=d.max_queue,
-        help=f"requests held per model before the router answers 429 (default {d.max_queue})",
+        help=f"requests held per model before the router answers 429 (default: {d.max_queue})",
     )
     p.add_argument(
         "--standby-engines",
         type=int,
         default=d.standby_engines,
         help="pre-initialised engines kept for prewarmed models: promotion binds one instead of starting "
-        f"an engine (default {d.standby_engines}; 0 disables)",
+        f"an engine (default: {d.standby_engines}; 0 disables)",
     )
     p.add_argument(
-        "--status-every", type=float, default=d.status_every, help="seconds between status lines (default 5)"
+        "--status-every", type=float, default=d.status_every, help="seconds between status lines (default: 5)"
     )
-    p.add_argument("--log-level", default="warning", help="log level of the components (default warning)")
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        default="warning",
+        help="log level of the components (default: warning)",
+    )
     return p
 
 

@@ -2,7 +2,10 @@
 
 Discovers engines by watching the worker pods' `warmserve.io/state` and the ModelDeployments (read-only
 access), routes each request by its `model` to a ready engine, and holds requests for a model that has no
-ready engine until the operator has promoted one.
+ready engine until the operator has promoted one. Also: python -m warmserve.router.
+
+It needs a cluster (the pod's service account, or the kubeconfig at $KUBECONFIG or ~/.kube/config); without
+one it exits with status 3.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from warmserve.cliutil import EXIT_FAILED, EXIT_NO_CLUSTER, HelpFormatter, require_cluster
 from warmserve.router.server import RouterSettings
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def parse_ports(text: str) -> range:
@@ -29,7 +35,7 @@ def parse_ports(text: str) -> range:
 
 def build_parser(prog: str = "warmserve router") -> argparse.ArgumentParser:
     d = RouterSettings()
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--host", default=d.host, help="address to listen on")
     p.add_argument("--port", type=int, default=d.port, help="port to listen on")
     p.add_argument(
@@ -48,12 +54,21 @@ def build_parser(prog: str = "warmserve router") -> argparse.ArgumentParser:
         default="1024-65535",
         help="ports an engine endpoint may use (others reported by a worker are ignored)",
     )
-    p.add_argument("--log-level", default=os.environ.get("WARMSERVE_LOG_LEVEL", "info"), help="log level")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("WARMSERVE_LOG_LEVEL", "info"),
+        help="debug, info, warning or error; env WARMSERVE_LOG_LEVEL",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level.lower() not in LOG_LEVELS:
+        parser.error(
+            f"--log-level / WARMSERVE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}"
+        )
     if args.namespace is None:
         args.namespace = [ns for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns]
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,12 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from warmserve.router.discovery import KubeDiscovery
     from warmserve.router.server import Router, run
 
+    no_cluster = require_cluster("warmserve router")
+    if no_cluster is not None:
+        return no_cluster
     settings = kopf.OperatorSettings()
     try:
         k8s.login(settings)
-    except kopf.LoginError as error:
-        print(f"warmserve router: cannot reach a Kubernetes cluster: {error}", file=sys.stderr)
-        return 2
+    except (kopf.LoginError, OSError) as error:
+        print(f"warmserve router: cannot log in to the Kubernetes cluster: {error}", file=sys.stderr)
+        return EXIT_NO_CLUSTER
     api = k8s.Api(lambda: k8s.login(settings))
     router = Router(
         RouterSettings(
@@ -87,7 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ports=args.engine_ports,
         on_rejected=lambda _message: router.metrics.rejected_endpoints.inc(),
     )
-    run(router, args.host, args.port, drain_seconds=args.max_wait_seconds + 10)
+    try:
+        run(router, args.host, args.port, drain_seconds=args.max_wait_seconds + 10, on_cleanup=api.close)
+    except OSError as error:  # e.g. the port is taken
+        print(f"warmserve router: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

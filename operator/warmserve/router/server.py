@@ -330,10 +330,27 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run(router: Router, host: str, port: int, drain_seconds: float = 60.0) -> None:
-    """Serve until SIGINT/SIGTERM, then give held and running requests `drain_seconds` to finish."""
+def run(
+    router: Router,
+    host: str,
+    port: int,
+    drain_seconds: float = 60.0,
+    on_cleanup: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM, then give held and running requests `drain_seconds` to finish.
+
+    `on_cleanup` runs last, after the router's own clean-up, also when the server could not start (an `OSError`
+    such as a port in use is raised after it)."""
+    app = router.app()
+    if on_cleanup is not None:
+        cleanup = on_cleanup
+
+        async def last(_app: web.Application) -> None:
+            await cleanup()
+
+        app.on_cleanup.append(last)
     web.run_app(
-        router.app(),
+        app,
         loop=new_event_loop(),
         host=host,
         port=port,

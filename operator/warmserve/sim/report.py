@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -59,26 +61,106 @@ class Comparison:
         }
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr (no dependency; silent when stderr is not a terminal and quiet)."""
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
-    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30) -> None:
-        self.label, self.stream, self.width = label, stream or sys.stderr, width
-        self.last = -1
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` writes to ($COLUMNS first; 80 when unknown)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a StringIO), or not a terminal
+        return 80
+
+
+class ProgressBar:
+    """The progress of one run on stderr, with the elapsed time and an estimate of the time left (ETA).
+
+    On a terminal a live bar, redrawn in place and fitted to the terminal's width. Anywhere else (a pipe, a
+    log file, CI) no bar: one line every ``interval`` seconds while the run lasts and one when it is done, so a
+    quick run writes a single line.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        stream: TextIO | None = None,
+        width: int = 30,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label, self.stream, self.width, self.interval, self.clock = (
+            label,
+            stream or sys.stderr,
+            width,
+            interval,
+            clock,
+        )
+        self.interactive = _isatty(self.stream)
+        self.started = self.last_write = clock()
+        self.last_percent = -1
+        self.drawn = 0  # length of the bar on screen, to blank what a shorter redraw leaves
+        self.finished = False
+
+    def _times(self, fraction: float, elapsed: float) -> str:
+        if fraction >= 1:
+            return f"done in {_duration(elapsed)}"
+        if fraction < 0.01:  # too early for an estimate
+            return f"{_duration(elapsed)} elapsed"
+        return f"{_duration(elapsed)} elapsed, ETA {_duration(elapsed * (1 - fraction) / fraction)}"
 
     def __call__(self, fraction: float) -> None:
-        interactive = self.stream.isatty()
-        step = 1 if interactive else 25  # a log file gets a line per quarter, a terminal a live bar
-        percent = int(fraction * 100) // step * step
-        if percent == self.last:
+        if self.finished:
             return
-        self.last = percent
-        filled = int(fraction * self.width)
-        bar = f"{self.label:<24} [{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}%"
-        self.stream.write(f"\r{bar}" if interactive else f"{bar}\n")
-        if interactive and percent >= 100:
-            self.stream.write("\n")
+        fraction = min(max(fraction, 0.0), 1.0)
+        now = self.clock()
+        percent, done = int(fraction * 100), fraction >= 1
+        if self.interactive:
+            # a redraw per percent, and twice a second for the clock; never more often than the terminal needs
+            if not done and percent == self.last_percent and now - self.last_write < 0.5:
+                return
+            self._draw(fraction, percent, now)
+        else:
+            if not done and now - self.last_write < self.interval:
+                return
+            times = self._times(fraction, now - self.started)
+            self.stream.write(f"{self.label:<24} {percent:3d}%  {times}\n")
+        self.last_percent, self.last_write, self.finished = percent, now, done
         self.stream.flush()
+
+    def _draw(self, fraction: float, percent: int, now: float) -> None:
+        columns = _columns(self.stream) - 1  # the last column would wrap on some terminals
+        text = f" {percent:3d}%  {self._times(fraction, now - self.started)}"
+        # room for the longest text ("10 min 00 s elapsed, ETA 10 min 00 s"), so the bar keeps its width
+        width = min(self.width, columns - len(f"{self.label:<24}") - 3 - 43)
+        if width >= 10:
+            filled = int(fraction * width)
+            line = f"{self.label:<24} [{'#' * filled}{'.' * (width - filled)}]{text}"
+        else:
+            line = f"{self.label:<24}{text}"
+        line = line[:columns]
+        self.stream.write("\r" + line + " " * max(self.drawn - len(line), 0) + ("\n" if fraction >= 1 else ""))
+        self.drawn = len(line)
 
 
 def compare(
@@ -320,7 +402,8 @@ def compare_seeds(
     runs: dict[int, dict[str, dict]] = {}
     first: Comparison | None = None
     for seed in seeds:
-        comparison = compare(scenario.with_workload(seed=seed), policies, costs, forecaster, progress, initial, table)
+        labelled = None if progress is None else (lambda policy, seed=seed: progress(f"{policy} seed {seed}"))
+        comparison = compare(scenario.with_workload(seed=seed), policies, costs, forecaster, labelled, initial, table)
         runs[seed] = {p: r.summary(scenario.ttft_slo_s) for p, r in comparison.results.items()}
         if first is None:
             first = comparison
