@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import io
 import json
 import os
@@ -48,7 +49,7 @@ PORT, ENGINE_PORT = 19281, 19300
 CLI_PORT, CLI_ENGINE_PORT = 19282, 19350
 MAX_QUEUE = 3
 # alpha's ModelDeployment sets its own engine settings, read back from its engine below
-ALPHA_MAX_LEN, ALPHA_ARGS = 200, ["--max-logprobs", "2"]
+ALPHA_MAX_LEN, ALPHA_ARGS, ALPHA_DTYPE = 200, ["--max-logprobs", "2"], "float32"  # the worker's default: bfloat16
 TAG_VAR = "WARMSERVE_LOCAL_TEST_TAG"
 T = TypeVar("T")
 
@@ -71,7 +72,7 @@ spec:
 """
     docs = [pool]
     for name, path in models.items():
-        max_len, args = (ALPHA_MAX_LEN, ALPHA_ARGS) if name == "alpha" else (256, [])
+        max_len, args, dtype = (ALPHA_MAX_LEN, ALPHA_ARGS, ALPHA_DTYPE) if name == "alpha" else (256, [], "bfloat16")
         docs.append(
             f"""\
 apiVersion: warmserve.io/v1alpha1
@@ -79,7 +80,7 @@ kind: ModelDeployment
 metadata:
   name: {name}
 spec:
-  model: {{source: "file://{path}", dtype: bfloat16}}
+  model: {{source: "file://{path}", dtype: {dtype}}}
   engine: {{maxConcurrency: 4, maxModelLen: {max_len}, args: {json.dumps(args)}}}
   prewarm: {{minWarmReplicas: 1}}
 """
@@ -309,6 +310,14 @@ def test_the_model_deployments_engine_settings_reach_its_engine(served):
     assert status == 200, body
     status, _, body = complete(port, "alpha", max_tokens=1, logprobs=3)  # --max-logprobs 2 is in force
     assert status == 400 and "logprobs" in json.dumps(body).lower(), body
+    # the dtype, from the configuration the engine itself logs when it starts (the weights are bfloat16 on disk)
+    configs = [
+        line
+        for log in glob.glob(os.path.join(served.up.state_dir, "**", "*.log"), recursive=True)
+        for line in Path(log).read_text(errors="replace").splitlines()
+        if "with config:" in line and f"max_seq_len={ALPHA_MAX_LEN}," in line
+    ]
+    assert configs and all(f"dtype=torch.{ALPHA_DTYPE}," in line for line in configs), configs
 
 
 def test_unknown_model_is_an_openai_404(served):
