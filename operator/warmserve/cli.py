@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from warmserve.cliutil import HelpFormatter
+from warmserve.cliutil import EXIT_USAGE, HelpFormatter
 from warmserve.core.forecast import FORECASTER_KINDS
 from warmserve.sim.costs import COST_TABLES, DEFAULT_TABLE, table_costs
 from warmserve.sim.engine import ALIASES, INITIAL_STATES, POLICIES
@@ -185,7 +185,7 @@ def simulate(args: argparse.Namespace) -> int:
     scenario = scenario.with_workload(**changes)
     if args.window_s is not None:
         if 86400 % args.window_s:
-            raise SystemExit("warmserve simulate: --window-s must divide a day (86400 s)")
+            raise ValueError("--window-s must divide a day (86400 s)")
         scenario = replace(scenario, window_s=args.window_s)
     overrides = {
         "engine_init_s": args.engine_init_s,
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"warmserve {args.command}: {error}; install it with pip install 'warmserve[{extra}]'",
                 file=sys.stderr,
             )
-            return 2
+            return EXIT_USAGE
         return component_main(rest) or 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             return simulate(args)
         except ValueError as error:  # invalid workload or scenario parameters
             print(f"warmserve simulate: {error}", file=sys.stderr)
-            return 2
-    return 1
+            return EXIT_USAGE
+    raise AssertionError(f"unhandled command {args.command}")  # argparse requires one of the commands above
 
 
 if __name__ == "__main__":

@@ -180,17 +180,42 @@ class StampingEmulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: Any) -> Any:
         result = await super()._serve_list(request)
         result["metadata"]["resourceVersion"] = str(StampingEmulator._last_rv)
+        selector = str(request.params.get("labelSelector", ""))
+        result["items"] = [i for i in result["items"] if selector_matches(selector, i)]
         return result
 
     async def _serve_watch(self, request: Any) -> Any:
         since = str(request.params.get("resourceVersion", ""))
         floor = int(since) if since.isdigit() else None
+        selector = str(request.params.get("labelSelector", ""))
         async for event in super()._serve_watch(request):
-            if floor is not None and isinstance(event, dict):
-                rv = str(((event.get("object") or {}).get("metadata") or {}).get("resourceVersion", ""))
-                if rv.isdigit() and int(rv) <= floor:
+            if isinstance(event, dict) and isinstance(event.get("object"), dict):
+                rv = str((event["object"].get("metadata") or {}).get("resourceVersion", ""))
+                if floor is not None and rv.isdigit() and int(rv) <= floor:
+                    continue
+                if not selector_matches(selector, event["object"]):
                     continue
             yield event
+
+
+def selector_matches(selector: str, obj: dict[str, Any]) -> bool:
+    """Whether `obj` matches a label selector as the API server reads `?labelSelector=` (the forms the operator
+    and the router send: `k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-separated; kmock ignores selectors)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            ok = labels.get(key.strip()) != value.strip()
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            ok = labels.get(key.strip()) == value.strip()
+        elif term.startswith("!"):
+            ok = term[1:].strip() not in labels
+        else:
+            ok = term in labels
+        if not ok:
+            return False
+    return True
 
 
 def first_n(n: int, *, counter: list[int] | None = None) -> Callable[[Any], bool]:

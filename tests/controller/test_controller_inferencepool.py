@@ -364,6 +364,9 @@ async def test_crd_not_installed_is_a_condition_and_a_slow_retry(emulator, clien
         assert not task.done()
         pool = get_obj(emulator, POOLS, "pool1")
         assert pool["status"]["observedGeneration"] == 1 and pool["status"]["workload"] == "DaemonSet/pool1-worker"
+        # an expected, reported retry is no reconcile error (WarmServeControlLoopFailing watches those)
+        errors = runtime.metrics.reconcile_errors.labels("WarmPool", "reconcile")._value.get()
+        assert errors == 0, errors
 
 
 async def test_a_same_named_inference_pool_of_someone_else_is_not_taken_over(emulator, client):

@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from warmserve.local.config import load
 from warmserve.local.driver import Up, UpSettings, status_lines
 from warmserve.protocol import Phase, WorkerState
+from warmserve.worker.devices import host_arena_prefix
 from warmserve.worker.engines import SHELL_MODULE
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -151,7 +152,7 @@ def cmdline(pid: int) -> bytes:
 
 def arena_files(state_dir: str) -> list[str]:
     """/dev/shm files of the arena of the worker whose state directory is `state_dir` (devices.build_arenas)."""
-    prefix = f"warmserve-{os.path.basename(os.path.normpath(state_dir))}-arena"
+    prefix = host_arena_prefix(state_dir)
     return sorted(name for name in os.listdir("/dev/shm") if name.startswith(prefix))
 
 

@@ -91,6 +91,13 @@ def test_no_proactive_ablation_never_lends_kv(results):
     assert "kv-reclaim" not in results["warmserve-noproactive"].evictions
 
 
+def test_no_forecast_ablation_is_warmserve_with_the_last_window_forecaster(scenario, workload, results):
+    last = Simulation(scenario, workload, "warmserve", forecaster="last").run()
+    ablation = results["warmserve-noforecast"]
+    assert np.array_equal(last.ttft, ablation.ttft) and last.starts == ablation.starts
+    assert last.gpu_seconds == ablation.gpu_seconds
+
+
 def test_simulation_drives_the_operator_policy_object(scenario, workload):
     simulation = Simulation(scenario, workload, "warmserve")
     simulation.run()

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = ControllerConfig.from_args(argv)
     except ValueError as error:  # a WARMSERVE_* variable that does not parse (flags are checked by argparse)
-        print(f"warmserve operator: invalid setting in the environment (WARMSERVE_*): {error}", file=sys.stderr)
+        print(f"warmserve operator: invalid setting (a flag or a WARMSERVE_* variable): {error}", file=sys.stderr)
         return EXIT_USAGE
     # Without a cluster kopf would log a traceback per task and exit; say what is missing instead.
     no_cluster = require_cluster("warmserve operator")

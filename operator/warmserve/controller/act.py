@@ -1,13 +1,12 @@
 """The act stage of a pool round: carry out a `Decision` and report it.
 
-`act` does, in this order: report the window that closed and save the load history, then the open window's
-checkpoint when the update carries one (a failed save is logged, counted in
-`warmserve_history_save_failures_total` or `warmserve_history_checkpoint_failures_total` and retried at the next
-round; the `ActResult` goes back to the pool's
-`Forecasts`, whose view becomes the `HistorySaved` condition); under the pool's lock (shared with
+`act` does, in this order: report the window that closed and save the load history (a failed save is logged,
+counted in `warmserve_history_save_failures_total` and retried at the next round; the `ActResult` goes back to
+the pool's `Forecasts`, whose view becomes the `HistorySaved` condition); under the pool's lock (shared with
 ModelDeployment deletion) count the promotions and write the changed plans; set the plan metrics; patch the
-WarmPool status and each ModelDeployment status whose fields changed. `Actuator` is the interface it writes
-through; `KubeActuator` is the operator's implementation over `k8s.Api`.
+WarmPool status and each ModelDeployment status whose fields changed; last, save the open window's checkpoint
+when the update carries one (failures: `warmserve_history_checkpoint_failures_total`). `Actuator` is the
+interface it writes through; `KubeActuator` is the operator's implementation over `k8s.Api`.
 """
 
 from __future__ import annotations
@@ -123,26 +122,32 @@ async def act(
             if closed.predicted is not None:
                 err = abs(getattr(closed.predicted, stat) - value)
                 metrics.forecast_abs_error.labels(pool, closed.served_name, stat).set(err)
-    result = await save_history(update, obs.pool.body, actuator, metrics, pool, logger)
+    # the history first (a closed window), the checkpoint last: it must not delay the plans
+    result = await save_history(
+        dataclasses.replace(update, open_window=None), obs.pool.body, actuator, metrics, pool, logger
+    )
     for served_name, stat, value in update.forecast:
         metrics.forecast.labels(pool, served_name, stat).set(value)
+    try:
+        async with actuator.exclusive():
+            for uid, source in decision.promotions:
+                metrics.promotions.labels(pool, uid, str(source)).inc()
+            for write in decision.plans:
+                await actuator.write_plan(write.pod, write.plan)
+                metrics.plan_changes.labels(pool).inc()
+                logger.info(f"plan {write.plan.generation} written to {write.pod}")
+        metrics.plan_generation.labels(pool).set(decision.generation)
+        metrics.reconcile_seconds.labels("WarmPool", "plan").observe(plan_seconds)
 
-    async with actuator.exclusive():
-        for uid, source in decision.promotions:
-            metrics.promotions.labels(pool, uid, str(source)).inc()
-        for write in decision.plans:
-            await actuator.write_plan(write.pod, write.plan)
-            metrics.plan_changes.labels(pool).inc()
-            logger.info(f"plan {write.plan.generation} written to {write.pod}")
-    metrics.plan_generation.labels(pool).set(decision.generation)
-    metrics.reconcile_seconds.labels("WarmPool", "plan").observe(plan_seconds)
-
-    if decision.pool_status.changed:
-        await actuator.patch_pool_status(decision.pool_status.status)
-    for md in decision.model_statuses:
-        if md.changed:
-            await actuator.patch_model_status(md.name, md.status)
-    return result
+        if decision.pool_status.changed:
+            await actuator.patch_pool_status(decision.pool_status.status)
+        for md in decision.model_statuses:
+            if md.changed:
+                await actuator.patch_model_status(md.name, md.status)
+    finally:  # also when a write failed: the samples are worth keeping whatever happened to the plans
+        checkpoint = ForecastUpdate(open_window=update.open_window)
+        saved = await save_history(checkpoint, obs.pool.body, actuator, metrics, pool, logger)
+    return dataclasses.replace(result, open_window_error=saved.open_window_error)
 
 
 class KubeActuator:

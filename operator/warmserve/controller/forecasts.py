@@ -149,8 +149,7 @@ class Forecasts:
         """The encoded checkpoint of the open window (None before the first round)."""
         if self.window is None:
             return None
-        closed = dict(sorted(self._unsaved.items())[-CHECKPOINT_CLOSED_WINDOWS:])
-        return OpenWindow(self.window, self.history.window_seconds, self._window_samples, closed).encode()
+        return OpenWindow(self.window, self.history.window_seconds, self._window_samples, self._unsaved).encode()
 
     def restore(self, checkpoint: OpenWindow | None) -> None:
         """Take up a checkpoint read back after a restart (before the first round; see `_resume`)."""
@@ -176,7 +175,7 @@ class Forecasts:
             for uid, (avg, peak) in per.items():
                 if w not in self.history.series.get(uid, {}).get("avg", {}):
                     self.history.record(uid, w, avg, peak)
-                    self._unsaved.setdefault(w, {})[uid] = (avg, peak)
+                    self._keep_unsaved(w, uid, avg, peak)
                     self.unsaved = True
 
     def encode(self) -> tuple[str, str]:
@@ -215,6 +214,13 @@ class Forecasts:
             history_save=self.last_save,
         )
 
+    def _keep_unsaved(self, window: int, uid: str, avg: float, peak: float) -> None:
+        """Remember a closed window for the checkpoint until a history save holds it (the newest
+        `CHECKPOINT_CLOSED_WINDOWS` only: while saves keep failing, older ones would make it grow without end)."""
+        self._unsaved.setdefault(window, {})[uid] = (avg, peak)
+        for old in sorted(self._unsaved)[:-CHECKPOINT_CLOSED_WINDOWS]:
+            del self._unsaved[old]
+
     def _close(self, entries: Sequence[ModelEntry], window: int) -> tuple[ClosedWindow, ...]:
         assert self.window is not None
         closed = []
@@ -223,10 +229,14 @@ class Forecasts:
             if acc is None or acc.count == 0:
                 continue
             self.history.record(e.uid, self.window, acc.avg, acc.peak)
-            self._unsaved.setdefault(self.window, {})[e.uid] = (acc.avg, acc.peak)
+            self._keep_unsaved(self.window, e.uid, acc.avg, acc.peak)
             self.last_observed[e.uid] = (acc.avg, acc.peak)
             closed.append(ClosedWindow(e.served_name, acc.avg, acc.peak, self.demand.get(e.uid)))
-        self.history.forget({e.uid for e in entries})
+        planned = {e.uid for e in entries}
+        self.history.forget(planned)
+        for per in self._unsaved.values():  # a model no longer planned must not come back from a checkpoint
+            for uid in set(per) - planned:
+                del per[uid]
         self._window_samples.clear()
         self.window = window
         return tuple(closed)

@@ -72,18 +72,18 @@ class PoolLoop:
         return self.forecasts.demand if self.forecasts is not None else {}
 
     async def _restore_history(self, pool: PoolSpec, logger: Any) -> Forecasts:
-        """The forecasts, with the history read back from the ConfigMap on the first round (and again when
-        the window length changes: a history of another window length is not comparable)."""
+        """The forecasts, with the history and the open-window checkpoint read back from their ConfigMaps on the
+        first round, and again when the window length changes (windows of another length are not comparable:
+        the forecasts start over from what is persisted at the new length). Both reads succeed before anything
+        is kept, so a failed read is retried by the next round instead of losing the checkpoint."""
         if self.forecasts is None or self.forecasts.history.window_seconds != pool.forecast.window_seconds:
             history = await self.observer.load_history(pool)
-            if self.forecasts is None:
-                self.forecasts = Forecasts(history, self.runtime.config.history_budget_bytes)
-            else:
-                self.forecasts.history = history
-            # what is persisted is all there is: nothing is waiting to be saved (HistorySaved=True)
-            self.forecasts.last_save = (True, "Restored", f"{len(history.series)} model(s) restored")
             checkpoint = await self.observer.load_open_window(pool)
-            self.forecasts.restore(checkpoint)
+            forecasts = Forecasts(history, self.runtime.config.history_budget_bytes)
+            # what is persisted is all there is: nothing is waiting to be saved (HistorySaved=True)
+            forecasts.last_save = (True, "Restored", f"{len(history.series)} model(s) restored")
+            forecasts.restore(checkpoint)
+            self.forecasts = forecasts
             logger.info(
                 f"load history of pool {self.name}: {len(history.series)} model(s) restored"
                 + (f", open-window checkpoint of window {checkpoint.window}" if checkpoint else "")

@@ -9,7 +9,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import kopf
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class ConditionRetry(kopf.TemporaryError):
+    """Ask kopf to run a handler again later for something the object's conditions already report (a CRD that
+    may be installed later, an RBAC rule that may be granted): expected, so not a reconcile error."""
 
 
 class OperatorMetrics:
@@ -75,10 +81,13 @@ class OperatorMetrics:
 
     @contextmanager
     def timed(self, kind: str, step: str) -> Iterator[None]:
-        """Observe how long a reconcile step takes, and count it as an error if it raises."""
+        """Observe how long a reconcile step takes, and count it as an error if it raises (not a
+        `ConditionRetry`: an expected retry whose reason a condition already shows)."""
         started = time.perf_counter()
         try:
             yield
+        except ConditionRetry:
+            raise
         except Exception:
             self.reconcile_errors.labels(kind, step).inc()
             raise

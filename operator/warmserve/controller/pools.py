@@ -28,6 +28,7 @@ import kopf
 
 from warmserve.controller import builders, conditions, loop, reconcile
 from warmserve.controller.k8s import DAEMONSETS, INFERENCEPOOLS, ApiError
+from warmserve.controller.metrics import ConditionRetry
 from warmserve.controller.runtime import Runtime
 from warmserve.controller.spec import PoolSpec, parse_pool_spec
 
@@ -252,7 +253,7 @@ async def reconcile_pool(
         if any(status.get(k) != v for k, v in wanted.items()):
             patch.status.update(wanted)
         if retry is not None:  # the condition says why; the CRD or the RBAC rule may come later
-            raise kopf.TemporaryError("InferencePool refused by the API, retrying", delay=retry)
+            raise ConditionRetry("InferencePool refused by the API, retrying", delay=retry)
 
 
 async def run_loop(

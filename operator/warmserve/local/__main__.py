@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from warmserve.cliutil import HelpFormatter
+from warmserve.cliutil import EXIT_USAGE, HelpFormatter
 from warmserve.local.config import ConfigError, load
 from warmserve.local.driver import Up, UpSettings
 
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(args.file)
     except ConfigError as error:
         print(f"warmserve up: {' '.join(str(error).splitlines())}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     settings = UpSettings(
         host=args.host,
         port=args.port,

@@ -166,10 +166,14 @@ class LocalActuator:
         return self._lock
 
     async def save_history(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> None:
-        write_atomically(self.world.history_path, encoded)
+        from warmserve.worker.files import write_text_atomic
+
+        write_text_atomic(self.world.history_path, encoded)
 
     async def save_open_window(self, encoded: str, owner: Mapping[str, Any], logger: Any) -> None:
-        write_atomically(self.world.open_window_path, encoded)
+        from warmserve.worker.files import write_text_atomic
+
+        write_text_atomic(self.world.open_window_path, encoded)
 
     async def write_plan(self, pod: str, plan: Plan) -> None:
         self.world.plan = plan
@@ -180,13 +184,6 @@ class LocalActuator:
 
     async def patch_model_status(self, name: str, status: Mapping[str, Any]) -> None:
         self.world.model_status[name] = {**self.world.model_status.get(name, {}), **status}
-
-
-def write_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def status_lines(world: LocalWorld, router: Router) -> list[str]:

@@ -173,6 +173,7 @@ MECHANISMS: dict[str, frozenset[str]] = {
     "warmserve": frozenset({PROMOTE, PRESTARTED_COLD}),
     "warmserve-noproactive": frozenset({PROMOTE, PRESTARTED_COLD}),
     "warmserve-noplacement": frozenset({PROMOTE, PRESTARTED_COLD}),
+    "warmserve-noforecast": frozenset({PROMOTE, PRESTARTED_COLD}),
     "reactive-cold": frozenset({COLD}),
     "reactive-fast": frozenset({FAST_COLD}),
     # One sleeping engine per model; further engines start in a pre-started process (llm-d FMA's launchers

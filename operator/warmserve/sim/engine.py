@@ -64,6 +64,7 @@ POLICIES: tuple[str, ...] = (
     "warmserve",
     "warmserve-noproactive",
     "warmserve-noplacement",
+    "warmserve-noforecast",  # placement from the last window's load instead of the forecast
     "reactive-cold",  # vLLM autoscaled from zero: weights from storage, full engine initialisation
     "reactive-fast",  # ServerlessLLM-like: weights from a host-memory tier, pre-started processes
     "sleep-wake",  # vLLM sleep mode (AIBrix, llm-d): one sleeping engine per model, woken on demand
@@ -72,7 +73,12 @@ POLICIES: tuple[str, ...] = (
 )
 ALIASES: dict[str, str] = {"autoscale": "reactive-fast"}  # the old name of the ServerlessLLM-like baseline
 REACTIVE: frozenset[str] = frozenset({"reactive-cold", "reactive-fast", "sleep-wake"})
-DYNAMIC: frozenset[str] = REACTIVE | {"warmserve", "warmserve-noproactive", "warmserve-noplacement"}
+DYNAMIC: frozenset[str] = REACTIVE | {
+    "warmserve",
+    "warmserve-noproactive",
+    "warmserve-noplacement",
+    "warmserve-noforecast",
+}
 
 INITIAL_STATES: tuple[str, ...] = ("empty", "steady")
 
@@ -81,7 +87,7 @@ _READY, _DONE, _LOADED, _TICK = range(4)  # event kinds (arrivals are merged in 
 
 def policy_params(name: str) -> PolicyParams:
     """`PolicyParams` of a dynamic policy (the static baselines have none)."""
-    if name == "warmserve":
+    if name in ("warmserve", "warmserve-noforecast"):  # noforecast differs in its forecaster only (`run`)
         return PolicyParams()
     if name == "warmserve-noproactive":
         return PolicyParams(proactive=False)
@@ -234,7 +240,8 @@ class Simulation:
 
     # --------------------------------------------------------------------- run
     def run(self, progress: Callable[[float], None] | None = None) -> SimResult:
-        self._predictor = make_forecaster(self.forecaster)
+        # the noforecast ablation places for the load of the last closed window (the `last` forecaster)
+        self._predictor = make_forecaster("last" if self.policy == "warmserve-noforecast" else self.forecaster)
         wl = self.workload
         self.now = 0.0
         self._seq = 0

@@ -8,6 +8,7 @@ runs on CPU-only machines; :func:`gpu_inventory` returns ``[]`` there.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,11 +99,19 @@ def build_arenas(
             for g in gpus
         }
     size = arena_bytes or GiB
-    tag = os.path.basename(os.path.normpath(state_dir)) or "worker"
+    prefix = host_arena_prefix(state_dir)
     return {
-        str(i): Arena.host(str(i), os.path.join(shm_dir, f"warmserve-{tag}-arena{i}"), size, page_size)
-        for i in range(cpu_devices)
+        str(i): Arena.host(str(i), os.path.join(shm_dir, f"{prefix}{i}"), size, page_size) for i in range(cpu_devices)
     }
+
+
+def host_arena_prefix(state_dir: str) -> str:
+    """Name prefix of the host arenas of the worker whose state directory is `state_dir` (arena i is
+    `<shm_dir>/<prefix><i>`): its base name for the reader, and a hash of its full path so that two workers on
+    one host (two users, two state directories of the same name) never share an arena."""
+    path = os.path.realpath(state_dir)
+    tag = os.path.basename(path) or "worker"
+    return f"warmserve-{tag}-{hashlib.sha256(path.encode()).hexdigest()[:10]}-arena"
 
 
 def node_kind(arenas: Mapping[str, Arena]) -> DeviceKind:

@@ -36,14 +36,19 @@ def safe_name(text: str) -> str:
 
 
 def write_json_atomic(path: str, data: Any, indent: int | None = None) -> None:
-    """Write ``data`` as JSON to ``path`` so a reader sees the old or the new file, never half of one.
+    """Write ``data`` as JSON to ``path`` so a reader sees the old or the new file, never half of one."""
+    write_text_atomic(path, json.dumps(data, indent=indent))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old or the new file, never half of one.
 
     The temporary name is unique per process and thread: two threads persisting the same file at once
     (say, two replicas finishing their loads) must not rename each other's temporary file away.
     """
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=indent)
+        fh.write(text)
     os.replace(tmp, path)
 
 

@@ -22,7 +22,7 @@ class WorkerMetrics:
         )
         self.last_pass = Gauge(
             "warmserve_worker_last_pass_timestamp_seconds",
-            "Unix time the worker last finished a reconcile pass and published its state",
+            "Unix time the worker last finished a reconcile pass (its state is published after each pass)",
             registry=self.registry,
         )
         self.ops = Counter(
