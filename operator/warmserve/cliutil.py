@@ -73,7 +73,8 @@ def cluster_problem() -> str | None:
 
     Loads the configuration the way the official `kubernetes` client does (and kopf's `login_via_client`, the
     operator's login handler, and the worker's client): the pod's service account first, then the kubeconfig.
-    Nothing is contacted and no global client configuration is changed.
+    No global client configuration is changed. No API server is contacted, but a kubeconfig's exec or auth
+    plugin runs (it may fetch a token) as it would for a real login.
     """
     from kubernetes import client, config
 

@@ -62,6 +62,9 @@ class EngineLoad:
     kv_in_use: int  # bytes per GPU
 
 
+_NO_LOAD = EngineLoad(0, 0)  # an engine the caller reports no load for
+
+
 @dataclass
 class LendDecision:
     lent: dict[Gpu, int] = field(default_factory=dict)
@@ -206,12 +209,21 @@ class WarmServePolicy:
         evicted: set[int] = set()
         for iid, instance in sorted(state.instances.items()):
             profile = self.profiles[instance.model]
-            load = loads.get(iid, EngineLoad(0, 0))
+            load = loads.get(iid) or _NO_LOAD
+            lends = self.params.proactive and instance.phase != EnginePhase.STARTING
+            known: tuple[int, int] | None = None  # (capacity, lendable) of the group's previous GPU
             for gpu in state.gpus_of(instance.group):
                 capacity = state.capacity(gpu) - instance.weight_bytes_per_gpu
                 lendable = 0
-                if self.params.proactive and instance.phase != EnginePhase.STARTING:
-                    lendable = kv_lendable(capacity, load.in_flight, profile.max_batch, load.kv_in_use)
+                if lends:
+                    if known is not None and known[0] == capacity:  # the same GPU size lends the same
+                        lendable = known[1]
+                    else:
+                        lendable = kv_lendable(capacity, load.in_flight, profile.max_batch, load.kv_in_use)
+                        known = (capacity, lendable)
+                decision.lent[gpu] = lendable
+                if not state.used(gpu):  # holds no replica (each holds > 0 bytes): nothing to take back
+                    continue
                 held = [r for r in state.replicas_on(gpu) if r.rid not in evicted]
                 used = sum(r.bytes_per_gpu for r in held)
                 # Take space back from the lowest-score lent replicas first.
@@ -221,7 +233,6 @@ class WarmServePolicy:
                     evicted.add(replica.rid)
                     decision.evict.append(replica.rid)
                     used -= replica.bytes_per_gpu
-                decision.lent[gpu] = lendable
         return decision
 
     # ----------------------------------------------------------- one full step

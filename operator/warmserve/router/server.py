@@ -343,12 +343,7 @@ def run(
     such as a port in use is raised after it)."""
     app = router.app()
     if on_cleanup is not None:
-        cleanup = on_cleanup
-
-        async def last(_app: web.Application) -> None:
-            await cleanup()
-
-        app.on_cleanup.append(last)
+        app.on_cleanup.append(lambda _app: on_cleanup())
     web.run_app(
         app,
         loop=new_event_loop(),

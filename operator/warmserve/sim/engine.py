@@ -108,7 +108,9 @@ class _Engine:
     phase: EnginePhase = EnginePhase.STARTING
     in_flight: int = 0
     kv_in_use: int = 0  # bytes per GPU
-    recent: deque = field(default_factory=lambda: deque(maxlen=10))  # (in flight, KV) per tick
+    recent_in_flight: deque = field(default_factory=lambda: deque(maxlen=10))  # per tick, the last 10
+    recent_kv: deque = field(default_factory=lambda: deque(maxlen=10))  # KV bytes in use, per tick
+    load: EngineLoad | None = None  # the last one handed to the core (frozen: reused while it is unchanged)
     neighbours: tuple[int, ...] = ()  # co-located engines (GPU sharing)
 
 
@@ -273,6 +275,9 @@ class Simulation:
         self._link_free: dict[Gpu, float] = {}
         self._compute_free: dict[Gpu, float] = {}  # when each GPU's compute has run the prefills queued on it
         self._end_of_replay = float(wl.spec.replay_s)
+        self._demand_cache: dict[int, dict[str, Demand]] = {}
+        self._serving: list[list[_Engine]] | None = None  # per model, its serving engines (None: rebuild)
+        self._precompute_requests()
 
         dynamic = self.policy in DYNAMIC
         if self.policy == "sleep-wake":
@@ -288,30 +293,39 @@ class Simulation:
             self._start_gpu_share()
 
         arrivals = wl.arrival_s
-        n = arrivals.size
+        times: list[float] = self._arrival
+        owners: list[int] = self._model
+        queues = self._queues
+        events = self._events
+        heappop = heapq.heappop
+        advance, dispatch, handle = self._advance, self._dispatch, self._handle
+        n = len(times)
         i = 0
-        next_progress = 0.0
+        next_progress = 0.0 if progress is not None else math.inf
+        step = self._end_of_replay / 100
         horizon = self._end_of_replay + self.drain_s
+        inf = math.inf
         while True:
-            t_event = self._events[0][0] if self._events else math.inf
-            t_arrival = float(arrivals[i]) if i < n else math.inf
+            t_event = events[0][0] if events else inf
+            t_arrival = times[i] if i < n else inf
             if t_arrival <= t_event:
-                if t_arrival == math.inf:
+                if t_arrival == inf:
                     break
-                self._advance(t_arrival)
-                m = int(wl.model_idx[i])
-                self._queues[m].append(i)
+                advance(t_arrival)
+                m = owners[i]
+                queues[m].append(i)
                 i += 1
-                self._dispatch(m)
+                dispatch(m)
             else:
                 if t_event > horizon:
                     break
-                _, _, kind, payload = heapq.heappop(self._events)
-                self._advance(t_event)
-                self._handle(kind, payload, dynamic, i >= n)
-            if progress is not None and self.now >= next_progress:
+                event = heappop(events)
+                advance(t_event)
+                handle(event, dynamic, i >= n)
+            if self.now >= next_progress:
+                assert progress is not None
                 progress(min(self.now / self._end_of_replay, 1.0))
-                next_progress += self._end_of_replay / 100
+                next_progress += step
         if progress is not None:
             progress(1.0)
         unserved = np.isnan(self._ttft)
@@ -332,6 +346,24 @@ class Simulation:
             start_log=self._start_log,
             host_bytes_asleep_peak=self._host_asleep_peak,
         )
+
+    def _precompute_requests(self) -> None:
+        """Per request, as Python scalars: arrival, model, prefill time alone on its GPUs, decode time alone,
+        and KV bytes per GPU. Computed once with numpy, element by element the same IEEE operations as
+        `ModelProfile.prefill_time` and the decode and KV formulas, so the results are bit-identical."""
+        wl = self.workload
+        m = wl.model_idx
+        tokens_in, tokens_out = wl.input_tokens.astype(np.int64), wl.output_tokens.astype(np.int64)
+        prefill_s = np.array([p.prefill_s for p in self.profiles], dtype=np.float64)
+        ref = np.array([p.prefill_ref_tokens for p in self.profiles], dtype=np.float64)
+        decode = np.array([p.decode_s_per_token for p in self.profiles], dtype=np.float64)
+        kv_token = np.array([p.kv_bytes_per_token for p in self.profiles], dtype=np.int64)
+        tp = np.array([p.tp for p in self.profiles], dtype=np.int64)
+        self._arrival: list[float] = wl.arrival_s.astype(np.float64).tolist()
+        self._model: list[int] = m.astype(np.int64).tolist()
+        self._prefill: list[float] = (prefill_s[m] * tokens_in.astype(np.float64) / ref[m]).tolist()
+        self._decode: list[float] = (tokens_out.astype(np.float64) * decode[m]).tolist()
+        self._kv: list[int] = ((tokens_in + tokens_out) * kv_token[m] // tp[m]).tolist()
 
     def _push(self, when: float, kind: int, payload) -> None:
         self._seq += 1
@@ -354,22 +386,26 @@ class Simulation:
             self._last_account = end
         self.now = when
 
-    def _handle(self, kind: int, payload, dynamic: bool, arrivals_done: bool) -> None:
-        if kind == _DONE:
-            iid, kv = payload
-            engine = self._engines.get(iid)
+    def _handle(self, event: tuple, dynamic: bool, arrivals_done: bool) -> None:
+        kind = event[2]
+        if kind == _DONE:  # (time, seq, _DONE, engine id, KV bytes): no payload tuple per request
+            engine = self._engines.get(event[3])
             if engine is None:
                 return
+            kv = event[4]
             engine.in_flight -= 1
             engine.kv_in_use -= kv
             if engine.phase == EnginePhase.DRAINING and engine.in_flight == 0:
                 self._stop(engine)
             else:
                 self._dispatch(engine.model)
-        elif kind == _READY:
+            return
+        payload = event[3]
+        if kind == _READY:
             engine = self._engines.get(payload)
             if engine is not None and engine.phase == EnginePhase.STARTING:
                 engine.phase = EnginePhase.SERVING
+                self._serving = None
                 if dynamic:
                     self.state.instances[engine.iid].phase = EnginePhase.SERVING
                 self._dispatch(engine.model)
@@ -384,29 +420,57 @@ class Simulation:
                 self._push(self.now + self.tick_s, _TICK, None)
 
     # ----------------------------------------------------------------- routing
+    def _serving_engines(self) -> list[list[_Engine]]:
+        """Per model, its serving engines (rebuilt after any engine changes phase, starts or stops)."""
+        serving: list[list[_Engine]] = [[] for _ in self.profiles]
+        for e in self._engines.values():
+            if e.phase == EnginePhase.SERVING:
+                serving[e.model].append(e)
+        self._serving = serving
+        return serving
+
     def _dispatch(self, m: int) -> None:
         queue = self._queues[m]
         if not queue:
             return
-        profile = self.profiles[m]
-        serving = [e for e in self._engines.values() if e.model == m and e.phase == EnginePhase.SERVING]
-        wl = self.workload
-        while queue and serving:
-            engine = min(serving, key=lambda e: (e.in_flight, e.iid))
+        serving = (self._serving or self._serving_engines())[m]
+        if not serving:
+            return
+        compute_free = self._compute_free
+        ttft, arrival, prefill, decode, kvs = self._ttft, self._arrival, self._prefill, self._decode, self._kv
+        events = self._events
+        now = self.now
+        while queue:
+            # the least-loaded engine, ties to the lowest id (a unique key: the list's order does not matter)
+            engine = serving[0]
+            for e in serving:
+                if e.in_flight < engine.in_flight or (e.in_flight == engine.in_flight and e.iid < engine.iid):
+                    engine = e
             if engine.in_flight >= engine.batch_limit:
                 return
             r = queue.popleft()
-            tokens_in, tokens_out = int(wl.input_tokens[r]), int(wl.output_tokens[r])
-            start = max([self.now] + [self._compute_free.get(g, 0.0) for g in engine.gpus])
-            first_token = start + profile.prefill_time(tokens_in) * self._prefill_slowdown(engine)
-            for g in engine.gpus:
-                self._compute_free[g] = first_token
-            self._ttft[r] = first_token - float(wl.arrival_s[r])
-            kv = (tokens_in + tokens_out) * profile.kv_bytes_per_token // profile.tp
+            gpus = engine.gpus
+            start = now
+            for g in gpus:
+                free = compute_free.get(g, 0.0)
+                if free > start:
+                    start = free
+            if engine.neighbours:
+                first_token = start + prefill[r] * self._prefill_slowdown(engine)
+            else:  # alone on its GPUs: the slowdown is exactly 1.0
+                first_token = start + prefill[r]
+            for g in gpus:
+                compute_free[g] = first_token
+            ttft[r] = first_token - arrival[r]
+            kv = kvs[r]
             engine.in_flight += 1
             engine.kv_in_use += kv
-            done = first_token + tokens_out * profile.decode_s_per_token * self._decode_slowdown(engine)
-            self._push(done, _DONE, (engine.iid, kv))
+            if engine.neighbours:
+                done = first_token + decode[r] * self._decode_slowdown(engine)
+            else:
+                done = first_token + decode[r]
+            self._seq += 1
+            heapq.heappush(events, (done, self._seq, _DONE, engine.iid, kv))
 
     def _prefill_slowdown(self, engine: _Engine) -> float:
         """How much slower a prefill runs while co-located engines decode (their kernels take SMs)."""
@@ -433,9 +497,11 @@ class Simulation:
         """One control tick: the core's step, with this simulator as its `StepEffects`."""
         if self.check_invariants:
             self.state.check_invariants()
-        for m in range(len(self.profiles)):
-            in_flight = sum(e.in_flight for e in self._engines.values() if e.model == m)
-            self._samples[m].append(in_flight + len(self._queues[m]))
+        in_flight = [0] * len(self.profiles)
+        for e in self._engines.values():
+            in_flight[e.model] += e.in_flight
+        for m, samples in enumerate(self._samples):
+            samples.append(in_flight[m] + len(self._queues[m]))
         window = self.first_window + int(self.now // self.window_s)
         place = self.core.params.prewarm and self.now % self.placement_s < self.tick_s / 2
         self.core.step(self.state, self._step_input(self._demand(window) if place else None), self)
@@ -445,21 +511,34 @@ class Simulation:
         so lent space does not flap."""
         engine_loads = {}
         engines: dict[str, list[EngineView]] = {name: [] for name in self.names}
+        names = self.names
         for e in self._engines.values():
-            e.recent.append((e.in_flight, e.kv_in_use))
-            engine_loads[e.iid] = EngineLoad(max(q for q, _ in e.recent), max(kv for _, kv in e.recent))
+            e.recent_in_flight.append(e.in_flight)
+            e.recent_kv.append(e.kv_in_use)
+            in_flight, kv = max(e.recent_in_flight), max(e.recent_kv)
+            last = e.load
+            if last is None or last.in_flight != in_flight or last.kv_in_use != kv:
+                last = e.load = EngineLoad(in_flight, kv)
+            engine_loads[e.iid] = last
             if e.phase != EnginePhase.DRAINING:
-                engines[self.names[e.model]].append(EngineView(e.iid, e.ready_at, e.in_flight))
+                engines[names[e.model]].append(EngineView(e.iid, e.ready_at, e.in_flight))
         load = {name: sum(self._samples[m]) / max(len(self._samples[m]), 1) for m, name in enumerate(self.names)}
         return StepInput(self.now, load, engines, engine_loads, demand, scale=scale)
 
     def _demand(self, window: int) -> dict[str, Demand]:
-        """Forecast of the current window and the next (prewarming must be ready before a burst)."""
+        """Forecast of the current window and the next (prewarming must be ready before a burst).
+
+        It depends on the window only (the forecasters are pure and the load history is fixed before the
+        run), so it is computed once per window, not at every placement."""
+        cached = self._demand_cache.get(window)
+        if cached is not None:
+            return cached
         demand = {}
         for m, name in enumerate(self.names):
             now = self._forecast(m, window, window)
             ahead = self._forecast(m, window + 1, window)
             demand[name] = Demand(max(now.avg, ahead.avg), max(now.peak, ahead.peak))
+        self._demand_cache[window] = demand
         return demand
 
     # ------------------------------------------------------ loads and engines
@@ -510,6 +589,7 @@ class Simulation:
     def draining(self, instance: Instance) -> None:
         engine = self._engines[instance.iid]
         engine.phase = EnginePhase.DRAINING
+        self._serving = None
         if engine.in_flight == 0:
             self._stop(engine)
 
@@ -561,6 +641,7 @@ class Simulation:
 
     def _stop(self, engine: _Engine) -> None:
         self._dirty = True
+        self._serving = None
         del self._engines[engine.iid]
         if self.policy in ("dedicated", "gpu-share"):
             return
@@ -597,6 +678,7 @@ class Simulation:
                 for _ in range(engines_needed(load, profile, self.core.params.autoscaler.upper)):
                     if self.core.start_engine(self.state, profile.name, self.now, self) is None:
                         break
+            self._serving = None
             for engine in self._engines.values():
                 engine.phase = EnginePhase.SERVING
                 engine.ready_at = -self.core.params.autoscaler.protection_s
@@ -664,6 +746,7 @@ class Simulation:
     def _add_static_engine(self, m: int, gpus: tuple[Gpu, ...], batch_limit: int) -> _Engine:
         engine = _Engine(len(self._engines) + 1, m, 0.0, gpus, batch_limit, phase=EnginePhase.SERVING)
         self._engines[engine.iid] = engine
+        self._serving = None
         return engine
 
     def _start_gpu_share(self) -> None:

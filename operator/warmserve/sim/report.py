@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import queue
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TextIO
@@ -24,7 +27,7 @@ from warmserve.sim.costs import (
 )
 from warmserve.sim.engine import POLICIES, SimResult, Simulation
 from warmserve.sim.scenarios import Scenario
-from warmserve.workload.build import build_workload
+from warmserve.workload.build import Workload, WorkloadSpec, build_workload
 
 
 @dataclass
@@ -129,11 +132,16 @@ class ProgressBar:
             return f"{_duration(elapsed)} elapsed"
         return f"{_duration(elapsed)} elapsed, ETA {_duration(elapsed * (1 - fraction) / fraction)}"
 
-    def __call__(self, fraction: float) -> None:
+    def restart(self, at: float) -> None:
+        """Count the elapsed time from ``at`` (a ``clock`` reading): the run began before the bar was made."""
+        self.started = self.last_write = at
+
+    def __call__(self, fraction: float, at: float | None = None) -> None:
+        """Show ``fraction`` done, as of now or of ``at`` (a ``clock`` reading: progress relayed late)."""
         if self.finished:
             return
         fraction = min(max(fraction, 0.0), 1.0)
-        now = self.clock()
+        now = self.clock() if at is None else at
         percent, done = int(fraction * 100), fraction >= 1
         if self.interactive:
             # a redraw per percent, and twice a second for the clock; never more often than the terminal needs
@@ -163,6 +171,110 @@ class ProgressBar:
         self.drawn = len(line)
 
 
+def default_workers() -> int:
+    """Processes `compare` runs policies in by default: one per CPU (1: sequential, in this process)."""
+    return os.cpu_count() or 1
+
+
+# In a worker process: the workload of the last spec it built, and the queue its progress goes to.
+_worker_workload: dict[WorkloadSpec, Workload] = {}
+_worker_progress: multiprocessing.queues.Queue | None = None
+
+
+def _init_worker(progress: multiprocessing.queues.Queue | None) -> None:
+    global _worker_progress
+    _worker_progress = progress
+
+
+def _run_policy(scenario: Scenario, policy: str, costs: CostModel, forecaster: str, initial: str) -> SimResult:
+    """One policy in a worker process. The workload is rebuilt there from its spec (deterministic: the same
+    arrays as the parent's), once per worker and spec, instead of being pickled to every task. Progress goes
+    to the parent as (policy, fraction, time.monotonic()): a system-wide clock, the parent's bars use it."""
+    workload = _worker_workload.get(scenario.workload)
+    if workload is None:
+        _worker_workload.clear()
+        workload = _worker_workload[scenario.workload] = build_workload(scenario.workload)
+    sink = _worker_progress
+    report = None if sink is None else (lambda fraction: sink.put((policy, fraction, time.monotonic())))
+    return Simulation(scenario, workload, policy, costs=costs, forecaster=forecaster, initial=initial).run(report)
+
+
+class _OrderedProgress:
+    """Relays the workers' progress to one bar per policy, one policy at a time, in the policies' order.
+
+    The bar of the first unfinished policy is live; a later policy's newest fraction is held until every
+    policy before it is done, then shown with the time it was reported (a `ProgressBar` is told when its run
+    began and when each fraction was reached, so its elapsed time and ETA are its own). Output is therefore
+    what the sequential path writes: one bar (or line) per policy, in order, never two at once.
+    """
+
+    def __init__(self, policies: list[str], progress: Callable[[str], Callable[[float], None] | None]) -> None:
+        self.policies, self.progress = policies, progress
+        self.head = 0  # index of the policy whose bar is live
+        self.latest: dict[str, tuple[float, float]] = {}  # policy → newest (fraction, time) not yet shown
+        self.began: dict[str, float] = {}
+        self.bars: dict[str, Callable[[float], None] | None] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.head >= len(self.policies)
+
+    def report(self, policy: str, fraction: float, at: float) -> None:
+        self.began.setdefault(policy, at)
+        self.latest[policy] = (fraction, at)
+        while not self.done:
+            head = self.policies[self.head]
+            if head not in self.latest:
+                return
+            fraction, at = self.latest.pop(head)
+            self._show(head, fraction, at)
+            if fraction < 1:
+                return
+            self.head += 1
+
+    def _show(self, policy: str, fraction: float, at: float) -> None:
+        if policy not in self.bars:
+            bar = self.bars[policy] = self.progress(policy)
+            if isinstance(bar, ProgressBar):
+                bar.restart(self.began[policy])
+        bar = self.bars[policy]
+        if isinstance(bar, ProgressBar):
+            bar(fraction, at=at)
+        elif bar is not None:
+            bar(fraction)
+
+
+def _compare_parallel(
+    scenario: Scenario,
+    policies: list[str],
+    costs: CostModel,
+    forecaster: str,
+    progress: Callable[[str], Callable[[float], None] | None] | None,
+    initial: str,
+    workers: int,
+) -> dict[str, SimResult]:
+    """The policies in ``workers`` processes; results, and progress (`_OrderedProgress`), in the order of
+    ``policies``."""
+    context = multiprocessing.get_context("spawn")  # no fork of a parent that may hold threads or locks
+    sink = context.Queue() if progress is not None else None
+    relay = _OrderedProgress(policies, progress) if progress is not None else None
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(policies)), mp_context=context, initializer=_init_worker, initargs=(sink,)
+    ) as pool:
+        futures = {p: pool.submit(_run_policy, scenario, p, costs, forecaster, initial) for p in policies}
+        if sink is not None and relay is not None:
+            # until every run has reported 1.0 (each does, last, before it returns), or has failed
+            while not relay.done:
+                try:
+                    relay.report(*sink.get(timeout=0.2))
+                except queue.Empty:
+                    failed = [p for p, f in futures.items() if f.done() and f.exception() is not None]
+                    if failed:
+                        futures[failed[0]].result()  # raises the worker's exception
+        results = {p: futures[p].result() for p in policies}
+    return results
+
+
 def compare(
     scenario: Scenario,
     policies: Iterable[str] = POLICIES,
@@ -171,12 +283,22 @@ def compare(
     progress: Callable[[str], Callable[[float], None] | None] | None = None,
     initial: str = "empty",
     table: str = DEFAULT_TABLE,
+    workers: int | None = None,
 ) -> Comparison:
     """Simulate every policy on the same workload (built once, so the comparison is paired).
 
     ``costs`` defaults to the cost table ``table``; when given, ``table`` names the table it was derived from.
+    ``workers`` (default `default_workers`, one per CPU): with more than one, and more than one policy, the
+    policies run in that many processes; results are the same, bit for bit, and in the same order as in
+    the sequential path (``workers=1``), which runs them one after another in this process with one
+    progress bar per policy.
     """
     costs = costs or table_costs(table)
+    policies = list(policies)
+    workers = default_workers() if workers is None else workers
+    if workers > 1 and len(policies) > 1:
+        results = _compare_parallel(scenario, policies, costs, forecaster, progress, initial, workers)
+        return Comparison(scenario, costs, forecaster, results, initial, table)
     workload = build_workload(scenario.workload)
     results = {}
     for policy in policies:
@@ -392,9 +514,11 @@ def compare_seeds(
     progress: Callable[[str], Callable[[float], None] | None] | None = None,
     initial: str = "empty",
     table: str = DEFAULT_TABLE,
+    workers: int | None = None,
 ) -> dict:
     """Every policy on the workload of each seed; per metric the median and range over the seeds, and
-    WarmServe's ratio to the strongest baseline (lowest median) per metric.
+    WarmServe's ratio to the strongest baseline (lowest median) per metric. Each seed's policies run in
+    ``workers`` processes (see `compare`).
 
     Only summaries are kept between seeds, so a day-long run holds one seed's requests at a time.
     """
@@ -403,7 +527,9 @@ def compare_seeds(
     first: Comparison | None = None
     for seed in seeds:
         labelled = None if progress is None else (lambda policy, seed=seed: progress(f"{policy} seed {seed}"))
-        comparison = compare(scenario.with_workload(seed=seed), policies, costs, forecaster, labelled, initial, table)
+        comparison = compare(
+            scenario.with_workload(seed=seed), policies, costs, forecaster, labelled, initial, table, workers
+        )
         runs[seed] = {p: r.summary(scenario.ttft_slo_s) for p, r in comparison.results.items()}
         if first is None:
             first = comparison

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
@@ -34,6 +35,10 @@ LLAMA2_70B = Architecture(
 
 # The original allocates 0.9 of free GPU memory to its page pool.
 ARENA_FRACTION = 0.9
+
+# The many-model scenario's load: popularity share ∝ (i+1)^-ALPHA_MANY, RPS_MANY requests/s in total.
+ALPHA_MANY = 2.0
+RPS_MANY = 4.0
 
 
 @dataclass(frozen=True)
@@ -83,4 +88,59 @@ def paper(gpus_per_node: int = 8, nodes: int = 2, gpu_bytes: int = 80 * GB) -> S
     )
 
 
-SCENARIOS = {"paper": paper}
+# The order of sizes in the many-model scenario, repeated: 4 × 7B, 3 × 13B, 1 × 70B per 8 models, the sizes
+# interleaved so that popularity (which falls with the position) is not tied to size. A stated choice.
+MANY_BLOCK: tuple[tuple[str, Architecture], ...] = (
+    ("7b", LLAMA2_7B),
+    ("13b", LLAMA2_13B),
+    ("7b", LLAMA2_7B),
+    ("70b", LLAMA2_70B),
+    ("7b", LLAMA2_7B),
+    ("13b", LLAMA2_13B),
+    ("7b", LLAMA2_7B),
+    ("13b", LLAMA2_13B),
+)
+
+
+def many(n_models: int = 56, gpus_per_node: int = 8, nodes: int = 3, gpu_bytes: int = 80 * GB) -> Scenario:
+    """Many models under memory pressure: 56 Llama-2 models of mixed sizes on 3 nodes × 8 GPUs of 80 GB.
+
+    Sizes repeat ``MANY_BLOCK`` (28 × 7B TP1, 21 × 13B TP2, 7 × 70B TP4 for 56 models), so one replica of
+    every model needs 1.09 × the cluster's arena bytes: not every model can be warm at once, and placement,
+    eviction and the forecast decide which are. Workload as in ``paper`` (Azure 2024 code per-second counts,
+    real burstiness kept by binomial thinning, 3 days of each model's own history), with more models: model
+    i replays weekday ``(3 + i) mod 7`` (the builder's rule), so the seven days repeat and models on the same
+    day draw different requests from it.
+    """
+    arena = int(gpu_bytes * ARENA_FRACTION)
+    models = []
+    for i in range(n_models):
+        size, arch = MANY_BLOCK[i % len(MANY_BLOCK)]
+        models.append(ModelProfile(f"llama-2-{size}-{i:02d}", **arch))
+    nodes_spec = tuple(NodeSpec(f"node-{n}", gpus_per_node, arena) for n in range(nodes))
+    model_bytes = sum(m.weight_bytes for m in models)
+    arena_bytes = arena * gpus_per_node * nodes
+    return Scenario(
+        name="many",
+        nodes=nodes_spec,
+        models=tuple(models),
+        workload=WorkloadSpec(
+            n_models=n_models, rps=RPS_MANY, alpha=ALPHA_MANY, history_days=3, replay_start_s=0, replay_s=3600
+        ),
+        notes={
+            "cluster": f"{nodes} nodes × {gpus_per_node} GPUs × {gpu_bytes / GB:g} GB, the paper's nodes (a stated "
+            "choice: one node more than its testbed); arena = 0.9 × memory (original pool size)",
+            "models": f"{n_models} Llama-2 models, sizes repeating 7B TP1, 13B TP2, 7B, 70B TP4, 7B, 13B, 7B, 13B "
+            "(a stated choice: sizes interleaved with popularity); bytes and latencies as in paper (the original "
+            "models.yaml and common.py)",
+            "memory pressure": f"one replica of every model = {model_bytes / GB:.1f} GB against "
+            f"{arena_bytes / GB:.1f} GB of arena: ratio {model_bytes / arena_bytes:.2f}",
+            "workload": f"Azure 2024 code per-second arrivals thinned per model (real burstiness), model i ← "
+            f"weekday (3 + i) mod 7 with its own 3 previous days as history; popularity ∝ (i+1)^-{ALPHA_MANY:g} "
+            f"and {RPS_MANY:g} RPS in total (stated choices); Azure 2023 conv token lengths; "
+            "by default the first hour of the day is replayed, from an empty system",
+        },
+    )
+
+
+SCENARIOS: dict[str, Callable[[], Scenario]] = {"paper": paper, "many": many}
