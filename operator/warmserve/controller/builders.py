@@ -313,30 +313,31 @@ def build_worker_daemonset(
 
 def build_history_configmap(pool_name: str, namespace: str | None, payload_b64: str) -> dict[str, Any]:
     """The ConfigMap that keeps a pool's per-window load history across operator restarts."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": history_configmap_name(pool_name),
-            "namespace": namespace,
-            "labels": common_labels(pool_name) | {"app.kubernetes.io/component": "load-history"},
-        },
-        "binaryData": {HISTORY_KEY: payload_b64},
-    }
+    return _load_configmap(
+        history_configmap_name(pool_name), pool_name, namespace, "binaryData", HISTORY_KEY, payload_b64
+    )
 
 
 def build_open_window_configmap(pool_name: str, namespace: str | None, encoded: str) -> dict[str, Any]:
     """The ConfigMap that keeps the checkpoint of a pool's open load window (`history.OpenWindow`): small and
     written a few times per window, apart from the history, which is written once per window."""
+    return _load_configmap(
+        open_window_configmap_name(pool_name), pool_name, namespace, "data", OPEN_WINDOW_KEY, encoded
+    )
+
+
+def _load_configmap(
+    name: str, pool_name: str, namespace: str | None, field: str, key: str, value: str
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": open_window_configmap_name(pool_name),
+            "name": name,
             "namespace": namespace,
             "labels": common_labels(pool_name) | {"app.kubernetes.io/component": "load-history"},
         },
-        "data": {OPEN_WINDOW_KEY: encoded},
+        field: {key: value},
     }
 
 
