@@ -50,7 +50,7 @@ Counters come from the running system: promotions by source from the operator me
 (`warmserve_promotions_total{source=hit|loading|cold}`), engine lifetimes (engine-seconds) and weight loads
 from the worker agent, sampled every 0.25 s.
 
-`--quick` (the CI smoke test, tests/bench/test_e2e_smoke.py): two tiny models, one pre-started shell, the
+`--quick` (a smoke run; no test runs it, the suite would take minutes more): two tiny models, one pre-started shell, the
 first half of the busy hour compressed 30x into a 60 s replay per policy (10 s windows, the schema's
 minimum), fewer overhead samples.
 
