@@ -23,6 +23,7 @@ COMPONENTS = {
     "operator": ("warmserve.controller.__main__", "operator"),
     "worker": ("warmserve.worker.__main__", "worker"),
     "router": ("warmserve.router.__main__", "operator"),
+    "shard": ("warmserve.worker.tpshard", "worker"),
 }
 
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("operator", "run the Kubernetes operator (same as python -m warmserve.controller; --help lists settings)"),
         ("worker", "run the GPU-pod worker agent (same as python -m warmserve.worker; --help lists options)"),
         ("router", "run the OpenAI-compatible router (same as python -m warmserve.router; --help lists options)"),
+        ("shard", "split a checkpoint into the per-rank files a tensor-parallel replica is prewarmed from"),
     ):
         sub.add_parser(name, help=text, description=text, add_help=False)  # its arguments are passed through
     return parser

@@ -136,7 +136,9 @@ class _Engines:
     def release_shell(self, shell):
         pass
 
-    def launch(self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None):
+    def launch(
+        self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None, env=None
+    ):
         n = len(self.engines)
         rec = self.record(key.id, model, served_name or model, 8000 + n, 1000 + n, host=self.host)
         self.engines[key] = rec

@@ -64,7 +64,9 @@ class FakeEngines:
     def release_shell(self, shell):
         pass
 
-    def launch(self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None):
+    def launch(
+        self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None, env=None
+    ):
         self.ops.append(("promote", key.id))
         self._polls[key] = 0
         self._engines[key] = FakeRecord(key.id, served_name or model, 18000 + len(self.ops), next(self.pids))

@@ -70,7 +70,9 @@ class FakeEngines:
     def release_shell(self, shell):
         pass
 
-    def launch(self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None):
+    def launch(
+        self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None, env=None
+    ):
         with open(manifest_path) as fh:
             assert json.load(fh)["tensors"], "promotion needs a manifest of warm tensors"
         self.ops.append(("promote", key.id))

@@ -31,6 +31,8 @@ class Engines:
 
     def __init__(self, standby_ready: bool = True, bind_fails: bool = False):
         self.launches: list[tuple[str, list[str]]] = []
+        self.launch_env: dict[str, dict[str, str]] = {}
+        self.manifests: dict[str, dict] = {}
         self.binds: list[tuple[str, Shape]] = []
         self.wanted: list[dict[Shape, int]] = []
         self.standby_ready, self.bind_fails = standby_ready, bind_fails
@@ -53,8 +55,13 @@ class Engines:
     def release_shell(self, shell):
         pass
 
-    def launch(self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None):
+    def launch(
+        self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None, env=None
+    ):
         self.launches.append((key.uid, list(extra_args or [])))
+        self.launch_env[key.uid] = dict(env or {})
+        with open(manifest_path) as fh:
+            self.manifests[key.uid] = json.load(fh)
         self._engines[key] = Record(key.uid, served_name or model, 18000 + len(self.launches))
         return self._engines[key]
 
@@ -196,7 +203,37 @@ def test_the_state_says_what_the_worker_can_do(tiny_models, arena, tmp_path):
     agent = Agent({"0": arena}, str(tmp_path), Engines(), standby_engines=1)
     caps = parse_state(json.dumps(agent.step().to_json())).capabilities
     assert caps is not None
-    assert (caps.kv_lend, caps.tp_promotion, caps.standby_engines, caps.engine_settings) == (False, False, True, True)
-    assert caps.device_kind == "cpu" and set(caps.reasons) == {"kvLend", "tpPromotion"}
+    assert (caps.kv_lend, caps.tp_promotion, caps.standby_engines, caps.engine_settings) == (False, True, True, True)
+    assert caps.device_kind == "cpu" and set(caps.reasons) == {"kvLend"}
     caps = Agent({"0": arena}, str(tmp_path / "b"), Engines()).step().capabilities
     assert caps is not None and caps.standby_engines is False
+
+
+def test_a_tp_replica_is_launched_as_one_engine_with_a_manifest_per_rank(tmp_path, shm_path):
+    """A TP-2 replica warm on GPUs 0 and 1 becomes one engine with tensor_parallel_size=2, each rank given its
+    CPUs, and a manifest whose rank r names GPU r's arena (the real-vLLM run is test_worker_vllm_tp.py)."""
+    from devmodels import make_llama
+
+    from warmserve.worker.tpshard import shard_checkpoint
+
+    model = make_llama(str(tmp_path / "m"), heads=4, kv_heads=2)
+    shard_checkpoint(model, 2)
+    arenas = {str(i): Arena.host(str(i), f"{shm_path}-{i}", 8 * MiB, page_size=256 * 1024) for i in range(2)}
+    try:
+        engines = Engines()
+        agent = Agent(arenas, str(tmp_path / "state"), engines, standby_engines=1)
+        rep = {**replica("m", model, "serve"), "tp": 2}
+        agent.apply({"generation": 1, "groups": [{"gpus": [0, 1], "replicas": [rep]}]})
+        state = run(agent, lambda s: [r.phase for r in s.replicas] == ["serving"])
+        assert state.errors == () and engines.binds == []  # no standby engine for a TP shape: a fresh engine
+        ((uid, args),) = engines.launches
+        assert args[-4:] == ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
+        assert engines.launch_env[uid]["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+        ranks = engines.manifests[uid]["ranks"]
+        assert [r["arena"]["path"] for r in ranks] == [arenas["0"].handle()["path"], arenas["1"].handle()["path"]]
+        assert [r["owner"] for r in ranks] == ["uid-m@0-1/rank0", "uid-m@0-1/rank1"]
+        assert set(ranks[0]["tensors"]) == set(ranks[1]["tensors"])
+        assert all(w == {} for w in engines.wanted)  # TP replicas get no standby engine
+    finally:
+        for arena in arenas.values():
+            arena.close()

@@ -63,7 +63,7 @@ from warmserve.protocol import (
     unknown_plan_fields,
 )
 from warmserve.worker.arena import Arena
-from warmserve.worker.engines import BindError, EngineRecord, Engines, Shape
+from warmserve.worker.engines import BindError, EngineRecord, Engines, Shape, placement
 from warmserve.worker.files import SourceError, safe_name, source_path
 from warmserve.worker.metrics import WorkerMetrics
 from warmserve.worker.store import Shard, ShardKey, ShardPhase, WeightStore
@@ -246,14 +246,6 @@ class Agent:
             if flag is not None:  # the operator refuses these too; a worker never passes one to vLLM
                 self._fail(rep, plan, f"engine argument {flag} is not allowed (the worker sets it)")
                 continue
-            if rep.tp > 1:
-                self._fail(
-                    rep,
-                    plan,
-                    "tp>1 promotion needs one engine process per GPU rank (CUDA); "
-                    "not supported by the CPU shared-memory path",
-                )
-                continue
             if self._bind_standby(rep, plan):
                 continue
             try:
@@ -325,12 +317,13 @@ class Agent:
         key = rep.key
         report_path = os.path.join(self.state_dir, f"load-report-{safe_name(key.id)}.json")
         try:
-            manifest_path = self._write_manifest(key)
+            manifest_path = self._write_manifest(rep)
             model_dir = source_path(rep.source)
         except (OSError, ValueError) as exc:
             self.engines.release_shell(shell)
             self._fail(rep, plan, f"promotion failed: {exc}")
             return
+        args, env = self._placement(rep)
         try:
             rec = self.engines.launch(
                 key,
@@ -340,7 +333,8 @@ class Agent:
                 manifest_path,
                 report_path=report_path,
                 served_name=rep.model,
-                extra_args=rep.engine.argv(),
+                extra_args=rep.engine.argv() + args,
+                env=env,
             )
         except (TimeoutError, OSError) as exc:
             self._fail(rep, plan, f"promotion failed: {exc}")
@@ -348,20 +342,38 @@ class Agent:
         self.metrics.op("promote", "started")
         log.info("engine of %s (%s) starting: pid %d, port %d", key, rep.model, rec.pid, rec.port)
 
-    def _write_manifest(self, key: ReplicaKey) -> str:
-        """The loader's manifest of a warm replica (arena handle and tensor table), written for its engine."""
-        path = os.path.join(self.state_dir, f"manifest-{safe_name(key.id)}.json")
+    def _write_manifest(self, rep: PlannedReplica) -> str:
+        """The loader's manifest of a warm replica (arena handle and tensor table), written for its engine.
+
+        A ``tp > 1`` replica's lists one such manifest per rank (``ranks``): each rank of the engine binds the
+        shard in the arena of its own GPU (``binding.rank_manifest``).
+        """
+        path = os.path.join(self.state_dir, f"manifest-{safe_name(rep.key.id)}.json")
+        if rep.tp == 1:
+            manifest = self.store.manifest(ShardKey(rep.key, 0))
+        else:
+            manifest = {
+                "model": rep.model,
+                "ranks": [self.store.manifest(ShardKey(rep.key, rank)) for rank in range(rep.tp)],
+            }
         with open(path, "w") as fh:
-            json.dump(self.store.manifest(ShardKey(key, 0)), fh)
+            json.dump(manifest, fh)
         return path
 
+    def _placement(self, rep: PlannedReplica) -> tuple[list[str], dict[str, str]]:
+        """Engine arguments and environment that put ``rep``'s engine on its GPUs (``engines.placement``)."""
+        on_gpu = any(self.arenas[str(gpu)].kind.on_gpu for gpu in rep.gpus if str(gpu) in self.arenas)
+        node_env = getattr(self.engines, "env", None) or {}
+        return placement(on_gpu, rep.gpus, node_env, sorted(os.sched_getaffinity(0)))
+
     # -- pre-initialised engines -------------------------------------------------------------
-    @staticmethod
-    def _shape(rep: PlannedReplica) -> Shape | None:
+    def _shape(self, rep: PlannedReplica) -> Shape | None:
         try:
-            return Shape(rep.model, source_path(rep.source), tuple(rep.engine.argv()))
+            model_dir = source_path(rep.source)
         except SourceError:
             return None
+        args, env = self._placement(rep)
+        return Shape(rep.model, model_dir, tuple(rep.engine.argv() + args), tuple(sorted(env.items())))
 
     def _keep_standby(self, plan: Plan) -> None:
         """Keep up to ``standby_engines`` pre-initialised engines, one per model, warm-only models first."""
@@ -383,7 +395,7 @@ class Agent:
         if shape is None or shape in self._bind_failed:
             return False
         try:
-            manifest_path = self._write_manifest(rep.key)
+            manifest_path = self._write_manifest(rep)
         except (OSError, ValueError) as exc:
             self._fail(rep, plan, f"promotion failed: {exc}")
             return True
@@ -610,14 +622,12 @@ class Agent:
         on_gpu = any(arena.kind.on_gpu for arena in self.arenas.values())
         return Capabilities(
             kv_lend=False,
-            tp_promotion=False,
+            tp_promotion=True,
             standby_engines=self.engines is not None and self.standby_engines > 0,
             engine_settings=True,
             device_kind="cuda" if on_gpu else "cpu",
             reasons={
                 "kvLend": "engines size their own KV cache; lending idle KV space to warm replicas is not built",
-                "tpPromotion": "a tp > 1 replica is prewarmed as per-rank shards, but promoting it into one "
-                "tensor-parallel engine is not built",
             },
         )
 

@@ -80,6 +80,50 @@ class BindReport:
     sources_for_unmapped: list[str] = field(default_factory=list)  # checkpoint tensors to copy
 
 
+def rank_manifest(manifest: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The part of a promotion manifest that tensor-parallel rank ``rank`` binds.
+
+    A ``tp > 1`` replica's manifest lists one manifest per rank under ``ranks`` (each shard sits in the arena of
+    its own GPU; the part returned says ``tp``); any other manifest is rank 0's own.
+    """
+    ranks = manifest.get("ranks")
+    if ranks is None:
+        if rank != 0:
+            raise ValueError(f"the manifest is for one rank, not for rank {rank} of a tensor-parallel engine")
+        return manifest
+    if not isinstance(ranks, list) or not 0 <= rank < len(ranks):
+        raise ValueError(f"the manifest has no entry for rank {rank} ({len(ranks or [])} ranks)")
+    return {**ranks[rank], "tp": len(ranks)}
+
+
+def copy_sliced(model: torch.nn.Module, manifest: dict[str, Any], arena: torch.Tensor, names: list[str]) -> int:
+    """Fill parameters ``names`` from a tensor-parallel rank's pre-sliced tensors (cast to the parameter's
+    dtype; a fused parameter from its members stacked). Returns the bytes copied.
+
+    A model's own ``load_weights`` cannot take these: its weight loaders slice full checkpoint tensors by rank.
+    Raises ValueError naming a parameter the rank's tensors cannot fill.
+    """
+    tensors: dict[str, dict[str, Any]] = manifest["tensors"]
+    packed: dict[str, list[str]] = manifest.get("packed", {})
+    params = dict(model.named_parameters())
+    copied = 0
+    for name in names:
+        param = params[name]
+        sources = [name] if name in tensors else fused_members(name, packed) or []
+        if not sources or not all(s in tensors for s in sources):
+            raise ValueError(f"the rank's tensors hold nothing for parameter {name}")
+        parts = [slot_view(arena, tensors[s]) for s in sources]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(
+                f"parameter {name} has shape {list(param.shape)} on this rank; the rank's tensors give "
+                f"{list(value.shape)} (was the checkpoint split for this tensor-parallel size?)"
+            )
+        param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
+        copied += param.numel() * param.element_size()
+    return copied
+
+
 def fused_members(param_name: str, packed: dict[str, list[str]]) -> list[str] | None:
     """Checkpoint names that make up a fused parameter, e.g. ``...qkv_proj.weight`` → q/k/v."""
     for group, members in packed.items():

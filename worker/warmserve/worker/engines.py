@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO, Any, Protocol
 
@@ -79,21 +79,51 @@ class EngineRecord:
         return f"{self.host}:{self.port}"
 
 
+def placement(
+    on_gpu: bool, gpus: Sequence[int], node_env: Mapping[str, str], cpus: Sequence[int]
+) -> tuple[list[str], dict[str, str]]:
+    """The vLLM arguments and environment that put an engine on its replica's devices, rank ``r`` on ``gpus[r]``.
+
+    On GPUs the engine sees exactly its group, in rank order (``CUDA_VISIBLE_DEVICES`` in PCI bus order, the
+    order NVML numbers the devices the arenas are named after), so its rank ``r`` runs on local device ``r`` and
+    opens the IPC handle of the arena that holds its shard there. A ``tp > 1`` engine runs one process per rank
+    (``mp`` backend); on a CPU node each rank gets its share of the CPUs this worker may use
+    (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's automatic binding wants one NUMA node per rank), unless the node's own
+    engine environment sets it.
+    """
+    tp = len(gpus)
+    args = [] if tp == 1 else ["--tensor-parallel-size", str(tp), "--distributed-executor-backend", "mp"]
+    if on_gpu:
+        return args, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+    if tp == 1 or "VLLM_CPU_OMP_THREADS_BIND" in node_env:
+        return args, {}
+    ordered = sorted(cpus)
+    if len(ordered) < tp:  # fewer CPUs than ranks: they take turns on them
+        groups = [[ordered[rank % len(ordered)]] for rank in range(tp)]
+    else:
+        size, extra = divmod(len(ordered), tp)
+        starts = [rank * size + min(rank, extra) for rank in range(tp + 1)]
+        groups = [ordered[starts[rank] : starts[rank + 1]] for rank in range(tp)]
+    return args, {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(str(c) for c in group) for group in groups)}
+
+
 @dataclass(frozen=True)
 class Shape:
-    """What a pre-initialised engine is built for: one model's files and its engine arguments.
+    """What a pre-initialised engine is built for: one model's files, its engine arguments and environment.
 
     A standby engine of a shape serves that model (its served name is fixed at start) once it is bound to any
-    warm replica of the model; one shape per model is the first granularity.
+    warm replica of the model whose placement gives the same environment (on GPUs: the same device); one shape
+    per model and device group is the first granularity.
     """
 
     model: str
     model_dir: str
     args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def id(self) -> str:
-        text = json.dumps([self.model, self.model_dir, list(self.args)])
+        text = json.dumps([self.model, self.model_dir, list(self.args), [list(kv) for kv in self.env]])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -314,6 +344,7 @@ class Engines(Protocol):
         report_path: str | None = None,
         served_name: str | None = None,
         extra_args: list[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> EngineRecord: ...
 
     def stop(self, key: ReplicaKey) -> float: ...
@@ -430,8 +461,11 @@ class EngineManager:
         report_path: str | None = None,
         served_name: str | None = None,
         extra_args: list[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> EngineRecord:
-        """Hand an acquired shell its arguments; returns at once (readiness is polled).
+        """Hand an acquired shell its arguments (and ``env`` on top of the node's); returns at once.
+
+        Readiness is polled.
 
         Raises OSError when the shell died meanwhile (the shell is closed then).
         """
@@ -440,7 +474,7 @@ class EngineManager:
         if existing is not None:
             self.release_shell(shell)
             return existing
-        rec = self._start(shell, key.id, model, model_dir, manifest_path, report_path, served_name, extra_args)
+        rec = self._start(shell, key.id, model, model_dir, manifest_path, report_path, served_name, extra_args, env)
         with self._records:
             self._engines[key] = rec
             self._procs[key] = shell
@@ -459,6 +493,7 @@ class EngineManager:
         report_path: str | None,
         served_name: str | None,
         extra_args: list[str] | None,
+        env: Mapping[str, str] | None = None,
     ) -> EngineRecord:
         served = served_name or model
         with self._records:
@@ -485,7 +520,7 @@ class EngineManager:
             cfg = {"manifest": manifest_path, **({"report": report_path} if report_path else {})}
             argv += ["--load-format", "warmserve", "--model-loader-extra-config", json.dumps(cfg)]
         try:
-            pid = shell.launch(argv, {"HF_HUB_OFFLINE": "1", **self.env, TOKEN_ENV: self.token})
+            pid = shell.launch(argv, {"HF_HUB_OFFLINE": "1", **self.env, **(env or {}), TOKEN_ENV: self.token})
         except OSError:
             shell.close()
             raise
@@ -555,7 +590,9 @@ class EngineManager:
     def _start_standby(self, shape: Shape, shell: Shell) -> None:
         manifest = os.path.join(self.dir, f"standby-{shape.id}.json")
         write_json_atomic(manifest, {"standby": True, "model": shape.model})
-        rec = self._start(shell, "", shape.model, shape.model_dir, manifest, None, shape.model, list(shape.args))
+        rec = self._start(
+            shell, "", shape.model, shape.model_dir, manifest, None, shape.model, list(shape.args), dict(shape.env)
+        )
         rec.standby = shape.id
         with self._records:
             self._standby.setdefault(shape, []).append((rec, shell))

@@ -24,22 +24,50 @@ from typing import Any, cast
 import torch
 import torch.nn as nn
 from vllm.config import ModelConfig
+from vllm.distributed import get_tensor_model_parallel_rank, model_parallel_is_initialized
 from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 from vllm.model_executor.model_loader.reload.meta import SKIP_TENSORS, materialize_meta_tensor
 from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
 from warmserve.worker.binding import (
+    BindReport,
     arena_kind,
     bind_parameters,
+    copy_sliced,
     count_arena_views,
     iter_arena_tensors,
     open_arena_tensor,
+    rank_manifest,
 )
 
 #: This process's standby model (set by the loader when it builds one), and whether it was bound since: a
 #: standby engine is bound once, to a replica of its own model; an engine that serves is never rebound.
 STANDBY: dict[str, Any] = {"model": None, "bound": False}
+
+
+def tp_rank() -> int:
+    """This process's tensor-parallel rank (0 before vLLM has set up its process groups)."""
+    return get_tensor_model_parallel_rank() if model_parallel_is_initialized() else 0
+
+
+def fill_unmapped(model: nn.Module, manifest: dict[str, Any], arena: torch.Tensor, report: BindReport) -> int:
+    """Copy from the arena the parameters the bind could not point at it (a dtype cast, another layout).
+
+    Memory to memory, no file is read. A ``tp = 1`` replica goes through the model's own ``load_weights``; a
+    tensor-parallel rank's tensors are already sliced, so they are copied as they are. Returns the bytes copied.
+    """
+    if not report.unmapped:
+        return 0
+    if manifest.get("tp", 1) > 1:
+        return copy_sliced(model, manifest, arena, report.unmapped)
+    load_weights = cast(Any, model).load_weights  # vLLM models define it; nn.Module's typing does not
+    loaded = load_weights(iter_arena_tensors(manifest, arena, report.sources_for_unmapped))
+    missing = [n for n in report.unmapped if loaded is not None and n not in loaded]
+    if missing:
+        raise RuntimeError(f"warmserve: arena has no weights for parameters {missing[:5]}")
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() * params[n].element_size() for n in report.unmapped)
 
 
 def alias_to_scratch(model: nn.Module) -> int:
@@ -90,12 +118,7 @@ def bind_model(
     t0 = time.perf_counter()
     restored = restore_checkpoint_parameters(model, device)
     report = bind_parameters(model, manifest, arena)
-    copied = 0
-    if report.unmapped:  # a parameter we cannot view (dtype cast, other layout): copied from the arena
-        load_weights = cast(Any, model).load_weights
-        load_weights(iter_arena_tensors(manifest, arena, report.sources_for_unmapped))
-        params = dict(model.named_parameters())
-        copied = sum(params[n].numel() * params[n].element_size() for n in report.unmapped)
+    copied = fill_unmapped(model, manifest, arena, report)
     t1 = time.perf_counter()
     process_weights_after_loading(model, model_config, device)
     t2 = time.perf_counter()
@@ -155,7 +178,7 @@ class WarmServeWorkerExtension:
     def warmserve_bind(self, manifest_path: str) -> dict[str, Any]:
         worker = cast(Any, self)
         with open(manifest_path) as fh:
-            manifest = json.load(fh)
+            manifest = rank_manifest(json.load(fh), tp_rank())
         if STANDBY["model"] is None or STANDBY["bound"]:
             raise RuntimeError("this engine is not an unbound standby engine")
         if manifest.get("model") != STANDBY["model"]:

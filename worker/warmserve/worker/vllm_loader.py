@@ -41,10 +41,10 @@ from warmserve.worker.binding import (
     arena_kind,
     bind_parameters,
     count_arena_views,
-    iter_arena_tensors,
     open_arena_tensor,
+    rank_manifest,
 )
-from warmserve.worker.vllm_extension import STANDBY, alias_to_scratch
+from warmserve.worker.vllm_extension import STANDBY, alias_to_scratch, fill_unmapped, tp_rank
 
 logger = init_logger(__name__)
 
@@ -78,8 +78,9 @@ class WarmServeModelLoader(BaseModelLoader):
         self.manifest_path: str = manifest_path
 
     def _manifest(self) -> dict[str, Any]:
+        """This process's part of the manifest: its tensor-parallel rank's shard."""
         with open(self.manifest_path) as fh:
-            return json.load(fh)
+            return rank_manifest(json.load(fh), tp_rank())
 
     def get_external_weight_memory(self, vllm_config: VllmConfig) -> int:
         manifest = self._manifest()
@@ -100,17 +101,7 @@ class WarmServeModelLoader(BaseModelLoader):
     def _bind(self, model: nn.Module, manifest: dict[str, Any], arena: torch.Tensor) -> dict[str, Any]:
         t0 = time.perf_counter()
         report = bind_parameters(model, manifest, arena)
-        copied_bytes = 0
-        if report.unmapped:
-            # Parameters we cannot view (dtype cast, other layout): copy them from
-            # the arena through the model's own loader. Memory to memory; no files.
-            load_weights = cast(Any, model).load_weights  # vLLM models define it; nn.Module's typing does not
-            loaded = load_weights(iter_arena_tensors(manifest, arena, report.sources_for_unmapped))
-            missing = [n for n in report.unmapped if loaded is not None and n not in loaded]
-            if missing:
-                raise RuntimeError(f"warmserve: arena has no weights for parameters {missing[:5]}")
-            params = dict(model.named_parameters())
-            copied_bytes = sum(params[n].numel() * params[n].element_size() for n in report.unmapped)
+        copied_bytes = fill_unmapped(model, manifest, arena, report)
         return {
             "bind_s": time.perf_counter() - t0,
             "mapped_params": len(report.mapped),
@@ -168,7 +159,7 @@ class WarmServeModelLoader(BaseModelLoader):
             (rss_after - rss_before) / 2**20,
             views_after,
         )
-        if self.report_path:
+        if self.report_path and tp_rank() == 0:  # rank 0 reports for the engine
             with open(self.report_path, "w") as fh:
                 json.dump(report, fh, indent=1)
         return model.eval()
