@@ -10,11 +10,13 @@ import time
 
 import pytest
 from test_worker_agent_kmock import FakeRecord
+from test_worker_tpshard import llama_checkpoint
 
 from warmserve.protocol import ReplicaKey, parse_state
 from warmserve.worker.agent import Agent
 from warmserve.worker.arena import Arena
 from warmserve.worker.engines import BindError, Shape
+from warmserve.worker.tpshard import shard_checkpoint
 
 MiB = 1 << 20
 
@@ -212,11 +214,8 @@ def test_the_state_says_what_the_worker_can_do(tiny_models, arena, tmp_path):
 def test_a_tp_replica_is_launched_as_one_engine_with_a_manifest_per_rank(tmp_path, shm_path):
     """A TP-2 replica warm on GPUs 0 and 1 becomes one engine with tensor_parallel_size=2, each rank given its
     CPUs, and a manifest whose rank r names GPU r's arena (the real-vLLM run is test_worker_vllm_tp.py)."""
-    from devmodels import make_llama
-
-    from warmserve.worker.tpshard import shard_checkpoint
-
-    model = make_llama(str(tmp_path / "m"), heads=4, kv_heads=2)
+    model = str(tmp_path / "m")
+    llama_checkpoint(model)  # a Llama-layout checkpoint of numpy arrays: no torch needed
     shard_checkpoint(model, 2)
     arenas = {str(i): Arena.host(str(i), f"{shm_path}-{i}", 8 * MiB, page_size=256 * 1024) for i in range(2)}
     try:

@@ -92,7 +92,7 @@ def scenario(tiny_models, tmp_path_factory):
         ((_shape, standby),) = engines.standby()
         result["standby_pid"] = standby.pid
         result["standby_released"] = standby.released
-        manifest = agent._write_manifest(ALPHA)
+        manifest = agent._write_manifest(agent.plan.replicas[ALPHA])
         result["bind_without_token"] = bind_status(standby.port, None, manifest)
         result["bind_wrong_token"] = bind_status(standby.port, "x" * len(engines.token), manifest)
         result["standby_listed"] = [rec.port for rec in engines.running().values()]

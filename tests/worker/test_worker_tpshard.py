@@ -21,7 +21,7 @@ from warmserve.worker.tpshard import VOCAB_PADDING, ShardError, shard_checkpoint
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB = 64, 4, 2, 16, 96, 100
 
 
-def _checkpoint(directory, extra=None, heads=HEADS, kv_heads=KV_HEADS, dtype=np.float32):
+def llama_checkpoint(directory, extra=None, heads=HEADS, kv_heads=KV_HEADS, dtype=np.float32):
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(0)
 
@@ -67,7 +67,7 @@ def _rank(directory, tp, rank):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_rank_slices_put_back_together_are_the_checkpoint(tmp_path, tp):
-    original = _checkpoint(tmp_path, kv_heads=tp)
+    original = llama_checkpoint(tmp_path, kv_heads=tp)
     dirs = shard_checkpoint(str(tmp_path), tp)
     assert dirs == [str(tmp_path / f"rank-{r}-of-{tp}") for r in range(tp)]
     ranks = [_rank(tmp_path, tp, r) for r in range(tp)]
@@ -91,7 +91,7 @@ def test_rank_slices_put_back_together_are_the_checkpoint(tmp_path, tp):
 
 
 def test_raw_bytes_keep_every_dtype(tmp_path):
-    original = _checkpoint(tmp_path, dtype=np.float16)
+    original = llama_checkpoint(tmp_path, dtype=np.float16)
     shard_checkpoint(str(tmp_path), 2)
     rank0 = _rank(tmp_path, 2, 0)
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -109,7 +109,7 @@ def test_raw_bytes_keep_every_dtype(tmp_path):
     ],
 )
 def test_what_cannot_be_split_is_refused_before_anything_is_written(tmp_path, kwargs, tp, message):
-    _checkpoint(tmp_path, **kwargs)
+    llama_checkpoint(tmp_path, **kwargs)
     with pytest.raises(ShardError, match=message):
         shard_checkpoint(str(tmp_path), tp)
     assert not any(name.startswith("rank-") for name in os.listdir(tmp_path))
@@ -121,7 +121,7 @@ def test_an_indivisible_dimension_is_refused_by_name():
 
 
 def test_existing_rank_directories_are_kept_unless_forced(tmp_path):
-    _checkpoint(tmp_path)
+    llama_checkpoint(tmp_path)
     shard_checkpoint(str(tmp_path), 2)
     with pytest.raises(ShardError, match="exists"):
         shard_checkpoint(str(tmp_path), 2)
@@ -129,7 +129,7 @@ def test_existing_rank_directories_are_kept_unless_forced(tmp_path):
 
 
 def test_cli_splits_and_reports_errors_in_one_line(tmp_path, capsys):
-    _checkpoint(tmp_path)
+    llama_checkpoint(tmp_path)
     assert cli_main(["shard", str(tmp_path), "--tp", "2"]) == 0
     out, err = capsys.readouterr()
     assert out.split() == [str(tmp_path / "rank-0-of-2"), str(tmp_path / "rank-1-of-2")]
