@@ -240,51 +240,44 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else float("nan")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpus", type=int, default=1024)
-    parser.add_argument("--models", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=200, help="timed steady-state placement rounds")
-    parser.add_argument("--warmup", type=int, default=24, help="control steps before timing (2 hours)")
-    parser.add_argument("--cold-repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--engine-share",
-        type=float,
-        default=ENGINE_GPU_SHARE,
-        help="share of the GPUs the engines take at the mean load (higher: more memory pressure)",
-    )
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--profile", action="store_true", help="cProfile the timed rounds, print the top 25")
-    args = parser.parse_args(argv)
-
-    build_cluster(args.gpus)  # validates --gpus before anything else
-    workload = build_workload(args.models, args.gpus, args.seed, args.engine_share)
+def measure(
+    gpus: int,
+    models: int,
+    rounds: int = 200,
+    warmup: int = 24,
+    cold_repeats: int = 5,
+    seed: int = 0,
+    engine_share: float = ENGINE_GPU_SHARE,
+    profiler: cProfile.Profile | None = None,
+) -> dict:
+    """Time ``rounds`` steady placement rounds (and ``cold_repeats`` cold ones); the JSON of ``--json``."""
+    build_cluster(gpus)  # validates --gpus before anything else
+    workload = build_workload(models, gpus, seed, engine_share)
     policy = WarmServePolicy(workload.profiles)
 
     first_demand = workload.demand(0)
-    cold_ms, cold_decision = [], None
-    for _ in range(args.cold_repeats):
-        empty = build_cluster(args.gpus)
-        t0 = time.perf_counter()
+    cold_ms, cold_cpu_ms, cold_decision = [], [], None
+    for _ in range(cold_repeats):
+        empty = build_cluster(gpus)
+        t0, c0 = time.perf_counter(), time.process_time()
         cold_decision = policy.place(empty, first_demand)
         cold_ms.append((time.perf_counter() - t0) * 1e3)
+        cold_cpu_ms.append((time.process_time() - c0) * 1e3)
 
-    state = build_cluster(args.gpus)
+    state = build_cluster(gpus)
     now = 0.0
-    for window in range(args.warmup):
+    for window in range(warmup):
         control_step(state, policy, first_demand if window == 0 else workload.demand(window), now)
         now += WINDOW_S
     start_state = describe_state(state)
 
-    profiler = cProfile.Profile() if args.profile else None
     steps: list[Step] = []
-    for window in range(args.warmup, args.warmup + args.rounds):
+    for window in range(warmup, warmup + rounds):
         demand = workload.demand(window)
-        if profiler:
+        if profiler is not None:
             profiler.enable()
         steps.append(control_step(state, policy, demand, now))
-        if profiler:
+        if profiler is not None:
             profiler.disable()
         now += WINDOW_S
         state.check_invariants()
@@ -293,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     choose = [t for s in steps for t in s.choose_ms]
     slots_total = sum(len(s.decision.add) + len(s.decision.kept) + len(s.decision.unplaced) for s in steps)
     result = {
-        "gpus": args.gpus,
-        "models": args.models,
-        "nodes": args.gpus // GPUS_PER_NODE,
+        "gpus": gpus,
+        "models": models,
+        "nodes": gpus // GPUS_PER_NODE,
         "gpu_arena_bytes": GPU_BYTES,
-        "seed": args.seed,
-        "engine_share": args.engine_share,
-        "rounds": args.rounds,
-        "warmup_rounds": args.warmup,
+        "seed": seed,
+        "engine_share": engine_share,
+        "rounds": rounds,
+        "warmup_rounds": warmup,
         "p50_ms": percentile(times, 50),
         "p99_ms": percentile(times, 99),
         "max_ms": max(times),
@@ -309,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_p99_ms": percentile([s.place_cpu_ms for s in steps], 99),
         "cold_p50_ms": percentile(cold_ms, 50),
         "cold_max_ms": max(cold_ms),
+        "cold_cpu_p50_ms": percentile(cold_cpu_ms, 50),
+        "cold_cpu_max_ms": max(cold_cpu_ms),
         "cold_replicas_placed": len(cold_decision.add) if cold_decision else 0,
         "cold_replicas_unplaced": len(cold_decision.unplaced) if cold_decision else 0,
         "per_round": {
@@ -333,6 +328,31 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
     }
 
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, default=1024)
+    parser.add_argument("--models", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=200, help="timed steady-state placement rounds")
+    parser.add_argument("--warmup", type=int, default=24, help="control steps before timing (2 hours)")
+    parser.add_argument("--cold-repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--engine-share",
+        type=float,
+        default=ENGINE_GPU_SHARE,
+        help="share of the GPUs the engines take at the mean load (higher: more memory pressure)",
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="cProfile the timed rounds, print the top 25")
+    args = parser.parse_args(argv)
+
+    profiler = cProfile.Profile() if args.profile else None
+    result = measure(
+        args.gpus, args.models, args.rounds, args.warmup, args.cold_repeats, args.seed, args.engine_share, profiler
+    )
     rows = [
         ("steady round (place)", f"{result['p50_ms']:.1f}", f"{result['p99_ms']:.1f}", f"{result['max_ms']:.1f}"),
         ("steady round, CPU time", f"{result['cpu_p50_ms']:.1f}", f"{result['cpu_p99_ms']:.1f}", "-"),

@@ -41,6 +41,21 @@ def test_placement_bench(tmp_path):
     assert data["p50_ms"] > 0 and data["p99_ms"] >= data["p50_ms"]
 
 
+def test_scale_bench_sweeps_fits_and_skips_what_does_not_fit(tmp_path):
+    data = run(
+        "scale.py",
+        *("--gpus", "64,128", "--models", "8,60", "--rounds", "3", "--warmup", "2"),
+        *("--skip-operator", "--skip-sim"),
+        tmp_path=tmp_path,
+    )
+    assert set(data["placement"]) == {"64x8", "64x60", "128x8", "128x60"}
+    assert "skipped" in data["placement"]["64x60"]  # 60 models cannot each get an engine on half of 64 GPUs
+    row = data["placement"]["128x8"]
+    assert row["p99_ms"] >= row["p50_ms"] > 0 and row["warm_replicas"] + row["engines"] > 0
+    assert set(data["placement_cold_ms"]) == {"64", "128"}
+    assert 0 < data["placement_exponent_gpus"] < 5 and 0 < data["placement_exponent_state"] < 5
+
+
 def test_operator_loop_bench(tmp_path):
     data = run(
         "operator_loop.py", "--workers", "4", "--models", "8", "--rounds", "4", "--warmup", "2", tmp_path=tmp_path

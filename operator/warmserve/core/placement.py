@@ -32,6 +32,7 @@ per-node GPU arrays, which keeps a round over 1,024 GPUs and 200 models in milli
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Mapping
@@ -101,6 +102,40 @@ def replica_slots(profile: ModelProfile, demand: Demand, running_engines: int, p
     return [Slot(profile.name, j, score) for j, score in enumerate(sorted(scores, reverse=True))]
 
 
+class _Levels:
+    """One value per aligned group at every level (sizes 1, 2, 4, ...), kept in one flat array.
+
+    ``at[level]`` is a view of the level's groups, so a change to every group nested with one group (inside it
+    and around it, all levels) is one indexed add over the flat array (:meth:`_Grid.bump`).
+    """
+
+    def __init__(self, total: int, levels: int, dtype: type) -> None:
+        self.offsets = [0]
+        for level in range(levels):
+            self.offsets.append(self.offsets[-1] + (total >> level))
+        self.flat: np.ndarray = np.zeros(self.offsets[-1], dtype=dtype)
+        self.at = [self.flat[self.offsets[level] : self.offsets[level + 1]] for level in range(levels)]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _nested_positions(offsets: tuple[int, ...], level: int, index: int) -> np.ndarray:
+    """Positions, in a `_Levels` flat array laid out by ``offsets``, of every group nested with group ``index``
+    of ``level`` (the groups inside it at the levels below, the one around it at each level above).
+
+    Cached across rounds: a cluster of a given size asks for the same groups round after round.
+    """
+    parts = []
+    for other in range(len(offsets) - 1):
+        if other <= level:
+            shift = level - other
+            parts.append(np.arange(index << shift, (index + 1) << shift) + offsets[other])
+        else:
+            parts.append(np.array([(index >> (other - level)) + offsets[other]]))
+    positions = np.concatenate(parts)
+    positions.flags.writeable = False
+    return positions
+
+
 class _Grid:
     """Per-round numpy view of the cluster: one padded row of ``width`` GPUs per node."""
 
@@ -111,28 +146,32 @@ class _Grid:
             self.width <<= 1
         self.levels = self.width.bit_length()  # group sizes 1, 2, ..., width
         total = len(state.nodes) * self.width
-        self.budget = np.full(total, -1, dtype=np.int64)  # padding GPUs can hold nothing
-        self.used = np.zeros(total, dtype=np.int64)
+        self.free = np.full(total, -1, dtype=np.int64)  # budget minus used; padding GPUs can hold nothing
         self.pending = np.zeros(total, dtype=np.int64)  # bytes of not-yet-visited (lower-score) replicas
-        self.engine = np.zeros(total, dtype=bool)
+        engine = np.zeros(total, dtype=bool)
         width = self.width
         for n, node in enumerate(state.nodes):
-            self.budget[n * width : n * width + node.gpus] = node.gpu_bytes
-        for (n, i), nbytes in state.used_by_gpu().items():
-            self.used[n * width + i] = nbytes
+            self.free[n * width : n * width + node.gpus] = node.gpu_bytes
         for n, i in state.engine_gpus():
-            self.engine[n * width + i] = True
-            self.budget[n * width + i] = state.lent((n, i))
+            engine[n * width + i] = True
+            self.free[n * width + i] = state.lent((n, i))
+        for (n, i), nbytes in state.used_by_gpu().items():
+            self.free[n * width + i] -= nbytes
         # per level, for each group: total score / count of kept replicas over every group nested with it,
-        # kept up to date on each change (O(levels) small slices) instead of recomputed per replica
-        self.ov_score = [np.zeros(total >> level) for level in range(self.levels)]
-        self.ov_kept = [np.zeros(total >> level, dtype=np.int32) for level in range(self.levels)]
+        # kept up to date on each change (one indexed add) instead of recomputed per replica
+        self.ov_score = _Levels(total, self.levels, np.float64)
+        self.ov_kept = _Levels(total, self.levels, np.int32)
+        self.ov_pending = _Levels(total, self.levels, np.float64)  # over not-yet-visited replicas only
         self.exact_score = [np.zeros(total >> level) for level in range(self.levels)]  # replicas exactly on a group
-        self.ov_pending: list[np.ndarray] = []  # like ov_score, over not-yet-visited replicas (set by plan_placement)
+        # per level, 2 for the groups with a running engine on any of their GPUs (engines do not change in a
+        # round): the first key of a new replica's preference (see _place_one)
+        self.engine_rank = [
+            engine.reshape(-1, 1 << level).any(axis=1).astype(np.int8) * 2 for level in range(self.levels)
+        ]
 
     def overlap(self, level: int, arrays: list[np.ndarray]) -> np.ndarray:
         """Per size-``2**level`` group, the total of ``arrays`` over every group nested with it."""
-        total = np.zeros(len(self.budget) >> level, dtype=arrays[0].dtype)
+        total = np.zeros(len(self.free) >> level, dtype=arrays[0].dtype)
         for other, values in enumerate(arrays):
             if other <= level:  # groups inside: sum them up
                 total += values.reshape(-1, 1 << (level - other)).sum(axis=1)
@@ -156,24 +195,22 @@ class _Grid:
         flat = index * size
         return GpuGroup(flat // self.width, flat % self.width, size)
 
-    def bump(self, arrays: list[np.ndarray], group: GpuGroup, delta: float) -> None:
+    def nested(self, level: int, index: int) -> np.ndarray:
+        """Positions in a `_Levels` flat array of every group nested with group ``index`` of ``level``."""
+        return _nested_positions(tuple(self.ov_score.offsets), level, index)
+
+    def bump(self, values: _Levels, group: GpuGroup, delta: float) -> None:
         """Add ``delta`` to every group nested with ``group`` (inside it or around it), at every level."""
-        level, index = self.level_index(group)
-        for other, values in enumerate(arrays):
-            if other <= level:
-                shift = level - other
-                values[index << shift : (index + 1) << shift] += delta
-            else:
-                values[index >> (other - level)] += delta
+        values.flat[self.nested(*self.level_index(group))] += delta
 
     def add(self, group: GpuGroup, nbytes: int, score: float, kept: bool) -> None:
-        self.used[self.span(group)] += nbytes
+        self.free[self.span(group)] -= nbytes
         self.bump(self.ov_score, group, score)
         if kept:
             self.bump(self.ov_kept, group, 1)
 
     def remove(self, group: GpuGroup, nbytes: int, score: float) -> None:
-        self.used[self.span(group)] -= nbytes
+        self.free[self.span(group)] += nbytes
         self.bump(self.ov_score, group, -score)
 
 
@@ -217,12 +254,13 @@ def plan_placement(
                 grid.pending[grid.span(replica.group)] += replica.bytes_per_gpu
             else:
                 decision.evict.append(replica.rid)
-                grid.used[grid.span(replica.group)] -= replica.bytes_per_gpu
+                grid.free[grid.span(replica.group)] += replica.bytes_per_gpu
         if model in slots:
             slots[model] = model_slots[len(replicas) :]
 
-    grid.ov_score = [grid.overlap(level, grid.exact_score) for level in range(grid.levels)]
-    grid.ov_pending = [values.copy() for values in grid.ov_score]  # only replicas that may still be evicted
+    for level in range(grid.levels):
+        grid.ov_score.at[level][:] = grid.overlap(level, grid.exact_score)
+    grid.ov_pending.flat[:] = grid.ov_score.flat  # only replicas that may still be evicted
 
     # Model → flat GPU indices it already occupies (same-model replicas never share a GPU).
     occupied: dict[str, list[int]] = {}
@@ -285,32 +323,31 @@ def _place_one(
         return None
     level = size.bit_length() - 1
     need = profile.shard_bytes
-    excluded = np.zeros(len(grid.budget), dtype=bool)
-    if occupied:
-        excluded[occupied] = True
-    excluded_group = excluded.reshape(-1, size).any(axis=1)
-    free = grid.budget - grid.used
-    fits = (free.reshape(-1, size).min(axis=1) >= need) & ~excluded_group
-    overlap_sum = grid.ov_score[level]
+    free = grid.free
+    fits = (free if size == 1 else free.reshape(-1, size).min(axis=1)) >= need
+    if occupied:  # same-model replicas never share a GPU
+        fits[np.asarray(occupied) >> level] = False
     if fits.any():
-        interferes = grid.ov_kept[level] > 0
-        on_engine = np.asarray(grid.engine.reshape(-1, size).any(axis=1))  # (numpy's stubs allow a scalar)
-        candidates = np.flatnonzero(fits)
-        order = np.lexsort((candidates, overlap_sum[candidates], interferes[candidates], on_engine[candidates]))
-        return grid.group_of(level, int(candidates[order[0]]))
+        # In order of preference: no running engine, no kept replica overlapping (the two as one rank, engine
+        # first), then the least overlapping score, then the lowest index.
+        rank = np.where(fits, grid.engine_rank[level] + (grid.ov_kept.at[level] > 0), 4)
+        fits = rank == rank.min()
+        return grid.group_of(level, int(np.argmin(np.where(fits, grid.ov_score.at[level], np.inf))))
     reclaimable = (free + grid.pending).reshape(-1, size).min(axis=1) >= need
-    candidates = np.flatnonzero(reclaimable & ~excluded_group)
+    if occupied:
+        reclaimable[np.asarray(occupied) >> level] = False
+    candidates = np.flatnonzero(reclaimable)
     if not len(candidates):
         return None
     # the group whose evictable replicas carry the least score: a victim never outranks the newcomer
-    best = int(candidates[np.argmin(grid.ov_pending[level][candidates] + candidates * 1e-12)])
+    best = int(candidates[np.argmin(grid.ov_pending.at[level][candidates] + candidates * 1e-12)])
     group = grid.group_of(level, best)
     # Only replicas not visited yet can be victims, and those all score at most ``score``. Lowest score
     # first, and only those that sit on a GPU of the group that is still short of room.
     victims = sorted((pending[r.rid], r.rid) for r in state.replicas_overlapping(group) if r.rid in pending)
     span = grid.span(group)
     for victim_score, rid in victims:
-        short = (grid.budget[span] - grid.used[span]) < need
+        short = grid.free[span] < need
         if not short.any():
             break
         replica = state.replicas[rid]
@@ -325,6 +362,6 @@ def _place_one(
         grid.pending[grid.span(replica.group)] -= replica.bytes_per_gpu
         del pending[rid]
         decision.evict.append(rid)
-    if (grid.budget - grid.used)[grid.span(group)].min() < need:
+    if grid.free[grid.span(group)].min() < need:
         return None
     return group
