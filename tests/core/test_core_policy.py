@@ -7,7 +7,7 @@ import pytest
 from warmserve.core.autoscaler import AutoscalerParams, EngineView, ScaleDecision, decide_scale
 from warmserve.core.cluster import ClusterState
 from warmserve.core.policy import EngineLoad, PolicyParams, WarmServePolicy
-from warmserve.core.types import GpuGroup, ModelProfile, NodeSpec
+from warmserve.core.types import Demand, GpuGroup, ModelProfile, NodeSpec
 
 CAP = 100
 
@@ -121,6 +121,19 @@ def test_lend_follows_the_reservation_formula() -> None:
     assert policy.lend(state, {iid: EngineLoad(5, 10)}).lent == {(0, 0): 40}  # R = max(40, 18) = 40
     assert policy.lend(state, {}).lent == {(0, 0): 72}  # no report: idle, R = C / B = 8
     assert policy.lend(state, {iid: EngineLoad(10, 0)}).lent == {(0, 0): 0}
+
+
+def test_lend_reserves_for_the_forecast_peak_share_of_each_engine() -> None:
+    """Space below an engine's share of the window's forecast peak is not lent: it would be taken back (and
+    the prewarm into it wasted) as soon as the load rose to the peak the forecast announced."""
+    state, policy = make_state(2), make_policy()
+    iid = serving(state, "e", GpuGroup(0, 0, 1), 20)  # C = 80, B = 10
+    serving(state, "e", GpuGroup(0, 1, 1), 20)
+    policy.place(state, {"e": Demand(4.0, 9.0)})  # peak 9 over 2 engines: each reserves for 5 in flight
+    assert policy.lend(state, {iid: EngineLoad(2, 10)}).lent[(0, 0)] == 40  # R = max(80·5/10, 18) = 40
+    assert policy.lend(state, {iid: EngineLoad(7, 10)}).lent[(0, 0)] == 24  # more in flight than the peak share
+    policy.place(state, {"e": Demand(1.0, 1.0)})  # a quiet window: the instantaneous load decides again
+    assert policy.lend(state, {iid: EngineLoad(2, 10)}).lent[(0, 0)] == 62
 
 
 def test_starting_engines_and_the_no_proactive_ablation_lend_nothing() -> None:

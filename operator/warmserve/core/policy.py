@@ -19,6 +19,7 @@ Callers own time: every method takes ``now`` or nothing and never reads a clock.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -135,6 +136,7 @@ class WarmServePolicy:
         self.profiles = dict(profiles)
         self.params = params or PolicyParams()
         self.scores: dict[int, float] = {}  # replica id → score from the last placement round
+        self._peak: dict[str, float] = {}  # model → forecast peak concurrency of the window being placed for
 
     # ------------------------------------------------------------- autoscaling
     def scale(
@@ -191,6 +193,7 @@ class WarmServePolicy:
     def place(self, state: ClusterState, demand: Mapping[str, Demand]) -> PlacementDecision:
         if not self.params.prewarm:
             return PlacementDecision()
+        self._peak = {model: d.peak for model, d in demand.items()}
         if self.params.evict_aware:
             decision = plan_placement(state, self.profiles, demand, self.params.placement)
         else:
@@ -207,9 +210,16 @@ class WarmServePolicy:
         """KV bytes each engine GPU lends, and lent replicas to evict when an engine takes space back."""
         decision = LendDecision()
         evicted: set[int] = set()
+        engines: dict[str, int] = {}
+        for instance in state.instances.values():
+            engines[instance.model] = engines.get(instance.model, 0) + 1
         for iid, instance in sorted(state.instances.items()):
             profile = self.profiles[instance.model]
             load = loads.get(iid) or _NO_LOAD
+            # Reserve for the window's forecast peak share, not only for the requests in flight now: space
+            # lent below that peak is taken back (its prewarm wasted) as soon as the load rises to it.
+            expected = math.ceil(self._peak.get(instance.model, 0.0) / engines[instance.model] - 1e-9)
+            load = EngineLoad(max(load.in_flight, min(expected, profile.max_batch)), load.kv_in_use)
             lends = self.params.proactive and instance.phase != EnginePhase.STARTING
             known: tuple[int, int] | None = None  # (capacity, lendable) of the group's previous GPU
             for gpu in state.gpus_of(instance.group):
