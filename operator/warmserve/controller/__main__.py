@@ -14,7 +14,7 @@ import kopf
 
 from warmserve.cliutil import EXIT_FAILED, EXIT_USAGE, require_cluster
 from warmserve.controller.handlers import register
-from warmserve.controller.runtime import Runtime
+from warmserve.controller.runtime import Runtime, configure_gc
 from warmserve.controller.settings import ControllerConfig
 
 
@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kopf.on.login(registry=registry, id="login_via_client", errors=kopf.ErrorsMode.IGNORED)(kopf.login_via_client)
     register(registry, Runtime(config=config))
     liveness = f"http://0.0.0.0:{config.liveness_port}/healthz" if config.liveness_port else None
+    configure_gc()
     asyncio.run(
         kopf.operator(
             registry=registry,

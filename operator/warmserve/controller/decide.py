@@ -184,10 +184,12 @@ class Decision:
 @dataclass
 class PlannerState:
     """What the decide stage carries between rounds: the policy (rebuilt when the models or the pool's
-    parameters change; the planner restores its scores from the memory every round) and the memory."""
+    parameters change; the planner restores its scores from the memory every round), the memory, and the
+    workers' parts of the pool status (remade only for workers whose state changed: `reconcile.WorkerEntries`)."""
 
     policy: WarmServePolicy | None = None
     memory: PlannerMemory = field(default_factory=PlannerMemory)
+    entries: reconcile.WorkerEntries = field(default_factory=reconcile.WorkerEntries)
 
     def policy_for(self, profiles: Mapping[str, ModelProfile], params: PolicyParams) -> WarmServePolicy:
         if self.policy is None or profiles != self.policy.profiles or params != self.policy.params:
@@ -335,7 +337,8 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
     """Plan the pool (the simulator's control step on the state rebuilt from the pods' plans) and derive
     the status of the pool and of its models from the workers as they will be once the plans are written.
 
-    Uses `planner.policy` as a cache and returns the next memory in the Decision (the caller keeps it).
+    Uses `planner.policy` and `planner.entries` as caches and returns the next memory in the Decision (the
+    caller keeps it).
     """
     pool, cat, live, validation = obs.pool.spec, obs.catalog, obs.live_workers, obs.pool.validation
     if validation.ok:
@@ -383,7 +386,9 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
         history=history_condition(forecasts),
         inference_pool=inference_pool_condition(obs),
         drop=() if obs.pool.inference_pool_enabled else (c.INFERENCE_POOL,),
+        entry_of=planner.entries,
     )
+    planner.entries.next_round()
     if forecasts.window is not None:
         status["lastForecastWindow"] = iso(forecasts.window * forecasts.window_seconds)
     observed = reconcile.observe_models(after, ports)

@@ -3,7 +3,8 @@
 `Observer` is the interface the round uses; `KubeObserver` is the operator's implementation: the pool's worker
 pods (plan and state annotations), its ModelDeployments and their weight bytes (`WeightResolver`), the
 workload's desired pod count, and a load sample from the pool's load source. A failed load source is counted
-and skipped (the round plans on no load rather than not at all); API failures raise `ApiError`.
+and skipped (the round plans on no load rather than not at all); API failures raise `ApiError`. Annotations
+that did not change since the last round are not parsed again (`reconcile.ParseMemo`).
 
 Nothing a spec names is touched before it is validated: a pool that fails `reconcile.validate_pool` is not
 scraped (its Prometheus URL may be the metadata service), and a model's safetensors headers are read only when
@@ -91,6 +92,7 @@ class KubeObserver:
         self.name = name
         self.workload_problem = workload_problem or (lambda: None)
         self.inference_pool = inference_pool or (lambda: None)
+        self.memo = reconcile.ParseMemo()  # the pods' annotations parsed in the last round
 
     async def load_history(self, pool: PoolSpec) -> LoadHistory:
         api = self.runtime.require_api()
@@ -110,7 +112,8 @@ class KubeObserver:
         runtime, api = self.runtime, self.runtime.require_api()
         pool = parse_pool_spec(body.get("spec"))
         pods = await api.list(PODS, self.namespace, builders.selector_labels(self.name))
-        workers = tuple(reconcile.view_worker(p, pool.gpu.count) for p in pods)
+        workers = tuple(reconcile.view_worker(p, pool.gpu.count, self.memo) for p in pods)
+        self.memo.next_round()
         models = []
         for md in await api.list(MODELDEPLOYMENTS, self.namespace):
             if ((md.get("spec") or {}).get("poolRef") or {}).get("name") != self.name or _deleting(md):

@@ -22,7 +22,7 @@ its score and its engine start time, keyed by what identifies it in a plan: (pod
 After an operator restart the memory is empty: ids follow plan order and the first placement recomputes
 scores, which can only change tie-breaks.
 
-Nothing here does I/O or reads a clock, so `bench/operator_loop.py` times exactly this.
+Nothing here does I/O or reads a clock; `bench/operator_loop.py` times it as part of the whole pool round.
 """
 
 from __future__ import annotations

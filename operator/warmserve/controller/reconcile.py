@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -24,6 +24,8 @@ from warmserve.protocol import (
     DTYPES,
     MAX_ENGINE_ARG_CHARS,
     MAX_ENGINE_ARGS,
+    PLAN_ANNOTATION,
+    STATE_ANNOTATION,
     EngineSettings,
     Phase,
     Plan,
@@ -31,8 +33,11 @@ from warmserve.protocol import (
     ReplicaState,
     Role,
     WorkerState,
+    annotations_of,
     engine_ports,
     forbidden_engine_flag,
+    parse_plan,
+    parse_state,
     plan_of_pod,
     state_of_pod,
 )
@@ -631,11 +636,59 @@ class WorkerView:
     deleting: bool = False  # being deleted: still reported in status, no longer planned or scraped
 
 
-def view_worker(pod: Mapping[str, Any], gpus: int) -> WorkerView:
+class ParseMemo:
+    """The plans and states parsed from worker pods' annotations, by annotation text, kept for one round more.
+
+    A pool round parses the annotations of every worker pod; most are the text parsed in the round before (a
+    plan that did not change, a worker that reports the same). Parsing is pure and what it returns is
+    immutable, so a text parsed once stands for its result: `view_worker` with a memo gives the same views.
+    `next_round` keeps what the round read and forgets the rest. Texts that fail to parse are not kept: they are
+    parsed, and fail, again.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], Any] = {}  # (annotation, text) → Plan or WorkerState, last round
+        self._this: dict[tuple[str, str], Any] = {}  # the same, this round
+
+    def next_round(self) -> None:
+        self._last, self._this = self._this, {}
+
+    def parse(self, annotation: str, text: Any, parse: Callable[[Any], Any]) -> Any:
+        if not isinstance(text, str):  # not as an API server stores annotations: nothing to key it by
+            return parse(text)
+        key = (annotation, text)
+        found = self._this.get(key)
+        if found is None:
+            found = self._last.get(key)
+            if found is None:
+                found = parse(text)
+            self._this[key] = found
+        return found
+
+    def plan(self, pod: Mapping[str, Any]) -> Plan | None:
+        """`protocol.plan_of_pod`: the plan on the pod, None when absent or unreadable."""
+        text = annotations_of(pod).get(PLAN_ANNOTATION)
+        if not text:
+            return None
+        try:
+            return self.parse(PLAN_ANNOTATION, text, parse_plan)
+        except ProtocolError:
+            return None
+
+    def state(self, pod: Mapping[str, Any]) -> WorkerState | None:
+        """`protocol.state_of_pod`: the state the worker reports, None before it does; raises ProtocolError."""
+        text = annotations_of(pod).get(STATE_ANNOTATION)
+        if not text:
+            return None
+        return self.parse(STATE_ANNOTATION, text, parse_state)
+
+
+def view_worker(pod: Mapping[str, Any], gpus: int, memo: ParseMemo | None = None) -> WorkerView:
+    """The pod as the operator sees it; `memo`: annotations parsed in an earlier round (see `ParseMemo`)."""
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     state, error = None, ""
     try:
-        state = state_of_pod(pod)
+        state = memo.state(pod) if memo is not None else state_of_pod(pod)
     except ProtocolError as exc:
         error = str(exc)
     running = status.get("phase", "Running") == "Running" and not meta.get("deletionTimestamp")
@@ -645,7 +698,7 @@ def view_worker(pod: Mapping[str, Any], gpus: int) -> WorkerView:
         ip=str(status.get("podIP") or ""),
         gpus=gpus,
         ready=running,
-        plan=plan_of_pod(pod),
+        plan=memo.plan(pod) if memo is not None else plan_of_pod(pod),
         state=state,
         state_error=error,
         deleting=bool(meta.get("deletionTimestamp")),
@@ -688,6 +741,71 @@ def _device_role(replicas: Sequence[ReplicaState]) -> str:
     return "universal" if replicas else "idle"
 
 
+@dataclass(frozen=True)
+class WorkerEntry:
+    """One worker's part of the pool status: its `status.workers[]` entry, the messages it adds to `Degraded`,
+    the free bytes of its devices, and whether it reports a state."""
+
+    entry: dict[str, Any]
+    errors: tuple[str, ...]
+    free_bytes: int
+    reporting: bool
+
+
+def worker_entry(w: WorkerView) -> WorkerEntry:
+    """`w`'s part of the pool status (its pod, node, GPU count, state and state error; not its plan)."""
+    entry: dict[str, Any] = {"pod": w.pod, "node": w.node, "gpus": w.gpus}
+    errors, free = [], 0
+    if w.state_error:
+        errors.append(f"{w.pod}: unreadable state: {_short(w.state_error)}")
+    if w.state is not None:
+        entry["observedGeneration"] = w.state.observed_generation
+        entry["errors"] = [_short(str(e)) for e in w.state.errors[:MAX_ERRORS_PER_WORKER]]
+        errors.extend(f"{w.pod}: {_short(str(e))}" for e in w.state.errors[:MAX_ERRORS_PER_WORKER])
+        on_device: dict[int, list[ReplicaState]] = {}  # device index → the replicas on it, in report order
+        for r in w.state.replicas:
+            for index in dict.fromkeys(r.gpus):
+                on_device.setdefault(index, []).append(r)
+        devices = []
+        for d in w.state.devices[:64]:
+            on = on_device.get(d.index, [])
+            devices.append(
+                {
+                    "index": d.index,
+                    "state": _device_role(on),
+                    "totalBytes": d.total_bytes,
+                    "freeBytes": d.free_bytes,
+                    "replicas": [_short(f"{r.model}/{r.phase}", 160) for r in on[:64]],
+                }
+            )
+            free += d.free_bytes
+        entry["devices"] = devices
+    return WorkerEntry(entry, tuple(errors), free, w.state is not None)
+
+
+class WorkerEntries:
+    """`worker_entry` per pod, kept for one round more: a worker with the same node, GPU count, state error and
+    the very same `WorkerState` object as in the last round (the observer's `ParseMemo` hands out the same object
+    for a state annotation that did not change) gets the entry made then, not a new one. Entries are not
+    changed once made (the status they go into is only compared and sent), so the status is the same either way.
+    `next_round` keeps what the round used and forgets the rest."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[WorkerState | None, tuple[str, int, str], WorkerEntry]] = {}
+        self._this: dict[str, tuple[WorkerState | None, tuple[str, int, str], WorkerEntry]] = {}
+
+    def __call__(self, w: WorkerView) -> WorkerEntry:
+        same = (w.node, w.gpus, w.state_error)
+        kept = self._last.get(w.pod)
+        if kept is None or kept[0] is not w.state or kept[1] != same:
+            kept = (w.state, same, worker_entry(w))
+        self._this[w.pod] = kept
+        return kept[2]
+
+    def next_round(self) -> None:
+        self._last, self._this = self._this, {}
+
+
 def pool_status(
     workers: Sequence[WorkerView],
     *,
@@ -702,37 +820,21 @@ def pool_status(
     history: c.Condition | None = None,
     inference_pool: c.Condition | None = None,
     drop: Sequence[str] = (),
+    entry_of: Callable[[WorkerView], WorkerEntry] = worker_entry,
 ) -> dict[str, Any]:
     """The status fields the pool round owns, from the worker pods. `drop`: condition types the round owns that no
     longer apply (`InferencePool` with the setting off) and are removed. An invalid spec (`validation`) wins over a
     workload the API refused, which wins over worker counts. `observedGeneration` and `workload` belong to the
     WarmPool handler (`pools.reconcile_pool`). Worker-reported strings are truncated: a worker's state is not
-    trusted to keep the status small."""
-    entries, reporting, errors, free_total = [], 0, [], 0
+    trusted to keep the status small. `entry_of`: `worker_entry`, or a `WorkerEntries` memo of it."""
+    entries, reporting, free_total = [], 0, 0
+    errors: list[str] = []
     for w in sorted(workers, key=lambda w: w.pod):
-        entry: dict[str, Any] = {"pod": w.pod, "node": w.node, "gpus": w.gpus}
-        if w.state_error:
-            errors.append(f"{w.pod}: unreadable state: {_short(w.state_error)}")
-        if w.state is not None:
-            reporting += 1
-            entry["observedGeneration"] = w.state.observed_generation
-            entry["errors"] = [_short(str(e)) for e in w.state.errors[:MAX_ERRORS_PER_WORKER]]
-            errors.extend(f"{w.pod}: {_short(str(e))}" for e in w.state.errors[:MAX_ERRORS_PER_WORKER])
-            devices = []
-            for d in w.state.devices[:64]:
-                on = [r for r in w.state.replicas if d.index in r.gpus]
-                devices.append(
-                    {
-                        "index": d.index,
-                        "state": _device_role(on),
-                        "totalBytes": d.total_bytes,
-                        "freeBytes": d.free_bytes,
-                        "replicas": [_short(f"{r.model}/{r.phase}", 160) for r in on[:64]],
-                    }
-                )
-                free_total += d.free_bytes
-            entry["devices"] = devices
-        entries.append(entry)
+        part = entry_of(w)
+        entries.append(part.entry)
+        errors.extend(part.errors)
+        free_total += part.free_bytes
+        reporting += part.reporting
     rejected = rejected_endpoints(workers, ports)
     valid = None
     if validation is not None:

@@ -10,6 +10,7 @@ docs/operator.md ("Status owners").
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,3 +51,29 @@ class Runtime:
         if self.api is None:
             raise kopf.TemporaryError("the operator has not finished starting", delay=1)
         return self.api
+
+
+#: Tracked objects allocated (net of those freed) before a young collection runs: Python's default is 700.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def configure_gc() -> None:
+    """Keep the cyclic garbage collector off a pool round's path; called once, before the pools' loops start.
+
+    What the process holds from startup to exit — modules, classes and functions of kopf, aiohttp, numpy,
+    prometheus_client and its own, tens of thousands of objects — would be traversed again by every full
+    collection: ~25 ms against a ~29 ms round at 64 workers, every ten rounds or so (`bench/operator_loop.py`).
+    A collection first (no garbage is left to freeze), then `gc.freeze` moves them to the permanent
+    generation: a full collection traverses only what was made since. Frozen objects are still freed by
+    reference counting; only cycles among them would never be collected.
+
+    A round replaces the state the last one built (parsed plans and states, the cluster state, the status):
+    objects that live for exactly one round. With young collections every 700 allocations, they are still
+    alive when collected, move to the older generations and die there, which runs a full collection every
+    round at 512 workers (~10 ms of a ~42 ms round, with the young ones). At `GC_YOUNG_THRESHOLD` a round's
+    churn, balanced by what it frees, no longer triggers collections; garbage cycles still do, once that
+    many objects are waiting (a few MB).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
