@@ -1,7 +1,7 @@
 """Decision time of a full placement round on a large cluster (issue #2, item 10: p99 < 50 ms).
 
     python bench/placement.py --gpus 1024 --models 200 [--rounds 200] [--warmup 24] [--seed 0] \
-        [--engine-share 0.5] [--json out/placement.json] [--profile]
+        [--engine-share 0.5] [--json out/placement.json] [--profile] [--default-gc]
 
 What is measured
 * Cluster: ``gpus / 8`` nodes of 8 GPUs, each GPU with an arena of 80 GB × 0.9 = 72 GB.
@@ -20,6 +20,9 @@ What is measured
   window. Every timed round is one more such step: only the ``WarmServePolicy.place`` call is timed (that
   is the placement decision), the rest keeps the state evolving, so every round sees new demand, running
   engines, lent KV space and earlier replicas.
+* Garbage collector: set up as the operator's process sets it up (`warmserve.controller.runtime.configure_gc`),
+  because that is where a placement round runs; ``--default-gc`` keeps Python's defaults, under which full
+  collections of the cluster's objects fall into some rounds and set the p99.
 * Cold round: ``place`` on the same cluster with no replica and no engine, for the first window's demand
   (every replica is new), timed separately (``--cold-repeats`` times).
 
@@ -46,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from warmserve.controller.runtime import configure_gc
 from warmserve.core.autoscaler import EngineView
 from warmserve.core.cluster import ClusterState, EnginePhase, Role
 from warmserve.core.placement import PlacementDecision, replica_slots
@@ -249,8 +253,17 @@ def measure(
     seed: int = 0,
     engine_share: float = ENGINE_GPU_SHARE,
     profiler: cProfile.Profile | None = None,
+    operator_gc: bool = True,
 ) -> dict:
-    """Time ``rounds`` steady placement rounds (and ``cold_repeats`` cold ones); the JSON of ``--json``."""
+    """Time ``rounds`` steady placement rounds (and ``cold_repeats`` cold ones); the JSON of ``--json``.
+
+    ``operator_gc``: set up the garbage collector as the operator's process does (`runtime.configure_gc`:
+    start-up objects frozen, young collections every 50,000 allocations), for this whole process, so that a
+    round is timed as the operator runs it; False keeps Python's defaults, under which full collections of
+    the cluster's objects land in some rounds.
+    """
+    if operator_gc:
+        configure_gc()
     build_cluster(gpus)  # validates --gpus before anything else
     workload = build_workload(models, gpus, seed, engine_share)
     policy = WarmServePolicy(workload.profiles)
@@ -294,6 +307,7 @@ def measure(
         "engine_share": engine_share,
         "rounds": rounds,
         "warmup_rounds": warmup,
+        "operator_gc": operator_gc,
         "p50_ms": percentile(times, 50),
         "p99_ms": percentile(times, 99),
         "max_ms": max(times),
@@ -347,11 +361,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="cProfile the timed rounds, print the top 25")
+    parser.add_argument(
+        "--default-gc", action="store_true", help="keep Python's garbage-collector settings (default: the operator's)"
+    )
     args = parser.parse_args(argv)
 
     profiler = cProfile.Profile() if args.profile else None
     result = measure(
-        args.gpus, args.models, args.rounds, args.warmup, args.cold_repeats, args.seed, args.engine_share, profiler
+        args.gpus,
+        args.models,
+        args.rounds,
+        args.warmup,
+        args.cold_repeats,
+        args.seed,
+        args.engine_share,
+        profiler,
+        operator_gc=not args.default_gc,
     )
     rows = [
         ("steady round (place)", f"{result['p50_ms']:.1f}", f"{result['p99_ms']:.1f}", f"{result['max_ms']:.1f}"),

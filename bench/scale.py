@@ -12,11 +12,12 @@ What it runs, one after another in this process (nothing else should run on the 
 * **Growth exponents**: least-squares slope of log(steady p50 CPU time) against log(GPUs), with one
   intercept per model count (so sizes of different model counts are compared only through their GPUs), over
   every size measured; the same against log(warm replicas + engines), the state a round visits.
-* **Operator round** (`bench/operator_loop.py`'s `run`): {64, 512} workers × 8 GPUs × 100 models,
-  ``--operator-rounds`` rounds: p50/p99/max CPU time (and wall).
 * **Simulator**: the 24-hour paper replay with every policy, as `warmserve simulate --hours 24` runs it (wall
   seconds, policies in one process per CPU), and requests per CPU second of each policy run alone
   (`bench/sim_throughput.py`'s `measure`).
+* **Operator round** (`bench/operator_loop.py`'s `run`, the whole pool round): {64, 512} workers × 8 GPUs ×
+  100 models, ``--operator-rounds`` rounds: p50/p99/max CPU time (and wall p99). Last, because it sets up the
+  garbage collector as the operator's process does (`runtime.configure_gc`), for this whole process.
 
 Prints a table per part and writes JSON with the keys ``placement["<gpus>x<models>"].{p50_ms, p99_ms,
 wall_p99_ms, cold_ms, warm_replicas, engines}`` (or ``.skipped``), ``placement_cold_ms["<gpus>"]`` (the
@@ -174,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         measured = [r for k, r in rows.items() if k.startswith(f"{gpus}x") and "cold_ms" in r]
         if measured:
             result["placement_cold_ms"][str(gpus)] = measured[-1]["cold_ms"]
-    if not args.skip_operator:
-        result["operator_round"] = operator_rounds(args.workers, args.operator_rounds, log)
     if not args.skip_sim:
         result |= simulator(log)
+    if not args.skip_operator:  # last: it sets up the garbage collector as the operator does, for this process
+        result["operator_round"] = operator_rounds(args.workers, args.operator_rounds, log)
     print(format_tables(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
