@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import math
 import platform
@@ -258,12 +259,31 @@ def measure(
     """Time ``rounds`` steady placement rounds (and ``cold_repeats`` cold ones); the JSON of ``--json``.
 
     ``operator_gc``: set up the garbage collector as the operator's process does (`runtime.configure_gc`:
-    start-up objects frozen, young collections every 50,000 allocations), for this whole process, so that a
-    round is timed as the operator runs it; False keeps Python's defaults, under which full collections of
-    the cluster's objects land in some rounds.
+    start-up objects frozen, young collections every 50,000 allocations) while it runs, so that a round is
+    timed as the operator runs it (Python's settings are restored afterwards); False keeps Python's defaults,
+    under which full collections of the cluster's objects land in some rounds.
     """
+    saved = gc.get_threshold()
     if operator_gc:
         configure_gc()
+    try:
+        return _measure(gpus, models, rounds, warmup, cold_repeats, seed, engine_share, profiler, operator_gc)
+    finally:
+        gc.set_threshold(*saved)
+        gc.unfreeze()
+
+
+def _measure(
+    gpus: int,
+    models: int,
+    rounds: int,
+    warmup: int,
+    cold_repeats: int,
+    seed: int,
+    engine_share: float,
+    profiler: cProfile.Profile | None,
+    operator_gc: bool,
+) -> dict:
     build_cluster(gpus)  # validates --gpus before anything else
     workload = build_workload(models, gpus, seed, engine_share)
     policy = WarmServePolicy(workload.profiles)

@@ -80,6 +80,8 @@ def sweep_placement(gpu_sizes, model_counts, rounds: int, warmup: int, log) -> d
 def growth_exponent(rows: dict[str, dict], size_of) -> float:
     """Slope of log(p50) on log(size), one intercept per model count (least squares)."""
     points = [(int(k.split("x")[1]), size_of(k, r), r["p50_ms"]) for k, r in rows.items() if "p50_ms" in r]
+    if len({size for _, size, _ in points}) < 2:
+        return float("nan")  # fewer than two sizes measured: no growth to fit
     groups = sorted({m for m, _, _ in points})
     x = np.array([[np.log(size)] + [float(m == g) for g in groups] for m, size, _ in points])
     y = np.log([p50 for _, _, p50 in points])

@@ -37,7 +37,8 @@ def test_placement_decides_what_the_previous_implementation_decided(monkeypatch,
 
     def both(state, profiles, demand, params):
         decision = new(state, profiles, demand, params)
-        assert decision == reference_plan_placement(state, profiles, demand, params)
+        reference = reference_plan_placement(state, profiles, demand, params)
+        assert decision == reference and list(decision.kept.items()) == list(reference.kept.items())
         compared["rounds"] += 1
         compared["added"] += len(decision.add)
         compared["unplaced"] += len(decision.unplaced)

@@ -128,6 +128,23 @@ def test_existing_rank_directories_are_kept_unless_forced(tmp_path):
     assert len(shard_checkpoint(str(tmp_path), 2, force=True)) == 2
 
 
+def test_the_index_names_the_files_and_force_leaves_no_stale_file(tmp_path):
+    tensors = llama_checkpoint(tmp_path)
+    # another format of the same weights beside the checkpoint (as Mistral's repositories ship it)
+    save_file(
+        {"layers.0.attention.wq.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "consolidated.safetensors")
+    )
+    names = sorted(f for f in os.listdir(tmp_path) if f.startswith("model-"))
+    weight_map = {name: names[0] if name in sorted(tensors)[: len(tensors) // 2] else names[1] for name in tensors}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shard_checkpoint(str(tmp_path), 2)
+    stale = tmp_path / "rank-0-of-2" / "model-old.safetensors"
+    stale.write_bytes(b"")
+    shard_checkpoint(str(tmp_path), 2, force=True)
+    assert sorted(os.listdir(tmp_path / "rank-0-of-2")) == names
+    assert set(_rank(tmp_path, 2, 1)) == set(tensors)
+
+
 def test_cli_splits_and_reports_errors_in_one_line(tmp_path, capsys):
     llama_checkpoint(tmp_path)
     assert cli_main(["shard", str(tmp_path), "--tp", "2"]) == 0

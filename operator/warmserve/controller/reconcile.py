@@ -640,8 +640,9 @@ class ParseMemo:
     """The plans and states parsed from worker pods' annotations, by annotation text, kept for one round more.
 
     A pool round parses the annotations of every worker pod; most are the text parsed in the round before (a
-    plan that did not change, a worker that reports the same). Parsing is pure and what it returns is
-    immutable, so a text parsed once stands for its result: `view_worker` with a memo gives the same views.
+    plan that did not change, a worker that reports the same). Parsing is pure and nothing mutates what it
+    returns (frozen dataclasses; their few dicts must not be changed either: they are shared across rounds
+    now), so a text parsed once stands for its result: `view_worker` with a memo gives the same views.
     `next_round` keeps what the round read and forgets the rest. Texts that fail to parse are not kept: they are
     parsed, and fail, again.
     """

@@ -331,8 +331,8 @@ def _place_one(
         # In order of preference: no running engine, no kept replica overlapping (the two as one rank, engine
         # first), then the least overlapping score, then the lowest index.
         rank = np.where(fits, grid.engine_rank[level] + (grid.ov_kept.at[level] > 0), 4)
-        fits = rank == rank.min()
-        return grid.group_of(level, int(np.argmin(np.where(fits, grid.ov_score.at[level], np.inf))))
+        candidates = np.flatnonzero(rank == rank.min())
+        return grid.group_of(level, int(candidates[np.argmin(grid.ov_score.at[level][candidates])]))
     reclaimable = (free + grid.pending).reshape(-1, size).min(axis=1) >= need
     if occupied:
         reclaimable[np.asarray(occupied) >> level] = False

@@ -193,13 +193,18 @@ class WarmServePolicy:
     def place(self, state: ClusterState, demand: Mapping[str, Demand]) -> PlacementDecision:
         if not self.params.prewarm:
             return PlacementDecision()
-        self._peak = {model: d.peak for model, d in demand.items()}
+        self.expect(demand)
         if self.params.evict_aware:
             decision = plan_placement(state, self.profiles, demand, self.params.placement)
         else:
             decision = plan_round_robin(state, self.profiles, demand, self.params.placement)
         self.scores = dict(decision.kept)
         return decision
+
+    def expect(self, demand: Mapping[str, Demand]) -> None:
+        """Remember the forecast of the window being planned for: lending reserves each engine's share of its
+        model's peak (`lend`)."""
+        self._peak = {model: d.peak for model, d in demand.items()}
 
     def record_added(self, rid: int, score: float) -> None:
         """Remember the score of a replica the caller created from a placement decision."""
@@ -210,15 +215,16 @@ class WarmServePolicy:
         """KV bytes each engine GPU lends, and lent replicas to evict when an engine takes space back."""
         decision = LendDecision()
         evicted: set[int] = set()
-        engines: dict[str, int] = {}
+        engines: dict[str, int] = {}  # engines that will carry the model's load (not draining)
         for instance in state.instances.values():
-            engines[instance.model] = engines.get(instance.model, 0) + 1
+            if instance.phase != EnginePhase.DRAINING:
+                engines[instance.model] = engines.get(instance.model, 0) + 1
         for iid, instance in sorted(state.instances.items()):
             profile = self.profiles[instance.model]
             load = loads.get(iid) or _NO_LOAD
             # Reserve for the window's forecast peak share, not only for the requests in flight now: space
             # lent below that peak is taken back (its prewarm wasted) as soon as the load rises to it.
-            expected = math.ceil(self._peak.get(instance.model, 0.0) / engines[instance.model] - 1e-9)
+            expected = math.ceil(self._peak.get(instance.model, 0.0) / max(engines.get(instance.model, 0), 1) - 1e-9)
             load = EngineLoad(max(load.in_flight, min(expected, profile.max_batch)), load.kv_in_use)
             lends = self.params.proactive and instance.phase != EnginePhase.STARTING
             known: tuple[int, int] | None = None  # (capacity, lendable) of the group's previous GPU
@@ -250,6 +256,8 @@ class WarmServePolicy:
         """Lend KV, place warm replicas (when ``inp.demand`` is given), then autoscale every model."""
         effects = effects or NoEffects(state)
         record = StepRecord()
+        if inp.demand is not None:  # the window's forecast, for the lending below as for the placement
+            self.expect(inp.demand)
         lend = self.lend(state, inp.engine_loads)
         for rid in lend.evict:
             self._evict(state, rid, "kv-reclaim", effects, record)

@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     setup_logging(args.log_level)
+    # CUDA numbers devices fastest first by default, NVML (whose indices name the arenas) by PCI bus: the same
+    # order everywhere, here (arenas are allocated on cuda:<NVML index>) and in the engines (engines.placement)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if not args.plan_file and not (args.namespace and args.pod):
         print(
             "warmserve worker: need --plan-file (local mode) or --namespace and --pod (Kubernetes mode; env "

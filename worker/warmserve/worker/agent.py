@@ -363,7 +363,7 @@ class Agent:
     def _placement(self, rep: PlannedReplica) -> tuple[list[str], dict[str, str]]:
         """Engine arguments and environment that put ``rep``'s engine on its GPUs (``engines.placement``)."""
         on_gpu = any(self.arenas[str(gpu)].kind.on_gpu for gpu in rep.gpus if str(gpu) in self.arenas)
-        node_env = getattr(self.engines, "env", None) or {}
+        node_env = {**os.environ, **(getattr(self.engines, "env", None) or {})}  # engines inherit both
         return placement(on_gpu, rep.gpus, node_env, sorted(os.sched_getaffinity(0)))
 
     # -- pre-initialised engines -------------------------------------------------------------
@@ -376,7 +376,8 @@ class Agent:
         return Shape(rep.model, model_dir, tuple(rep.engine.argv() + args), tuple(sorted(env.items())))
 
     def _keep_standby(self, plan: Plan) -> None:
-        """Keep up to ``standby_engines`` pre-initialised engines, one per model, warm-only models first."""
+        """Keep up to ``standby_engines`` pre-initialised engines, one per shape (model, engine settings and, on
+        GPUs, device: `_shape`), warm-only models first; none for ``tp > 1`` replicas."""
         if self.engines is None or self.standby_engines <= 0:
             return
         served = {rep.model for rep in plan.replicas.values() if rep.serves}

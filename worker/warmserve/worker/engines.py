@@ -324,6 +324,8 @@ def model_ready(host: str, port: int, served_name: str, timeout: float = 1.0) ->
 class Engines(Protocol):
     """What the agent needs from an engine manager (:class:`EngineManager`; tests pass fakes)."""
 
+    env: dict[str, str]  # the engines' environment on this node (on top of the worker's own)
+
     def running(self) -> dict[ReplicaKey, EngineRecord]: ...
 
     def poll(self, key: ReplicaKey) -> EngineRecord | None: ...

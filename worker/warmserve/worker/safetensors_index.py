@@ -177,9 +177,9 @@ def shard_files(model_dir: str, tp: int, rank: int) -> list[str]:
     """The safetensors files of one TP rank.
 
     TP=1 uses the plain ``*.safetensors`` files of the model directory. TP>1
-    expects pre-sharded checkpoints in ``rank-<r>-of-<tp>/`` (the layout the
-    operator's conversion job writes; vLLM's own ``sharded_state`` format is the
-    same idea), so every GPU reads only its own shard. A file (or rank directory)
+    expects pre-sharded checkpoints in ``rank-<r>-of-<tp>/`` (the layout
+    ``warmserve shard`` writes, :mod:`warmserve.worker.tpshard`; vLLM's own
+    ``sharded_state`` format is the same idea), so every GPU reads only its own shard. A file (or rank directory)
     whose real path (symlinks resolved) leaves the model directory is refused.
     """
     root = os.path.realpath(model_dir)

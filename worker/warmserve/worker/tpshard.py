@@ -130,6 +130,20 @@ def write_safetensors(path: str, tensors: dict[str, tuple[str, np.ndarray]]) -> 
     os.replace(tmp, path)
 
 
+def checkpoint_files(model_dir: str) -> list[str]:
+    """The checkpoint's safetensors files: those its ``model.safetensors.index.json`` maps tensors to when it
+    has one (some repositories also ship other files, e.g. Mistral's ``consolidated.safetensors``), else all."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+            return sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ShardError(f"{index}: {exc!r}") from None
+    return sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+
+
 def shard_checkpoint(
     model_dir: str, tp: int, progress: Callable[[str], None] | None = None, force: bool = False
 ) -> list[str]:
@@ -140,16 +154,16 @@ def shard_checkpoint(
     """
     if tp < 2:
         raise ShardError(f"--tp must be at least 2, got {tp}")
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    files = checkpoint_files(model_dir)
     if not files:
         raise ShardError(f"{model_dir}: no .safetensors files")
     config_path = os.path.join(model_dir, "config.json")
     try:
         with open(config_path) as fh:
             check_heads(json.load(fh), tp)
+    except ShardError:
+        raise
     except (OSError, ValueError) as exc:
-        if isinstance(exc, ShardError):
-            raise
         raise ShardError(f"{config_path}: {exc}") from None
     indexes = {f: read_index(os.path.join(model_dir, f)) for f in files}
     for records in indexes.values():
@@ -160,6 +174,9 @@ def shard_checkpoint(
         if os.path.exists(d) and not force:
             raise ShardError(f"{d} exists (pass --force to overwrite)")
         os.makedirs(d, exist_ok=True)
+        for old in os.listdir(d):  # the worker reads every *.safetensors of a rank directory
+            if old.endswith(".safetensors"):
+                os.unlink(os.path.join(d, old))
     for n, (name, records) in enumerate(indexes.items(), 1):
         per_rank: list[dict[str, tuple[str, np.ndarray]]] = [{} for _ in range(tp)]
         for rec in records:
