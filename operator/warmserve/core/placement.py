@@ -140,7 +140,6 @@ class _Grid:
     """Per-round numpy view of the cluster: one padded row of ``width`` GPUs per node."""
 
     def __init__(self, state: ClusterState) -> None:
-        self.state = state
         self.width = 1 << max(node.gpus for node in state.nodes).bit_length() - 1
         if self.width < max(node.gpus for node in state.nodes):
             self.width <<= 1

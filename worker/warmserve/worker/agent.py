@@ -119,10 +119,15 @@ class Agent:
     _shell_waits: set[ReplicaKey] = field(default_factory=set)
     _stopping: dict[ReplicaKey, threading.Thread] = field(default_factory=dict)
     _closed: bool = False
+    # what `engines.placement` needs of this node, read once: the engines' environment and the usable CPUs
+    _node_env: dict[str, str] = field(default_factory=dict)
+    _cpus: list[int] = field(default_factory=list)
     _bind_failed: set[Shape] = field(default_factory=set)  # shapes whose bind failed: fresh engines for them
     _warned_generation: int | None = None  # unknown plan fields are logged once per generation
 
     def __post_init__(self) -> None:
+        self._node_env = {**os.environ, **(getattr(self.engines, "env", None) or {})}  # engines inherit both
+        self._cpus = sorted(os.sched_getaffinity(0))
         os.makedirs(self.state_dir, exist_ok=True)
         self.store = WeightStore(self.arenas)
         adopted = sum(len(self.store.adopt(name)) for name in self.arenas)
@@ -363,8 +368,7 @@ class Agent:
     def _placement(self, rep: PlannedReplica) -> tuple[list[str], dict[str, str]]:
         """Engine arguments and environment that put ``rep``'s engine on its GPUs (``engines.placement``)."""
         on_gpu = any(self.arenas[str(gpu)].kind.on_gpu for gpu in rep.gpus if str(gpu) in self.arenas)
-        node_env = {**os.environ, **(getattr(self.engines, "env", None) or {})}  # engines inherit both
-        return placement(on_gpu, rep.gpus, node_env, sorted(os.sched_getaffinity(0)))
+        return placement(on_gpu, rep.gpus, self._node_env, self._cpus)
 
     # -- pre-initialised engines -------------------------------------------------------------
     def _shape(self, rep: PlannedReplica) -> Shape | None:
