@@ -1,7 +1,8 @@
 """The agent's engine decisions with a recording engine fake: a replica's engine settings reach the engine's
 arguments (and its standby shape), a forbidden flag is a per-replica error and starts nothing, a ready standby
-engine is bound instead of starting one, a failed bind falls back to a fresh engine, and the state says what
-the worker can do."""
+engine is bound instead of starting one, a failed bind falls back to a fresh engine, on GPUs every engine gets
+the memory its arena leaves and a standby engine yields its GPU to a fresh engine, and the state says what the
+worker can do."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from test_worker_tpshard import llama_checkpoint
 from warmserve.protocol import ReplicaKey, parse_state
 from warmserve.worker.agent import Agent
 from warmserve.worker.arena import Arena
-from warmserve.worker.engines import BindError, Shape
+from warmserve.worker.backends import DeviceKind, MemoryBackend
+from warmserve.worker.engines import ENGINE_RESERVE_BYTES, BindError, Shape, gpu_memory_utilization
 from warmserve.worker.tpshard import shard_checkpoint
 
 MiB = 1 << 20
@@ -34,6 +36,7 @@ class Engines:
     def __init__(self, standby_ready: bool = True, bind_fails: bool = False):
         self.launches: list[tuple[str, list[str]]] = []
         self.launch_env: dict[str, dict[str, str]] = {}
+        self.standby_at_launch: dict[str, list[tuple[int, ...]]] = {}
         self.manifests: dict[str, dict] = {}
         self.binds: list[tuple[str, Shape]] = []
         self.wanted: list[dict[Shape, int]] = []
@@ -61,6 +64,7 @@ class Engines:
         self, key, shell, model, model_dir, manifest_path, report_path=None, served_name=None, extra_args=None, env=None
     ):
         self.launches.append((key.uid, list(extra_args or [])))
+        self.standby_at_launch[key.uid] = sorted(s.gpus for s in self._standby)
         self.launch_env[key.uid] = dict(env or {})
         with open(manifest_path) as fh:
             self.manifests[key.uid] = json.load(fh)
@@ -74,10 +78,15 @@ class Engines:
     def standby(self):
         return [(shape, rec) for shape, rec in self._standby.items()]
 
-    def keep_standby(self, wanted):
+    def standby_shapes(self):
+        return list(self._standby)
+
+    def keep_standby(self, wanted, start=True):
         self.wanted.append(dict(wanted))
         self._standby = {
-            s: self._standby.get(s) or Record("", s.model, 19000, ready=self.standby_ready) for s in wanted
+            s: self._standby.get(s) or Record("", s.model, 19000, ready=self.standby_ready)
+            for s in wanted
+            if start or s in self._standby
         }
 
     def claim_standby(self, shape):
@@ -236,3 +245,97 @@ def test_a_tp_replica_is_launched_as_one_engine_with_a_manifest_per_rank(tmp_pat
     finally:
         for arena in arenas.values():
             arena.close()
+
+
+class FakeGpuBackend(MemoryBackend):
+    """A CUDA-kind arena in host memory on a GPU of `device_bytes` (the agent's GPU logic without a GPU)."""
+
+    kind = DeviceKind.CUDA
+
+    def __init__(self, index: int, size: int, device_bytes: int):
+        self.index, self.device_bytes, self._data = index, device_bytes, bytearray(size)
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def write(self, offset, data):
+        self._data[offset : offset + len(data)] = data
+
+    def handle(self):
+        return {"kind": "cuda", "device": self.index, "ipc": ""}
+
+    def close(self, unlink=True):
+        pass
+
+
+GiB = 1 << 30
+
+
+def utilization_arg(args: list[str]) -> float:
+    return float(args[args.index("--gpu-memory-utilization") + 1])
+
+
+def test_gpu_memory_utilization_gives_an_engine_what_its_arena_leaves():
+    reserve = ENGINE_RESERVE_BYTES
+    # 80 GiB GPU, 72 GiB arena: a standby engine may use 8 GiB - reserve
+    standby = gpu_memory_utilization([(80 * GiB, 72 * GiB)], [0])
+    assert standby == int((8 * GiB - reserve) / (80 * GiB) * 1e4) / 1e4
+    # an engine mapping 14 GiB of weights from the arena: vLLM subtracts them, so its budget is the same
+    fresh = gpu_memory_utilization([(80 * GiB, 72 * GiB)], [14 * GiB])
+    assert abs((fresh * 80 * GiB - 14 * GiB) - standby * 80 * GiB) < 80 * GiB * 2e-4
+    # ranks on different GPUs: the value that fits the tightest one
+    assert gpu_memory_utilization([(80 * GiB, 72 * GiB), (80 * GiB, 70 * GiB)], [GiB, GiB]) == (
+        gpu_memory_utilization([(80 * GiB, 72 * GiB)], [GiB])
+    )
+    with pytest.raises(ValueError, match=r"rank 1 .* lower the worker's --memory-fraction"):
+        gpu_memory_utilization([(80 * GiB, 72 * GiB), (24 * GiB, 22 * GiB + reserve)], [0, 0])
+
+
+@pytest.fixture
+def gpu_arenas():
+    arenas = {str(i): Arena(str(i), FakeGpuBackend(i, 32 * MiB, 10 * GiB), page_size=256 * 1024) for i in (0, 1)}
+    yield arenas
+    for a in arenas.values():
+        a.close()
+
+
+def test_gpu_engines_get_the_budget_their_arena_leaves_and_a_standby_engine_yields_its_gpu(
+    tiny_models, gpu_arenas, tmp_path
+):
+    engines = Engines(standby_ready=False)  # never ready: promotions start fresh engines
+    agent = Agent(gpu_arenas, str(tmp_path), engines, standby_engines=2)
+    alpha, beta = tiny_models["alpha"], tiny_models["beta"]
+    agent.apply(
+        {
+            "generation": 1,
+            "groups": [
+                {"gpus": [0], "replicas": [replica("alpha", alpha, "warm")]},
+                {"gpus": [1], "replicas": [replica("beta", beta, "warm")]},
+            ],
+        }
+    )
+    state = run(agent, lambda s: len(s.standby) == 2 and all(r.phase == "warm" for r in s.replicas))
+    standby_budget = gpu_memory_utilization([(10 * GiB, 32 * MiB)], [0])
+    for shape in engines.wanted[-1]:
+        assert shape.gpus in ((0,), (1,)) and utilization_arg(list(shape.args)) == standby_budget
+    assert {s.bytes for s in state.standby} == {int(standby_budget * 10 * GiB)}
+    # beta is promoted on GPU 1 with no ready standby engine: the standby engine there is stopped first
+    agent.apply(
+        {
+            "generation": 2,
+            "groups": [
+                {"gpus": [0], "replicas": [replica("alpha", alpha, "warm")]},
+                {"gpus": [1], "replicas": [replica("beta", beta, "serve")]},
+            ],
+        }
+    )
+    run(agent, lambda s: serving(s, "uid-beta"))
+    ((uid, args),) = engines.launches
+    held = agent.store.get(next(k for k in agent.store.shards() if k.replica.uid == "uid-beta")).bytes_total
+    assert uid == "uid-beta" and utilization_arg(args) == gpu_memory_utilization([(10 * GiB, 32 * MiB)], [held])
+    assert engines.standby_at_launch["uid-beta"] == [(0,)]  # GPU 1's standby engine stopped before the launch
+    assert [s.gpus for s in engines.standby_shapes()] == [(0,)]  # and not restarted while the engine runs
+    agent.step()
+    assert [s.gpus for s in engines.wanted[-1]] == [(0,)]
+    assert engines.launch_env["uid-beta"]["CUDA_VISIBLE_DEVICES"] == "1"

@@ -63,7 +63,7 @@ from warmserve.protocol import (
     unknown_plan_fields,
 )
 from warmserve.worker.arena import Arena
-from warmserve.worker.engines import BindError, EngineRecord, Engines, Shape, placement
+from warmserve.worker.engines import BindError, EngineRecord, Engines, Shape, gpu_memory_utilization, placement
 from warmserve.worker.files import SourceError, safe_name, source_path
 from warmserve.worker.metrics import WorkerMetrics
 from warmserve.worker.store import Shard, ShardKey, ShardPhase, WeightStore
@@ -253,6 +253,7 @@ class Agent:
                 continue
             if self._bind_standby(rep, plan):
                 continue
+            self._yield_standby(rep)
             try:
                 shell = self.engines.acquire_shell(0.0)  # only look: waiting happens off the lock
             except TimeoutError:
@@ -324,11 +325,11 @@ class Agent:
         try:
             manifest_path = self._write_manifest(rep)
             model_dir = source_path(rep.source)
+            args, env = self._placement(rep)
         except (OSError, ValueError) as exc:
             self.engines.release_shell(shell)
             self._fail(rep, plan, f"promotion failed: {exc}")
             return
-        args, env = self._placement(rep)
         try:
             rec = self.engines.launch(
                 key,
@@ -365,10 +366,25 @@ class Agent:
             json.dump(manifest, fh)
         return path
 
-    def _placement(self, rep: PlannedReplica) -> tuple[list[str], dict[str, str]]:
-        """Engine arguments and environment that put ``rep``'s engine on its GPUs (``engines.placement``)."""
-        on_gpu = any(self.arenas[str(gpu)].kind.on_gpu for gpu in rep.gpus if str(gpu) in self.arenas)
-        return placement(on_gpu, rep.gpus, self._node_env, self._cpus)
+    def _on_gpu(self, rep: PlannedReplica) -> bool:
+        return any(self.arenas[str(gpu)].kind.on_gpu for gpu in rep.gpus if str(gpu) in self.arenas)
+
+    def _placement(self, rep: PlannedReplica, *, standby: bool = False) -> tuple[list[str], dict[str, str]]:
+        """Engine arguments and environment that put ``rep``'s engine on its GPUs (``engines.placement``) and,
+        on GPUs, give it the memory its arenas leave (``engines.gpu_memory_utilization``; a ``ValueError`` when
+        they leave none): a fresh engine maps its replica's shards, a ``standby`` one binds them later."""
+        on_gpu = self._on_gpu(rep)
+        args, env = placement(on_gpu, rep.gpus, self._node_env, self._cpus)
+        if on_gpu:
+            arenas = [self.arenas[str(gpu)] for gpu in rep.gpus[: rep.tp]]
+            held = [0 if standby else self._shard_bytes(rep, rank) for rank in range(rep.tp)]
+            budget = gpu_memory_utilization([(a.device_bytes, a.usage().total) for a in arenas], held)
+            args += ["--gpu-memory-utilization", f"{budget:.4f}"]
+        return args, env
+
+    def _shard_bytes(self, rep: PlannedReplica, rank: int) -> int:
+        shard = self.store.get(ShardKey(rep.key, rank))
+        return shard.bytes_total if shard is not None else 0
 
     # -- pre-initialised engines -------------------------------------------------------------
     def _shape(self, rep: PlannedReplica) -> Shape | None:
@@ -376,22 +392,46 @@ class Agent:
             model_dir = source_path(rep.source)
         except SourceError:
             return None
-        args, env = self._placement(rep)
-        return Shape(rep.model, model_dir, tuple(rep.engine.argv() + args), tuple(sorted(env.items())))
+        try:
+            args, env = self._placement(rep, standby=True)
+        except ValueError:
+            return None  # no budget on its GPU: promotions there fail with the reason (`_launch`)
+        gpus = tuple(rep.gpus[: rep.tp]) if self._on_gpu(rep) else ()
+        return Shape(rep.model, model_dir, tuple(rep.engine.argv() + args), tuple(sorted(env.items())), gpus)
 
     def _keep_standby(self, plan: Plan) -> None:
         """Keep up to ``standby_engines`` pre-initialised engines, one per shape (model, engine settings and, on
-        GPUs, device: `_shape`), warm-only models first; none for ``tp > 1`` replicas."""
+        GPUs, device: `_shape`), warm-only models first; none for ``tp > 1`` replicas, and on GPUs none on a GPU
+        that runs (or is starting) an engine: each engine there is sized to the whole budget the arena leaves."""
         if self.engines is None or self.standby_engines <= 0:
             return
         served = {rep.model for rep in plan.replicas.values() if rep.serves}
+        busy = self._engine_gpus()
         shapes: dict[Shape, bool] = {}
         for rep in plan.replicas.values():
             shape = self._shape(rep) if rep.tp == 1 and not self._failed(rep, plan) else None
-            if shape is not None and shape not in self._bind_failed:
+            if shape is not None and shape not in self._bind_failed and not busy.intersection(shape.gpus):
                 shapes.setdefault(shape, rep.model in served)
         order = sorted(shapes, key=lambda shape: (shapes[shape], shape.model))
         self.engines.keep_standby({shape: 1 for shape in order[: self.standby_engines]})
+
+    def _engine_gpus(self) -> set[int]:
+        """GPUs with an engine running, starting, binding or waiting for a shell (host arenas count too, but
+        only GPU shapes name devices)."""
+        assert self.engines is not None
+        return {gpu for key in [*self.engines.running(), *self._shell_waits] for gpu in key.gpus}
+
+    def _yield_standby(self, rep: PlannedReplica) -> None:
+        """Stop the standby engines on ``rep``'s GPUs before a fresh engine starts there (they hold the budget
+        it is sized to; `_keep_standby` does not restart them while the engine runs)."""
+        assert self.engines is not None
+        if self.standby_engines <= 0 or not self._on_gpu(rep):
+            return
+        standby = self.engines.standby()
+        keep = {shape: 1 for shape, _ in standby if not set(shape.gpus).intersection(rep.gpus)}
+        if len(keep) < len(standby):
+            log.info("stopping the standby engines on GPUs %s for the engine of %s", list(rep.gpus), rep.key)
+            self.engines.keep_standby(keep, start=False)
 
     def _bind_standby(self, rep: PlannedReplica, plan: Plan) -> bool:
         """Promote by binding a ready standby engine of the replica's shape (off the lock); False if none."""
@@ -607,7 +647,7 @@ class Agent:
                 for key, rec in sorted(engine_of.items())
             )
             standby = tuple(
-                StandbyState(shape.model, rec.ready, self._standby_bytes())
+                StandbyState(shape.model, rec.ready, self._standby_bytes(shape))
                 for shape, rec in (self.engines.standby() if self.engines is not None and self.standby_engines else [])
             )
         with self._timings_lock:
@@ -636,8 +676,12 @@ class Agent:
             },
         )
 
-    def _standby_bytes(self) -> int:
-        """Memory a standby engine holds beyond its runtime: its KV cache where the node sets it (CPU)."""
+    def _standby_bytes(self, shape: Shape) -> int:
+        """Memory a standby engine may hold outside the arenas: on GPUs its budget (``--gpu-memory-utilization``
+        of its device), on a CPU node its KV cache where the node sets it."""
+        if shape.gpus:
+            utilization = float(shape.args[shape.args.index("--gpu-memory-utilization") + 1])
+            return int(utilization * self.arenas[str(shape.gpus[0])].device_bytes)
         env = getattr(self.engines, "env", None) or {}
         try:
             return int(env.get("VLLM_CPU_KVCACHE_SPACE", 0)) << 30

@@ -81,6 +81,11 @@ class Arena:
     def kind(self) -> DeviceKind:
         return self._backend.kind
 
+    @property
+    def device_bytes(self) -> int:
+        """Total memory of the device this arena lives on (0 for host memory; see ``MemoryBackend``)."""
+        return self._backend.device_bytes
+
     def handle(self) -> dict[str, Any]:
         """What an engine process needs to map this arena (see :meth:`MemoryBackend.handle`)."""
         return self._backend.handle()

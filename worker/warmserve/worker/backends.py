@@ -60,6 +60,9 @@ class MemoryBackend(ABC):
     """One device allocation that pages are carved from."""
 
     kind: DeviceKind
+    #: total memory of the device the allocation lives on (a GPU's, from NVML); 0 for host memory, where
+    #: engines are sized from the node's memory instead (worker ``__main__.cpu_kv_cache_env``)
+    device_bytes: int = 0
 
     @property
     @abstractmethod
@@ -146,12 +149,13 @@ class CudaBackend(MemoryBackend):
 
     kind = DeviceKind.CUDA
 
-    def __init__(self, device_index: int, size: int):
+    def __init__(self, device_index: int, size: int, device_bytes: int = 0):
         import torch  # lazy: the CPU path must not need CUDA
 
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
         self.device_index = device_index
+        self.device_bytes = device_bytes
         self._torch = torch
         self._size = size
         self._tensor: Any = torch.empty(size, dtype=torch.uint8, device=f"cuda:{device_index}")

@@ -94,7 +94,9 @@ def build_arenas(
     if gpus:
         return {
             str(g.index): Arena(
-                str(g.index), CudaBackend(g.index, arena_bytes_for(g.free, memory_fraction, page_size)), page_size
+                str(g.index),
+                CudaBackend(g.index, arena_bytes_for(g.free, memory_fraction, page_size), device_bytes=g.total),
+                page_size,
             )
             for g in gpus
         }

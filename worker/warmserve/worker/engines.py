@@ -107,6 +107,42 @@ def placement(
     return args, {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(str(c) for c in group) for group in groups)}
 
 
+#: Memory of a GPU that an engine must not plan for although the worker's arena leaves it free: the CUDA
+#: contexts of the worker (it holds one on every GPU, for the arena) and of the engine, and allocator slack.
+#: A margin chosen, not measured here (no GPU); an engine that needs more fails at start with vLLM's message.
+ENGINE_RESERVE_BYTES = 2 << 30
+
+
+def gpu_memory_utilization(
+    devices: Sequence[tuple[int, int]], weights: Sequence[int], reserve: int = ENGINE_RESERVE_BYTES
+) -> float:
+    """vLLM's ``--gpu-memory-utilization`` for an engine whose rank ``r`` runs on a GPU with ``devices[r]`` =
+    (total bytes, bytes of the worker's arena there) and maps ``weights[r]`` bytes of its weights from that arena
+    (0 for a standby engine, which binds them later).
+
+    vLLM requires ``utilization x total - external weights`` to be free when it starts (``request_memory``; the
+    external weights are what the loader's ``get_external_weight_memory`` reports) and sizes its KV cache within
+    that budget. The arena holds most of each GPU, so vLLM's default (0.92) can never pass: an engine's budget
+    is what the arena leaves, less ``reserve``. Every rank gets the one value that fits all of them (rounded
+    down). A GPU that leaves no budget is a ``ValueError`` naming it.
+    """
+    fractions = []
+    for rank, ((total, arena), held) in enumerate(zip(devices, weights, strict=True)):
+        if total - arena - reserve <= 0:
+            raise ValueError(
+                f"the GPU of rank {rank} has {total - arena} B outside the worker's arena, not more than the "
+                f"{reserve} B an engine leaves for CUDA contexts: lower the worker's --memory-fraction"
+            )
+        fractions.append((held + total - arena - reserve) / total)
+    utilization = int(min(fractions) * 10_000) / 10_000
+    for rank, ((total, _), held) in enumerate(zip(devices, weights, strict=True)):
+        if utilization * total <= held:
+            raise ValueError(
+                f"the GPUs of this engine differ too much: rank {rank}'s {held} B of weights leave it no budget"
+            )
+    return utilization
+
+
 @dataclass(frozen=True)
 class Shape:
     """What a pre-initialised engine is built for: one model's files, its engine arguments and environment.
@@ -120,6 +156,9 @@ class Shape:
     model_dir: str
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    #: on GPUs, the devices it runs on (a promotion there that cannot bind it stops it: one engine per GPU's
+    #: budget); empty on a CPU node, where one standby engine serves any replica of the model
+    gpus: tuple[int, ...] = ()
 
     @property
     def id(self) -> str:
@@ -353,7 +392,7 @@ class Engines(Protocol):
 
     def standby(self) -> list[tuple[Shape, EngineRecord]]: ...
 
-    def keep_standby(self, wanted: dict[Shape, int]) -> None: ...
+    def keep_standby(self, wanted: dict[Shape, int], start: bool = True) -> None: ...
 
     def claim_standby(self, shape: Shape) -> EngineRecord | None: ...
 
@@ -544,11 +583,11 @@ class EngineManager:
         with self._records:
             return [(shape, rec) for shape, engines in self._standby.items() for rec, _ in engines]
 
-    def keep_standby(self, wanted: dict[Shape, int]) -> None:
+    def keep_standby(self, wanted: dict[Shape, int], start: bool = True) -> None:
         """Hold ``wanted[shape]`` pre-initialised engines per shape and stop the others; never waits.
 
-        A missing engine is started only from an idle shell whose imports are done (else a later call
-        starts it); a standby engine that died is dropped.
+        A missing engine is started (unless ``start`` is false) only from an idle shell whose imports are done
+        (else a later call starts it); a standby engine that died is dropped.
         """
         drop: list[tuple[EngineRecord, Shell]] = []
         with self._records:
@@ -562,7 +601,7 @@ class EngineManager:
                     del self._standby[shape]
         for rec, shell in drop:
             self._close_standby(rec, shell)
-        for shape, count in wanted.items():
+        for shape, count in wanted.items() if start else ():
             while len(self._standby.get(shape, [])) < count:
                 try:
                     shell = self.acquire_shell(0.0)
