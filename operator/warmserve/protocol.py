@@ -15,13 +15,15 @@ Plan::
     {"generation": int,
      "groups": [{"gpus": [int, ...],                  # non-empty, distinct, >= 0
                  "replicas": [{"model": str, "uid": str, "source": str, "tp": int,
-                               "role": "warm" | "serve", "kvLend": int,
+                               "role": "warm" | "serve", "kvLend": int, "standby"?: bool,
                                "engine"?: {"args"?: [str], "maxModelLen"?: int, "dtype"?: str}}]}]}
 
 A replica with `tp = k` occupies the first `k` GPUs of its group; at most one replica of a group is served.
 `engine` (the ModelDeployment's `spec.engine.args`, `spec.engine.maxModelLen`, `spec.model.dtype`) is present
 only when one of them is set; `EngineSettings.argv()` is what the worker appends to `vllm serve`, after checking
 it with `forbidden_engine_flag` (the operator refuses such a ModelDeployment before it is planned).
+`standby: true` (warm replicas only, present only when true) asks the worker to keep a pre-initialised engine
+for the replica (`warmserve.core.standby`); a worker with no standby engines configured ignores it.
 
 State::
 
@@ -357,8 +359,11 @@ class PlanReplica:
     role: Role = Role.WARM
     kv_lend: int = 0
     engine: EngineSettings = field(default_factory=EngineSettings)
+    standby: bool = False  # keep a pre-initialised engine for this warm replica
 
     def __post_init__(self) -> None:
+        if self.standby and self.role != Role.WARM:
+            raise ProtocolError(f"replica of {self.model}: only a warm replica can ask for a standby engine")
         if self.role not in ROLES:
             raise ProtocolError(f"replica of {self.model}: role {self.role!r} is not one of {list(ROLES)}")
         if self.tp < 1:
@@ -367,14 +372,18 @@ class PlanReplica:
             raise ProtocolError(f"replica of {self.model}: kvLend must not be negative")
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "uid": self.uid,
-            "source": self.source,
-            "tp": self.tp,
-            "role": str(self.role),
-            "kvLend": self.kv_lend,
-        } | ({} if self.engine.empty else {"engine": self.engine.to_json()})
+        return (
+            {
+                "model": self.model,
+                "uid": self.uid,
+                "source": self.source,
+                "tp": self.tp,
+                "role": str(self.role),
+                "kvLend": self.kv_lend,
+            }
+            | ({} if self.engine.empty else {"engine": self.engine.to_json()})
+            | ({"standby": True} if self.standby else {})
+        )
 
 
 @dataclass(frozen=True)
@@ -517,6 +526,7 @@ def parse_plan(text: str | bytes | Mapping[str, Any]) -> Plan:
                 role=Role(role),
                 kv_lend=_int(rep.get("kvLend", 0), f"{where}.kvLend", minimum=0),
                 engine=_engine_settings(rep.get("engine"), f"{where}.engine"),
+                standby=_bool(rep.get("standby"), f"{where}.standby"),
             )
             key = ReplicaKey(replica.uid, gpus[:tp])
             if key in seen:
@@ -534,7 +544,7 @@ def parse_plan(text: str | bytes | Mapping[str, Any]) -> Plan:
 #: The fields `parse_plan` reads, per level (anything else is an unknown field: accepted, see `unknown_plan_fields`).
 PLAN_FIELDS = frozenset({"generation", "groups"})
 PLAN_GROUP_FIELDS = frozenset({"gpus", "replicas"})
-PLAN_REPLICA_FIELDS = frozenset({"model", "uid", "source", "tp", "role", "kvLend", "engine"})
+PLAN_REPLICA_FIELDS = frozenset({"model", "uid", "source", "tp", "role", "kvLend", "engine", "standby"})
 PLAN_ENGINE_FIELDS = frozenset({"args", "maxModelLen", "dtype"})
 
 

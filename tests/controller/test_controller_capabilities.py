@@ -5,7 +5,9 @@ engine flag is a condition (and the model is not planned), and no worker is plan
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import pytest
 from controller_support import model_body, pool_body, worker_pod
 
 from warmserve.controller import reconcile
@@ -25,8 +27,10 @@ from warmserve.protocol import (
     Plan,
     PlanGroup,
     PlanReplica,
+    ProtocolError,
     Role,
     WorkerState,
+    parse_plan,
 )
 from warmserve.protocol import ReplicaState as RS
 
@@ -235,3 +239,55 @@ def test_engine_settings_outside_the_crd_are_invalid_not_a_crash():
         model = parse_model_spec("m", {"poolRef": {"name": "pool1"}} | spec)
         validation = reconcile.validate_model(model, pool, 300_000_000)
         assert validation.reason == "InvalidSpec", validation
+
+
+# ------------------------------------------------------------------------------------------- standby
+def test_standby_engines_are_planned_per_worker_and_only_for_workers_that_keep_them():
+    """Idle pool, three models forecast: each worker gets warm replicas, and the one advertising standby engines
+    gets `spec.worker.standbyEngines` (default 1) of them flagged; the other none."""
+    models = [_md(n, f"u{n}") for n in ("a", "b", "c")]
+    keeps = replace(CAN_LEND, standby_engines=True)
+    workers = [_worker(0, None, keeps), _worker(1, None, CAN_LEND)]
+    demand = {f"u{n}": Demand(2.0, 4.0) for n in ("a", "b", "c")}
+    plans = _written(decide(_observation(workers, models), _view({}, demand), PlannerState()))
+    warm = {pod: [r for r in p.replicas.values() if not r.serves] for pod, p in plans.items()}
+    assert warm["pool1-worker-0"] and warm["pool1-worker-1"], "both workers hold warm replicas"
+    assert sum(r.spec.standby for r in warm["pool1-worker-0"]) == 1
+    assert not any(r.spec.standby for r in warm["pool1-worker-1"])
+    assert parse_plan(plans["pool1-worker-0"].dumps()) == plans["pool1-worker-0"]  # the flag survives the wire
+
+
+def test_a_standby_flag_on_a_serve_replica_is_refused():
+    plan = {"generation": 1, "groups": [{"gpus": [0], "replicas": [{"model": "a", "uid": "u", "source": "s"}]}]}
+    plan["groups"][0]["replicas"][0].update(role="serve", standby=True)
+    with pytest.raises(ProtocolError, match="only a warm replica"):
+        parse_plan(plan)
+    plan["groups"][0]["replicas"][0].update(role="warm", standby="yes")
+    with pytest.raises(ProtocolError, match="standby must be true or false"):
+        parse_plan(plan)
+
+
+def test_a_planned_standby_engine_is_kept_while_its_replica_stays():
+    """Round 2 sees the flagged plan on the worker and other demand: the choice does not move (a standby engine
+    costs an engine initialisation to start)."""
+    models = [_md(n, f"u{n}") for n in ("a", "b", "c")]
+    keeps = replace(CAN_LEND, standby_engines=True)
+
+    def flagged(plan):
+        return {r.uid for r in plan.replicas.values() if r.spec.standby}
+
+    first = _written(
+        decide(
+            _observation([_worker(0, None, keeps)], models),
+            _view({}, {"ua": Demand(2.0, 4.0), "ub": Demand(1.0, 2.0), "uc": Demand(1.0, 2.0)}),
+            PlannerState(),
+        )
+    )["pool1-worker-0"]
+    assert flagged(first) == {"ua"}  # the most demanded model's replica
+    shifted = {"ua": Demand(0.5, 1.0), "ub": Demand(1.0, 2.0), "uc": Demand(4.0, 8.0)}
+    second = decide(_observation([_worker(0, first, keeps)], models), _view({}, shifted), PlannerState())
+    plans = _written(second)
+    plan = plans.get("pool1-worker-0", first)
+    assert "ua" in {r.uid for r in plan.replicas.values()} and flagged(plan) == {"ua"}
+    fresh = _written(decide(_observation([_worker(0, None, keeps)], models), _view({}, shifted), PlannerState()))
+    assert flagged(fresh["pool1-worker-0"]) == {"uc"}  # without the earlier choice the scores decide

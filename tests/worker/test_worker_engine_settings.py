@@ -339,3 +339,23 @@ def test_gpu_engines_get_the_budget_their_arena_leaves_and_a_standby_engine_yiel
     agent.step()
     assert [s.gpus for s in engines.wanted[-1]] == [(0,)]
     assert engines.launch_env["uid-beta"]["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_the_plans_standby_flags_choose_the_standby_engines(tiny_models, arena, tmp_path):
+    """The operator flags beta (alpha would come first by the worker's own order: warm-only, by name)."""
+    engines = Engines()
+    agent = Agent({"0": arena}, str(tmp_path), engines, standby_engines=1)
+    models = {m: tiny_models[m] for m in ("alpha", "beta")}
+    reps = [replica("alpha", models["alpha"], "warm"), {**replica("beta", models["beta"], "warm"), "standby": True}]
+    agent.apply({"generation": 1, "groups": [{"gpus": [0], "replicas": reps}]})
+    state = run(agent, lambda s: bool(s.standby) and all(r.phase == "warm" for r in s.replicas))
+    assert [s.model for s in state.standby] == ["beta"] and engines.wanted[-1] == {Shape("beta", models["beta"]): 1}
+
+
+def test_one_standby_engine_per_gpu(tiny_models, gpu_arenas, tmp_path):
+    engines = Engines(standby_ready=False)
+    agent = Agent(gpu_arenas, str(tmp_path), engines, standby_engines=4)
+    reps = [replica(m, tiny_models[m], "warm") for m in ("alpha", "beta")]
+    agent.apply({"generation": 1, "groups": [{"gpus": [0], "replicas": reps}]})
+    run(agent, lambda s: len(s.replicas) == 2 and all(r.phase == "warm" for r in s.replicas))
+    assert [(s.model, s.gpus) for s in engines.wanted[-1]] == [("alpha", (0,))]

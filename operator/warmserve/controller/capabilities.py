@@ -7,7 +7,8 @@ supports in its `warmserve.io/state` (`capabilities`), and the plan a worker get
   `no_lend_pods`, so no warm replica is placed in KV space that will not be lent);
 * a `serve` replica with `tp > 1` only to a worker advertising `tpPromotion`; on any other it is planned as a
   `warm` replica (its weights stay, no engine starts) and the ModelDeployment's `Degraded` condition says why
-  (`WorkerCapabilityMissing`).
+  (`WorkerCapabilityMissing`);
+* `standby: true` only to a worker advertising `standbyEngines`.
 
 A worker that reports no state, or a state without `capabilities` (an older worker), supports none of them.
 """
@@ -63,6 +64,8 @@ def _restrict_group(group: PlanGroup, caps: Capabilities, pod: str, held: list[H
             continue
         if r.kv_lend and not caps.kv_lend:
             r = replace(r, kv_lend=0)
+        if r.standby and not caps.standby_engines:
+            r = replace(r, standby=False)
         out.append(r)
     return PlanGroup(group.gpus, tuple(out))
 

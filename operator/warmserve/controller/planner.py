@@ -28,12 +28,13 @@ Nothing here does I/O or reads a clock; `bench/operator_loop.py` times it as par
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from warmserve.core.autoscaler import EngineView
 from warmserve.core.cluster import ClusterState, EnginePhase, PlanError, ReplicaPhase, StartSource
 from warmserve.core.policy import EngineLoad, NoEffects, StepInput, StepRecord, WarmServePolicy
+from warmserve.core.standby import standby_replicas
 from warmserve.core.types import Demand, GpuGroup, ModelProfile, NodeSpec
 from warmserve.protocol import EngineSettings, Phase, Plan, PlanGroup, PlanReplica, Role, WorkerState
 
@@ -85,6 +86,7 @@ class RoundInput:
     memory: PlannerMemory = field(default_factory=PlannerMemory)
     lend_load: Mapping[str, float] | None = None  # uid → recent peak in-flight (KV lending); None = load
     no_lend: frozenset[str] = frozenset()  # pods whose engines lend no KV space (their worker cannot lend)
+    standby_per_worker: int = 0  # warm replicas per worker flagged for a standby engine (`core.standby`)
 
 
 #: The KV bytes "in use" the planner tells the policy for an engine of a pod in `RoundInput.no_lend`: more than
@@ -169,8 +171,11 @@ def rebuild_state(
     return state, ids
 
 
-def render_plans(state: ClusterState, pods: Sequence[str], models: Mapping[str, ModelEntry]) -> dict[str, Plan]:
-    """One Plan per pod from the cluster state (engines → `serve`, warm replicas → `warm`)."""
+def render_plans(
+    state: ClusterState, pods: Sequence[str], models: Mapping[str, ModelEntry], standby: Collection[int] = ()
+) -> dict[str, Plan]:
+    """One Plan per pod from the cluster state (engines → `serve`, warm replicas → `warm`; those whose id is in
+    `standby` ask for a standby engine)."""
     groups: dict[tuple[int, tuple[int, ...]], list[PlanReplica]] = {}
     for inst in state.instances.values():
         m = models[inst.model]
@@ -183,7 +188,7 @@ def render_plans(state: ClusterState, pods: Sequence[str], models: Mapping[str, 
         m = models[rep.model]
         key = (rep.group.node, tuple(rep.group.gpus))
         groups.setdefault(key, []).append(
-            PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, Role.WARM, 0, m.engine)
+            PlanReplica(m.served_name, m.uid, m.source, m.profile.tp, Role.WARM, 0, m.engine, rep.rid in standby)
         )
     per_pod: dict[int, list[PlanGroup]] = {}
     for (node, gpus), replicas in groups.items():
@@ -247,6 +252,19 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
     pods = [w.pod for w in inp.workers]
     state, ids = rebuild_state(inp.workers, inp.models, inp.memory)
     policy.scores = {i: inp.memory.scores[k] for i, k in ids.items() if k in inp.memory.scores}
+    # standby engines: the replicas flagged on the pods keep their flag while they can (`core.standby`), and a
+    # promotion prefers one whose worker reports its model's standby engine ready
+    flagged = {
+        (w.pod, tuple(g.gpus), r.uid, Role.WARM)
+        for w in inp.workers
+        if w.plan is not None
+        for g in w.plan.groups
+        for r in g.replicas
+        if r.standby
+    }
+    ready = {(w.pod, s.model) for w in inp.workers if w.state is not None for s in w.state.standby if s.ready}
+    keep = [rid for rid, key in ids.items() if key in flagged]
+    policy.standby_ready = frozenset(rid for rid in keep if (ids[rid][0], models[ids[rid][2]].served_name) in ready)
     ready_at = dict(inp.memory.ready_at)
     for iid, inst in state.instances.items():
         if inst.phase == EnginePhase.SERVING:
@@ -288,5 +306,6 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
     out.memory = _remember(
         state, pods, ids, policy, PlannerMemory(inp.memory.seq, {}, {}, ready_at, inp.memory.next_seq)
     )
-    out.plans = render_plans(state, pods, models)
+    standby = standby_replicas(state, policy.scores, inp.standby_per_worker, keep)
+    out.plans = render_plans(state, pods, models, standby)
     return out

@@ -586,6 +586,7 @@ def _range_problem(pool: PoolSpec) -> str | None:
         (pool.gpu.memory_mib >= 1, f"spec.gpu.memoryMiB {pool.gpu.memory_mib} must be at least 1"),
         (0.05 <= w.arena_fraction <= 1, f"spec.worker.arenaFraction {w.arena_fraction} must be within 0.05..1"),
         (w.host_memory_tier_bytes >= 0, "spec.worker.hostMemoryTierBytes must not be negative"),
+        (0 <= w.standby_engines <= 16, f"spec.worker.standbyEngines {w.standby_engines} must be within 0..16"),
         (w.image_pull_policy in ("Always", "IfNotPresent", "Never"), "spec.worker.imagePullPolicy is not valid"),
         (w.log_level in ("debug", "info", "warning", "error"), "spec.worker.logLevel is not valid"),
         (

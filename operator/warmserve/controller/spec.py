@@ -36,6 +36,7 @@ class WorkerSpec:
     host_memory_tier_bytes: int = 0
     port: int = 9400
     engine_port_base: int = 8000
+    standby_engines: int = 1  # pre-initialised engines per worker (`warmserve.core.standby`)
     service_account_name: str = "warmserve-worker"
     log_level: str = "info"
 
@@ -324,6 +325,7 @@ def parse_pool_spec(spec: Mapping[str, Any] | None) -> PoolSpec:
             host_memory_tier_bytes=r.integer(
                 worker, "hostMemoryTierBytes", d_worker.host_memory_tier_bytes, "spec.worker.hostMemoryTierBytes"
             ),
+            standby_engines=r.integer(worker, "standbyEngines", d_worker.standby_engines, "spec.worker.standbyEngines"),
             port=r.integer(worker, "port", d_worker.port, "spec.worker.port"),
             engine_port_base=r.integer(
                 worker, "enginePortBase", d_worker.engine_port_base, "spec.worker.enginePortBase"

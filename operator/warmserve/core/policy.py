@@ -136,6 +136,8 @@ class WarmServePolicy:
         self.profiles = dict(profiles)
         self.params = params or PolicyParams()
         self.scores: dict[int, float] = {}  # replica id → score from the last placement round
+        # replicas whose standby engine is ready (`core.standby`; set by the driver): a promotion binds one
+        self.standby_ready: frozenset[int] = frozenset()
         self._peak: dict[str, float] = {}  # model → forecast peak concurrency of the window being placed for
 
     # ------------------------------------------------------------- autoscaling
@@ -155,14 +157,16 @@ class WarmServePolicy:
     def choose_group(self, state: ClusterState, model: str) -> tuple[GpuGroup, StartSource] | None:
         """Group for a new engine of ``model`` and where its weights come from (a `StartSource`)."""
         profile = self.profiles[model]
-        # key: (0 hit / 1 loading / 2 cold, score destroyed, tie-break: replica id, or the group when cold)
-        best: tuple[tuple[int, float, int | GpuGroup], GpuGroup, StartSource] | None = None
+        # key: (0 hit / 1 loading / 2 cold, 0 with a ready standby engine, score destroyed, tie-break: replica id,
+        # or the group when cold)
+        best: tuple[tuple[int, int, float, int | GpuGroup], GpuGroup, StartSource] | None = None
         for replica in state.replicas_of(model):
             if state.group_has_engine(replica.group):
                 continue
             source = StartSource.HIT if replica.warm else StartSource.LOADING
-            key: tuple[int, float, int | GpuGroup] = (
+            key: tuple[int, int, float, int | GpuGroup] = (
                 0 if replica.warm else 1,
+                0 if replica.rid in self.standby_ready else 1,
                 self._eviction_cost(state, replica.group, replica.rid),
                 replica.rid,
             )
@@ -176,7 +180,7 @@ class WarmServePolicy:
                 continue
             if all(state.role(gpu) is Role.IDLE for gpu in gpus):
                 return group, StartSource.COLD  # destroys nothing: no later group can beat the first idle one
-            key = (2, self._eviction_cost(state, group), group)
+            key = (2, 1, self._eviction_cost(state, group), group)
             if best is None or key < best[0]:
                 best = (key, group, StartSource.COLD)
         return None if best is None else (best[1], best[2])

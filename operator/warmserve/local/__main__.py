@@ -68,7 +68,7 @@ def build_parser(prog: str = "warmserve up") -> argparse.ArgumentParser:
         type=int,
         default=d.standby_engines,
         help="pre-initialised engines kept for prewarmed models: promotion binds one instead of starting "
-        f"an engine (default: {d.standby_engines}; 0 disables)",
+        "an engine (default: the pool's spec.worker.standbyEngines, 1; 0 disables)",
     )
     p.add_argument(
         "--status-every", type=float, default=d.status_every, help="seconds between status lines (default: 5)"

@@ -226,7 +226,7 @@ class UpSettings:
     )
     engine_port: int | None = None  # first engine port (default: the pool's worker.enginePortBase)
     shells: int = 1
-    standby_engines: int = 1  # pre-initialised engines (one per prewarmed model): promotion binds one
+    standby_engines: int | None = None  # pre-initialised engines; None: the pool's spec.worker.standbyEngines
     status_every: float = 5.0
     max_wait_seconds: float = 600.0
     max_queue: int = 256  # requests held per model before the router answers 429
@@ -237,6 +237,8 @@ class Up:
     """The running system; `run()` until `stop` is set (Ctrl-C), then everything is stopped and removed."""
 
     def __init__(self, config: LocalConfig, settings: UpSettings, out: TextIO = sys.stderr) -> None:
+        if settings.standby_engines is not None:  # the planner flags as many replicas as the worker keeps
+            config.pool.setdefault("spec", {}).setdefault("worker", {})["standbyEngines"] = settings.standby_engines
         self.config = config
         self.settings = settings
         self.out = out
@@ -293,7 +295,7 @@ class Up:
             env=dict(self.settings.engine_env),
         )
         engines.fill_pool()
-        self.agent = Agent(self.arenas, self.state_dir, engines, standby_engines=self.settings.standby_engines)
+        self.agent = Agent(self.arenas, self.state_dir, engines, standby_engines=pool.worker.standby_engines)
         runner = Runner(self.agent, self.pod, tick=0.2)
         self._worker_thread = threading.Thread(target=runner.run, args=(self._worker_stop,), name="worker", daemon=True)
         self._worker_thread.start()

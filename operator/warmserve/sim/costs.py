@@ -12,6 +12,8 @@ mechanism              time from "start an engine" (or "its weights are in place
 ``prestarted-cold``    weights read from storage + engine initialisation in a pre-started process (WarmServe
                        when no warm replica of the model exists: this repository's worker keeps engine shells)
 ``promote``            a warm replica already in GPU memory is bound by a pre-initialised (standby) engine
+``prestarted-warm``    a warm replica without a ready standby engine: an engine initialised in a pre-started
+                       process maps its weights from the arena (no read)
                        (WarmServe hit; a replica still loading pays the rest of its load first)
 ``wake``               a sleeping engine copies its weights back from host memory and resumes (vLLM sleep
                        mode level 1, the AIBrix / llm-d approach)
@@ -145,6 +147,11 @@ DEFAULT_TABLE = "gpu-a100"
 COST_SOURCES = GPU_SOURCES  # the default table's sources
 
 
+def _entry(name: str, value: float, source: str) -> Cost:
+    unit, scale = UNITS[name]
+    return Cost(round(value / scale, 6), unit, source)
+
+
 def cost_table(costs: CostModel, table: str = DEFAULT_TABLE) -> dict[str, Cost]:
     """``{name: Cost(value, unit, source)}``; a value changed from the table's own says so in its source."""
     base, sources = COST_TABLES[table]
@@ -155,8 +162,22 @@ def cost_table(costs: CostModel, table: str = DEFAULT_TABLE) -> dict[str, Cost]:
         source = sources[f.name]
         if value != getattr(base, f.name):
             source = f"set on the command line (table {table!r} has {getattr(base, f.name) / scale:g} {unit}: {source})"
-        out[f.name] = Cost(round(value / scale, 6), unit, source)
+        out[f.name] = _entry(f.name, value, source)
     return out
+
+
+def measured_costs(table: str, measured: dict[str, tuple[float, str]]) -> tuple[CostModel, dict[str, Cost]]:
+    """A cost model whose entries in ``measured`` (name → (value in SI units, its source)) replace those of
+    ``table``; every other entry keeps the table's value and source. Returns the model and its printed table."""
+    unknown = sorted(set(measured) - set(UNITS))
+    if unknown:
+        raise ValueError(f"not a cost entry: {', '.join(unknown)}")
+    costs = table_costs(table, **{name: value for name, (value, _) in measured.items()})
+    sources = COST_TABLES[table][1]
+    return costs, {
+        f.name: _entry(f.name, getattr(costs, f.name), measured[f.name][1] if f.name in measured else sources[f.name])
+        for f in fields(CostModel)
+    }
 
 
 def table_costs(table: str, **changes: float) -> CostModel:
@@ -167,13 +188,15 @@ def table_costs(table: str, **changes: float) -> CostModel:
 
 # ----------------------------------------------------------------------------------------- mechanisms
 COLD, FAST_COLD, PRESTARTED_COLD, PROMOTE, WAKE = "cold", "fast-cold", "prestarted-cold", "promote", "wake"
-ALL_MECHANISMS: tuple[str, ...] = (COLD, FAST_COLD, PRESTARTED_COLD, PROMOTE, WAKE)
+PRESTARTED_WARM = "prestarted-warm"
+ALL_MECHANISMS: tuple[str, ...] = (COLD, FAST_COLD, PRESTARTED_COLD, PROMOTE, PRESTARTED_WARM, WAKE)
 
+_WARMSERVE = frozenset({PROMOTE, PRESTARTED_WARM, PRESTARTED_COLD})
 MECHANISMS: dict[str, frozenset[str]] = {
-    "warmserve": frozenset({PROMOTE, PRESTARTED_COLD}),
-    "warmserve-noproactive": frozenset({PROMOTE, PRESTARTED_COLD}),
-    "warmserve-noplacement": frozenset({PROMOTE, PRESTARTED_COLD}),
-    "warmserve-noforecast": frozenset({PROMOTE, PRESTARTED_COLD}),
+    "warmserve": _WARMSERVE,
+    "warmserve-noproactive": _WARMSERVE,
+    "warmserve-noplacement": _WARMSERVE,
+    "warmserve-noforecast": _WARMSERVE,
     "reactive-cold": frozenset({COLD}),
     "reactive-fast": frozenset({FAST_COLD}),
     # One sleeping engine per model; further engines start in a pre-started process (llm-d FMA's launchers
@@ -195,6 +218,8 @@ def start_cost(mechanism: str, shard_bytes: float, costs: CostModel) -> float:
         return shard_bytes / costs.storage_bandwidth + costs.prestarted_init_s
     if mechanism == PROMOTE:
         return costs.promote_s
+    if mechanism == PRESTARTED_WARM:
+        return costs.prestarted_init_s
     if mechanism == WAKE:
         return shard_bytes / costs.load_bandwidth + costs.wake_s
     raise ValueError(f"unknown mechanism {mechanism!r}")

@@ -45,12 +45,14 @@ from warmserve.core.forecast import make_forecaster
 from warmserve.core.load import offered_concurrency, window_load
 from warmserve.core.placement import engines_needed
 from warmserve.core.policy import EngineLoad, PolicyParams, StepInput, WarmServePolicy
+from warmserve.core.standby import standby_replicas
 from warmserve.core.types import Demand, ModelProfile
 from warmserve.sim.costs import (
     COLD,
     FAST_COLD,
     MECHANISMS,
     PRESTARTED_COLD,
+    PRESTARTED_WARM,
     PROMOTE,
     WAKE,
     CostModel,
@@ -192,6 +194,9 @@ class Simulation:
     drain_s: float = 600.0
     check_invariants: bool = False  # re-verify the cluster ledger on every control tick (tests)
     initial: str = "empty"  # "empty": no engine at t = 0 (the paper's protocol); "steady": a running system
+    # WarmServe's standby engines per node (`core.standby`, as the operator plans them; each is ready
+    # `prestarted_init_s` after it is chosen); None: one per GPU, what a GPU pool runs at no arena cost
+    standby_per_node: int | None = None
 
     def __post_init__(self) -> None:
         if self.initial not in INITIAL_STATES:
@@ -272,6 +277,10 @@ class Simulation:
         self._prewarmed: set[int] = set()  # replicas that prewarming loaded (not left by stopped engines)
         self._lent: set[int] = set()  # replicas placed in space a running engine lent
         self._lent_hits = 0
+        self._standby: dict[int, float] = {}  # replica id → when its standby engine is ready
+        self._standby_n = (
+            max(n.gpus for n in self.scenario.nodes) if self.standby_per_node is None else self.standby_per_node
+        )
         self._link_free: dict[Gpu, float] = {}
         self._compute_free: dict[Gpu, float] = {}  # when each GPU's compute has run the prefills queued on it
         self._end_of_replay = float(wl.spec.replay_s)
@@ -504,7 +513,18 @@ class Simulation:
             samples.append(in_flight[m] + len(self._queues[m]))
         window = self.first_window + int(self.now // self.window_s)
         place = self.core.params.prewarm and self.now % self.placement_s < self.tick_s / 2
+        self.core.standby_ready = frozenset(rid for rid, ready in self._standby.items() if ready <= self.now)
         self.core.step(self.state, self._step_input(self._demand(window) if place else None), self)
+        if place:
+            self._plan_standby()
+
+    def _plan_standby(self) -> None:
+        """The standby engines the operator plans after a placement round (`core.standby`, keeping the ones
+        chosen before): a newly chosen replica's engine is ready `prestarted_init_s` later (initialised in a
+        pre-started process, no weights); one no longer chosen is stopped."""
+        chosen = standby_replicas(self.state, self.core.scores, self._standby_n, self._standby)
+        ready = self.now + self.costs.prestarted_init_s
+        self._standby = {rid: self._standby.get(rid, ready) for rid in chosen}
 
     def _step_input(self, demand: dict[str, Demand] | None, scale: bool = True) -> StepInput:
         """What the control step sees; KV lending is sized on each engine's peak over the autoscaler window,
@@ -552,6 +572,7 @@ class Simulation:
         """
         rid = replica.rid
         self._dirty = True
+        self._standby.pop(rid, None)
         if reason == "promotion":
             self._promotion_evictions += 1
         prewarmed = rid in self._prewarmed
@@ -596,8 +617,10 @@ class Simulation:
     def started(self, promotion: Promotion) -> None:
         """Time the new engine by the mechanism of the policy's system (`warmserve.sim.costs.MECHANISMS`).
 
-        WarmServe: a hit binds a standby engine (``promote``); a replica still loading does so when its load
-        ends; without a replica the weights are read from storage into a pre-started engine. The reactive
+        WarmServe: a hit binds the replica's standby engine when one is ready (``promote``), else an engine is
+        initialised in a pre-started process on the replica's weights (``prestarted-warm``); a replica still
+        loading does so when its load ends; without a replica the weights are read from storage into a
+        pre-started engine. The reactive
         baselines start cold (from storage, fresh process; or from host memory, pre-started process);
         sleep-wake wakes the model's sleeping engine when it has one, else starts like WarmServe without a
         replica (storage, pre-started process). Every replica the promotion evicted adds ``evict_s``.
@@ -609,12 +632,14 @@ class Simulation:
         gpus = self.state.gpus_of(instance.group)
         begin = self.now
         if promotion.consumed is not None:
-            mechanism = PROMOTE
-            self._prewarmed.discard(promotion.consumed.rid)
-            if promotion.consumed.rid in self._lent:
+            rid = promotion.consumed.rid
+            self._prewarmed.discard(rid)
+            if rid in self._lent:
                 self._lent_hits += 1
-            loading = self._loading.pop(promotion.consumed.rid, None)
+            loading = self._loading.pop(rid, None)
             begin = max(self.now, loading.end if loading else self.now)
+            # the worker binds a standby engine that is ready when the replica is warm, else starts one
+            mechanism = PROMOTE if self._standby.pop(rid, math.inf) <= begin else PRESTARTED_WARM
         elif self.policy == "reactive-cold":
             mechanism = COLD
         elif self.policy == "reactive-fast":

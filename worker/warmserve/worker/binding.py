@@ -84,11 +84,12 @@ def rank_manifest(manifest: dict[str, Any], rank: int) -> dict[str, Any]:
     """The part of a promotion manifest that tensor-parallel rank ``rank`` binds.
 
     A ``tp > 1`` replica's manifest lists one manifest per rank under ``ranks`` (each shard sits in the arena of
-    its own GPU; the part returned says ``tp``); any other manifest is rank 0's own.
+    its own GPU; the part returned says ``tp``); a standby engine's (``"standby": true``, no weights) is every
+    rank's; any other manifest is rank 0's own.
     """
     ranks = manifest.get("ranks")
     if ranks is None:
-        if rank != 0:
+        if rank != 0 and not manifest.get("standby"):
             raise ValueError(f"the manifest is for one rank, not for rank {rank} of a tensor-parallel engine")
         return manifest
     if not isinstance(ranks, list) or not 0 <= rank < len(ranks):

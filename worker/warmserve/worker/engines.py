@@ -442,6 +442,7 @@ class EngineManager:
         self._standby: dict[Shape, list[tuple[EngineRecord, Shell]]] = {}
         self._claimed: dict[int, tuple[EngineRecord, Shell]] = {}  # taken for a bind, by pid
         self._releasing: set[int] = set()  # standby engines (by pid) whose release is in flight
+        self._failed_standby: set[Shape] = set()  # shapes whose standby engine exited before it was ready
         self.token = secrets.token_hex(16)
         self._lock = threading.Lock()  # the shell pool
         self._records = threading.Lock()  # _engines and _procs
@@ -587,13 +588,19 @@ class EngineManager:
         """Hold ``wanted[shape]`` pre-initialised engines per shape and stop the others; never waits.
 
         A missing engine is started (unless ``start`` is false) only from an idle shell whose imports are done
-        (else a later call starts it); a standby engine that died is dropped.
+        (else a later call starts it); a standby engine that died is dropped, and a shape whose standby engine
+        died before it was ready gets no more (promotions of it start fresh engines, which report the error).
         """
         drop: list[tuple[EngineRecord, Shell]] = []
         with self._records:
             for shape in list(self._standby):
                 engines = [(r, sh) for r, sh in self._standby[shape] if sh.alive()]
-                drop += [(r, sh) for r, sh in self._standby[shape] if not sh.alive()]
+                dead = [(r, sh) for r, sh in self._standby[shape] if not sh.alive()]
+                for rec, _ in dead:
+                    if not rec.ready:
+                        self._failed_standby.add(shape)
+                        log.error("the standby engine of %s exited while starting (log: %s)", shape.model, rec.log)
+                drop += dead
                 keep = wanted.get(shape, 0)
                 drop += engines[keep:]
                 self._standby[shape] = engines[:keep]
@@ -602,7 +609,7 @@ class EngineManager:
         for rec, shell in drop:
             self._close_standby(rec, shell)
         for shape, count in wanted.items() if start else ():
-            while len(self._standby.get(shape, [])) < count:
+            while shape not in self._failed_standby and len(self._standby.get(shape, [])) < count:
                 try:
                     shell = self.acquire_shell(0.0)
                 except NoShellError:
