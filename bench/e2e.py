@@ -100,6 +100,7 @@ SIZES: dict[str, dict[str, int]] = {
 DAY_NAMES = ("fri", "sat", "sun", "mon", "tue", "wed", "thu")  # Azure 2024 code trace days 0..6
 POLICIES = ("warmserve", "reactive")
 WORDS = tuple(sorted({word.strip(",") for line in CORPUS for word in line.split()}))  # the tokenizer's corpus
+PAIR_PROMPT_WORDS, PAIR_MAX_TOKENS = 16, 2  # the router-overhead requests to a real engine (`client_pairs`)
 
 
 def say(msg: str) -> None:
@@ -372,10 +373,13 @@ def seed_history(s: Settings, replay: Replay, uids: Sequence[str], w0: int) -> A
 
 
 # --------------------------------------------------------------------------------------------------- config
+def pool_memory_mib(weight_bytes: Sequence[int]) -> int:
+    """The pool's `gpu.memoryMiB`: each device's arena can hold every model (one-for-many), with room to spare."""
+    return math.ceil(max(weight_bytes) * (len(weight_bytes) + 0.5) / MIB / 0.9) + 16
+
+
 def config_docs(s: Settings, names: Sequence[str], dirs: Sequence[str], prewarm: bool) -> list[dict[str, Any]]:
-    biggest = max(sum(os.path.getsize(f) for f in weight_files(d)) for d in dirs)
-    # each device's arena can hold every model (one-for-many), with room to spare
-    memory_mib = math.ceil(biggest * (len(dirs) + 0.5) / MIB / 0.9) + 16
+    memory_mib = pool_memory_mib([sum(os.path.getsize(f) for f in weight_files(d)) for d in dirs])
     pool = {
         "apiVersion": "warmserve.io/v1alpha1",
         "kind": "WarmPool",
@@ -549,6 +553,7 @@ async def client_pairs(spec: dict[str, Any]) -> dict[str, Any]:
 
     rng = random.Random(spec["seed"])
     out: dict[str, list[float]] = {"router": [], "direct": []}
+    totals: list[float] = []  # per direct request: time to its last chunk (prefill + the second token's decode)
     diffs: list[float] = []  # router − direct within a pair, when both succeeded
     added: list[float] = []  # per router request: its TTFT minus the engine's time to first chunk (Server-Timing)
     failures: dict[str, int] = {"router": 0, "direct": 0}
@@ -560,22 +565,30 @@ async def client_pairs(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, spec["start"] - time.time()))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         for i in range(spec["pairs"]):
-            prompt = prompt_text(16, rng)
+            prompt = prompt_text(PAIR_PROMPT_WORDS, rng)
             pair: dict[str, float] = {}
             for path in ("router", "direct") if i % 2 == 0 else ("direct", "router"):
                 url, model = targets[path]
-                payload = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
+                payload = {
+                    "model": model,
+                    "prompt": prompt,
+                    "max_tokens": PAIR_MAX_TOKENS,
+                    "temperature": 0,
+                    "stream": True,
+                }
                 rec = await _one(session, url, payload, 60.0)
                 if rec["outcome"] == "completed" and rec["ttft"] is not None:
                     out[path].append(rec["ttft"])
                     pair[path] = rec["ttft"]
+                    if path == "direct" and rec["total"] is not None:
+                        totals.append(rec["total"])
                     if rec["engine"] is not None:
                         added.append(rec["ttft"] - rec["engine"])
                 else:
                     failures[path] += 1
             if len(pair) == 2:
                 diffs.append(pair["router"] - pair["direct"])
-    return {"ttft": out, "failures": failures, "paired_diff": diffs, "added": added}
+    return {"ttft": out, "failures": failures, "paired_diff": diffs, "added": added, "direct_total": totals}
 
 
 async def client_rate(spec: dict[str, Any]) -> dict[str, Any]:
@@ -695,6 +708,7 @@ class Sampler:
         for rec in self.agent.engines.running().values():
             e = self.engines.setdefault((rec.uid, rec.pid), {"started": rec.started, "last": now, "ready_s": None})
             e["last"] = now
+            e["standby"] = rec.bound_s is not None
             if rec.ready_s is not None:
                 e["ready_s"] = rec.ready_s
         for key, shard in self.agent.store.shards().items():
@@ -887,6 +901,12 @@ async def run_policy(
             result["loadavg_1m"] = spread(sampler.loadavg)
             ready = [e["ready_s"] for e in sampler.engines.values() if e["ready_s"] is not None]
             result["engine_ready_s"] = spread(ready)
+            # per engine (bench/calibrate.py prices the simulator's starts from these): ready_s and whether a
+            # standby engine was bound (else it was launched in a pre-started shell)
+            result["engine_starts_log"] = [
+                {"ready_s": e["ready_s"], "standby": e["standby"]} for e in sampler.engines.values()
+            ]
+            result["request_results"] = out["results"]  # per request: offset, model, status, TTFT, total, engine
             result["weight_loads"] = spread(list(sampler.loads.values()))
             result["per_model"] = {
                 name: summarize_replay([r for r in out["results"] if r.get("model") == name]) for name in replay.names
@@ -1034,6 +1054,7 @@ async def engine_overhead(s: Settings, up: Any, model: str, port: int, work: str
     summary = overhead_summary(out["ttft"], out["failures"], {"engine": backend.address, "model": model})
     summary["paired_diff_ms"] = spread(out["paired_diff"], 1e3)
     summary["added_ms"] = spread(out["added"], 1e3)
+    summary["direct_total_ms"] = spread(out["direct_total"], 1e3)
     return summary
 
 

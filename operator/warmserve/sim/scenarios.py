@@ -6,8 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
+import numpy as np
+
 from warmserve.core.types import GB, ModelProfile, NodeSpec
-from warmserve.workload.build import WorkloadSpec
+from warmserve.workload.build import Workload, WorkloadSpec
+from warmserve.workload.traces import SECONDS_PER_DAY
 
 
 class Architecture(TypedDict):
@@ -141,6 +144,56 @@ def many(n_models: int = 56, gpus_per_node: int = 8, nodes: int = 3, gpu_bytes: 
             "by default the first hour of the day is replayed, from an empty system",
         },
     )
+
+
+def replayed(
+    name: str,
+    nodes: tuple[NodeSpec, ...],
+    models: tuple[ModelProfile, ...],
+    arrival_s: np.ndarray,
+    model_idx: np.ndarray,
+    input_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    replay_s: int,
+    window_s: int,
+    history_days: int,
+    notes: dict[str, str],
+) -> tuple[Scenario, Workload]:
+    """A scenario that replays explicit requests (e.g. the schedule a real benchmark sent) instead of building
+    them from a trace, with the workload to simulate it on.
+
+    ``arrival_s`` (seconds from the replay start, sorted), ``model_idx``, ``input_tokens`` and
+    ``output_tokens`` are taken as they are, in whatever unit of prompt length the models' ``prefill_s`` /
+    ``prefill_ref_tokens`` use. No request arrives before the replay: the rate history (``history_days`` days,
+    so that the forecaster's windows line up with the replay start) is zero. A caller that knows the load
+    history the real system was given replaces the simulation's window history (``Simulation.avg_hist`` and
+    ``peak_hist``, indexed by window from the history's start) with it.
+    """
+    if not np.all(np.diff(arrival_s) >= 0):
+        raise ValueError("arrival_s must be sorted")
+    if model_idx.size and not 0 <= int(model_idx.min()) <= int(model_idx.max()) < len(models):
+        raise ValueError("model_idx must index models")
+    if SECONDS_PER_DAY % window_s:
+        raise ValueError(f"window_s {window_s} must divide a day")
+    spec = WorkloadSpec(
+        n_models=len(models),
+        rps=max(arrival_s.size, 1) / replay_s,
+        replay_start_s=0,
+        replay_s=replay_s,
+        history_days=history_days,
+    )
+    spec.validate()
+    workload = Workload(
+        spec=spec,
+        model_days=tuple(range(len(models))),
+        history_rate=np.zeros((len(models), history_days * SECONDS_PER_DAY + replay_s)),
+        arrival_s=np.asarray(arrival_s, dtype=np.float64),
+        model_idx=np.asarray(model_idx, dtype=np.int64),
+        input_tokens=np.asarray(input_tokens, dtype=np.int64),
+        output_tokens=np.asarray(output_tokens, dtype=np.int64),
+        model_series=tuple("explicit" for _ in models),
+    )
+    return Scenario(name=name, nodes=nodes, models=models, workload=spec, window_s=window_s, notes=notes), workload
 
 
 SCENARIOS: dict[str, Callable[[], Scenario]] = {"paper": paper, "many": many}
