@@ -26,6 +26,8 @@ def test_per_node_the_best_scored_replicas_one_per_gpu():
     # a replica chosen before keeps its standby engine while it is a candidate, whatever the scores say
     assert standby_replicas(state, scores, 1, keep={c0}) == {c0, d1}
     assert standby_replicas(state, scores, 2, keep={b0, 999}) == {b0, a1, d1}
+    # models with prewarming off get none (their replicas are weights an engine left behind)
+    assert standby_replicas(state, scores, 1, keep={a1}, skip_models={"a"}) == {c0, d1}
 
 
 def test_a_tensor_parallel_replica_takes_its_gpus_and_none_goes_on_a_gpu_with_an_engine():

@@ -114,8 +114,11 @@ class Engines:
         pass
 
 
-def replica(name: str, path: str, role: str, engine: dict | None = None) -> dict:
+def replica(name: str, path: str, role: str, engine: dict | None = None, standby: bool = True) -> dict:
+    """A plan replica; a warm one asks for a standby engine unless `standby` is false."""
     rep = {"model": name, "uid": f"uid-{name}", "source": f"file://{path}", "tp": 1, "role": role}
+    if role == "warm" and standby:
+        rep["standby"] = True
     return {**rep, "engine": engine} if engine else rep
 
 
@@ -195,7 +198,7 @@ def test_a_ready_standby_engine_is_bound_instead_of_starting_one(tiny_models, ar
     state = run(agent, lambda s: serving(s, "uid-alpha") and "promote" in s.timings)
     assert engines.launches == [] and [uid for uid, _ in engines.binds] == ["uid-alpha"]
     assert state.timings["promote"]["standby"] is True
-    assert engines.wanted[-1] == {Shape("beta", models["beta"]): 1}  # the next warm-only model gets the standby
+    assert engines.wanted[-1] == {Shape("beta", models["beta"]): 1}  # the flagged warm replica left gets it
 
 
 def test_a_failed_bind_falls_back_to_a_fresh_engine_and_that_shape_gets_no_more_standby(tiny_models, arena, tmp_path):
@@ -342,11 +345,11 @@ def test_gpu_engines_get_the_budget_their_arena_leaves_and_a_standby_engine_yiel
 
 
 def test_the_plans_standby_flags_choose_the_standby_engines(tiny_models, arena, tmp_path):
-    """The operator flags beta (alpha would come first by the worker's own order: warm-only, by name)."""
+    """Only the flagged replica gets a standby engine (alpha would come first by name)."""
     engines = Engines()
     agent = Agent({"0": arena}, str(tmp_path), engines, standby_engines=1)
     models = {m: tiny_models[m] for m in ("alpha", "beta")}
-    reps = [replica("alpha", models["alpha"], "warm"), {**replica("beta", models["beta"], "warm"), "standby": True}]
+    reps = [replica("alpha", models["alpha"], "warm", standby=False), replica("beta", models["beta"], "warm")]
     agent.apply({"generation": 1, "groups": [{"gpus": [0], "replicas": reps}]})
     state = run(agent, lambda s: bool(s.standby) and all(r.phase == "warm" for r in s.replicas))
     assert [s.model for s in state.standby] == ["beta"] and engines.wanted[-1] == {Shape("beta", models["beta"]): 1}

@@ -1,7 +1,7 @@
 """Real vLLM (CPU): a pre-initialised ("standby") engine is bound to a warm replica at promotion.
 
 One module-scoped scenario: a cold reference engine over alpha's files; then an agent (one standby engine)
-with alpha and beta warm keeps a standby engine of alpha (warm-only models, by name); alpha is promoted by
+with alpha and beta warm, both flagged, keeps a standby engine of alpha (by name); alpha is promoted by
 binding it (no engine start), its greedy output is the cold engine's, and a standby of beta takes its place;
 a restarted agent stops the orphaned standby (it answers the old agent's token only) and adopts the serving
 engine; an empty plan stops everything.
@@ -55,8 +55,11 @@ def standby_models(engines: EngineManager, ready: bool = True) -> list[str]:
 
 
 def plan(path: str, generation: int, models: dict[str, str], serve: set[str]) -> None:
+    """`models` on GPU 0, those in `serve` served; every warm replica asks for a standby engine (the operator's
+    flag), so the one engine kept goes to the first warm model by name."""
     replicas = [
-        {"model": m, "uid": f"uid-{m}", "source": f"file://{p}", "tp": 1, "role": "serve" if m in serve else "warm"}
+        {"model": m, "uid": f"uid-{m}", "source": f"file://{p}", "tp": 1}
+        | ({"role": "serve"} if m in serve else {"role": "warm", "standby": True})
         for m, p in models.items()
     ]
     with open(path, "w") as fh:

@@ -85,16 +85,16 @@ def tp_scenario(tmp_path_factory):
             result["report"] = json.load(fh)
         with open(rec.log, errors="replace") as fh:
             result["engine_log"] = fh.read()
-        # 3. back to warm; with a standby engine kept, the next promotion binds it
+        # 3. back to warm, flagged for a standby engine (as the operator flags it): the next promotion binds it
         with open(plan_path, "w") as fh:
-            replica["role"] = "warm"
+            replica.update(role="warm", standby=True)
             json.dump({"generation": 3, "groups": [{"gpus": [0, 1], "replicas": [replica]}]}, fh)
         step_until(runner, lambda s: phases(s) == {KEY.uid: "warm"} and not s["engines"], 120)
         agent.standby_engines = 1
         engines.fill_pool()
         result["standby_state"] = step_until(runner, lambda s: any(e["ready"] for e in s.get("standby", [])), 300)
         with open(plan_path, "w") as fh:
-            replica["role"] = "serve"
+            replica.update(role="serve", standby=False)
             json.dump({"generation": 4, "groups": [{"gpus": [0, 1], "replicas": [replica]}]}, fh)
         result["bound_state"] = step_until(  # the first promotion's timing is there too: wait for this one's
             runner, lambda s: phases(s) == {KEY.uid: "serving"} and s["timings"]["promote"]["standby"], 120

@@ -362,6 +362,7 @@ def decide(obs: Observation, forecasts: ForecastView, planner: PlannerState) -> 
                 no_lend_pods(w for w in live if w.ready),
                 # workers run none while the operator manages InferencePools (builders.worker_args)
                 0 if obs.pool.inference_pool_enabled else pool.worker.standby_engines,
+                cat.no_prewarm,
             ),
         )
         # the controller boundary: no worker is asked for what it does not advertise (capabilities.py)

@@ -87,6 +87,7 @@ class RoundInput:
     lend_load: Mapping[str, float] | None = None  # uid → recent peak in-flight (KV lending); None = load
     no_lend: frozenset[str] = frozenset()  # pods whose engines lend no KV space (their worker cannot lend)
     standby_per_worker: int = 0  # warm replicas per worker flagged for a standby engine (`core.standby`)
+    no_prewarm: frozenset[str] = frozenset()  # uids with prewarming off: their left-behind weights get none
 
 
 #: The KV bytes "in use" the planner tells the policy for an engine of a pod in `RoundInput.no_lend`: more than
@@ -263,7 +264,7 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
         if r.standby
     }
     ready = {(w.pod, s.model) for w in inp.workers if w.state is not None for s in w.state.standby if s.ready}
-    keep = [rid for rid, key in ids.items() if key in flagged]
+    keep = [rid for rid, key in ids.items() if key in flagged and key[2] not in inp.no_prewarm]
     policy.standby_ready = frozenset(rid for rid in keep if (ids[rid][0], models[ids[rid][2]].served_name) in ready)
     ready_at = dict(inp.memory.ready_at)
     for iid, inst in state.instances.items():
@@ -306,6 +307,6 @@ def plan_round(policy: WarmServePolicy, inp: RoundInput, *, place: bool = True) 
     out.memory = _remember(
         state, pods, ids, policy, PlannerMemory(inp.memory.seq, {}, {}, ready_at, inp.memory.next_seq)
     )
-    standby = standby_replicas(state, policy.scores, inp.standby_per_worker, keep)
+    standby = standby_replicas(state, policy.scores, inp.standby_per_worker, keep, inp.no_prewarm)
     out.plans = render_plans(state, pods, models, standby)
     return out

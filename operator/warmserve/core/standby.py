@@ -22,16 +22,21 @@ from warmserve.core.cluster import ClusterState
 
 
 def standby_replicas(
-    state: ClusterState, scores: Mapping[int, float], per_node: int, keep: Collection[int] = ()
+    state: ClusterState,
+    scores: Mapping[int, float],
+    per_node: int,
+    keep: Collection[int] = (),
+    skip_models: Collection[str] = (),
 ) -> frozenset[int]:
     """Ids of the warm replicas to keep a standby engine for: per node `per_node` replicas on GPUs without an
     engine, at most one on each GPU; those in `keep` first, then the best-scored (ties: model name, then replica
-    id). (On a CPU node every replica of a model has the same shape: the worker keeps one engine for them.)"""
+    id); none for the models in `skip_models` (prewarming off: a replica an engine left behind gets no standby
+    engine). (On a CPU node every replica of a model has the same shape: the worker keeps one engine for them.)"""
     if per_node <= 0:
         return frozenset()
     candidates: dict[int, list[tuple[bool, float, str, int]]] = {}
     for rep in state.replicas.values():
-        if any(state.engine_on(gpu) is not None for gpu in state.gpus_of(rep.group)):
+        if rep.model in skip_models or any(state.engine_on(gpu) is not None for gpu in state.gpus_of(rep.group)):
             continue
         rank = (rep.rid not in keep, -scores.get(rep.rid, 0.0), rep.model, rep.rid)
         candidates.setdefault(rep.group.node, []).append(rank)

@@ -401,25 +401,20 @@ class Agent:
 
     def _keep_standby(self, plan: Plan) -> None:
         """Keep up to ``standby_engines`` pre-initialised engines, one per shape (model, engine settings and, on
-        GPUs, device: `_shape`): for the warm replicas the plan flags ``standby`` (the operator's choice,
-        `warmserve.core.standby`), or, in a plan that flags none (an older operator), warm-only models first.
-        A ``tp > 1`` replica's is one engine over its group (a process per rank). On GPUs at most one per GPU and
-        none on a GPU that runs (or is starting) an engine: each engine there is sized to the whole budget the
-        arena leaves."""
+        GPUs, device: `_shape`), for the warm replicas the plan flags ``standby`` (the operator's choice,
+        `warmserve.core.standby`); by model name when more are flagged than kept. A ``tp > 1`` replica's is one
+        engine over its group (a process per rank). On GPUs at most one per GPU and none on a GPU that runs (or
+        is starting) an engine: each engine there is sized to the whole budget the arena leaves."""
         if self.engines is None or self.standby_engines <= 0:
             return
-        served = {rep.model for rep in plan.replicas.values() if rep.serves}
-        flagged = any(rep.spec.standby for rep in plan.replicas.values())
         busy = self._engine_gpus()
-        shapes: dict[Shape, bool] = {}
+        shapes: set[Shape] = set()
         for rep in plan.replicas.values():
-            if self._failed(rep, plan) or (flagged and not rep.spec.standby):
-                continue
-            shape = self._shape(rep)
+            shape = self._shape(rep) if rep.spec.standby and not self._failed(rep, plan) else None
             if shape is not None and shape not in self._bind_failed:
-                shapes.setdefault(shape, rep.model in served)
+                shapes.add(shape)
         keep: dict[Shape, int] = {}
-        for shape in sorted(shapes, key=lambda shape: (shapes[shape], shape.model)):
+        for shape in sorted(shapes, key=lambda shape: (shape.model, shape.gpus, shape.id)):
             if len(keep) < self.standby_engines and not busy.intersection(shape.gpus):
                 keep[shape] = 1
                 busy.update(shape.gpus)  # one per GPU: each is sized to the GPU's whole engine budget
