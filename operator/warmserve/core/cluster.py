@@ -162,8 +162,13 @@ class ClusterState:
         return self._lent.get(gpu, 0)
 
     def used_by_gpu(self) -> Mapping[Gpu, int]:
-        """Warm-replica bytes per GPU (read-only view, for vectorised callers such as the placement)."""
+        """Warm-replica bytes per GPU, in `all_gpus` order (read-only view, for vectorised callers such as the
+        placement)."""
         return MappingProxyType(self._used)
+
+    def lent_by_gpu(self) -> Mapping[Gpu, int]:
+        """KV bytes lent per GPU that runs an engine, with an entry for every such GPU (read-only view)."""
+        return MappingProxyType(self._lent)
 
     def engine_gpus(self) -> KeysView[Gpu]:
         """GPUs that run an engine."""

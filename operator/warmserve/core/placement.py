@@ -26,8 +26,11 @@ cheapest group first. Unlike the original, which had ``# TODO: consider eviction
 replica, this keeps the cluster's warm memory on the replicas that matter now.
 
 Groups are aligned buddy groups, so tensor-parallel replicas nest by construction and the candidate set of
-a size-``tp`` replica is just ``gpus / tp`` groups; the search is vectorised with numpy over padded
-per-node GPU arrays, which keeps a round over 1,024 GPUs and 200 models in milliseconds.
+a size-``tp`` replica is just ``gpus / tp`` groups. A round reads the cluster once into padded per-node numpy
+arrays (free bytes per GPU; per group size, each group's overlapping score and preference rank), keeps them
+up to date with one indexed operation per change, and chooses a new replica's group with a fixed handful of
+vectorised operations over the groups of its size; what only the eviction path reads is brought up to date
+when that path runs. A round over 1,024 GPUs and 200 models takes a few milliseconds.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from __future__ import annotations
 import functools
 import heapq
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -106,7 +111,7 @@ class _Levels:
     """One value per aligned group at every level (sizes 1, 2, 4, ...), kept in one flat array.
 
     ``at[level]`` is a view of the level's groups, so a change to every group nested with one group (inside it
-    and around it, all levels) is one indexed add over the flat array (:meth:`_Grid.bump`).
+    and around it, all levels) is one indexed operation on the flat array (:meth:`_Grid.nested`).
     """
 
     def __init__(self, total: int, levels: int, dtype: type) -> None:
@@ -136,37 +141,71 @@ def _nested_positions(offsets: tuple[int, ...], level: int, index: int) -> np.nd
     return positions
 
 
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}  # an unsigned integer of 2, 4 and 8 bytes
+
+
+def _all_of(mask: np.ndarray, size: int) -> np.ndarray:
+    """Per aligned run of ``size`` entries of the contiguous bool array ``mask``: are they all true?
+
+    A run of up to 8 bools read as one unsigned integer is all true exactly when every byte is 1, so a run of
+    up to 8 costs one comparison per run, a longer one a step more per factor of 8 (numpy's reductions along a
+    short axis are several times slower).
+    """
+    while size > 1:
+        step = min(size, 8)
+        mask = mask.view(_WORDS[step]) == int.from_bytes(b"\x01" * step, "little")
+        size //= step
+    return mask
+
+
 class _Grid:
-    """Per-round numpy view of the cluster: one padded row of ``width`` GPUs per node."""
+    """Per-round numpy view of the cluster: one padded row of ``width`` GPUs per node.
+
+    A group is addressed by its level (size ``2**level``) and the flat index of its first GPU, ``start``
+    (``node * width + first GPU``); ``start >> level`` is its index among the groups of its level.
+    """
 
     def __init__(self, state: ClusterState) -> None:
-        self.width = 1 << max(node.gpus for node in state.nodes).bit_length() - 1
-        if self.width < max(node.gpus for node in state.nodes):
-            self.width <<= 1
+        nodes = state.nodes
+        gpus = np.fromiter((node.gpus for node in nodes), np.int64, len(nodes))
+        self.width = 1 << (int(gpus.max()) - 1).bit_length()  # the smallest power of two with room for every node
         self.levels = self.width.bit_length()  # group sizes 1, 2, ..., width
-        total = len(state.nodes) * self.width
-        self.free = np.full(total, -1, dtype=np.int64)  # budget minus used; padding GPUs can hold nothing
-        self.pending = np.zeros(total, dtype=np.int64)  # bytes of not-yet-visited (lower-score) replicas
-        engine = np.zeros(total, dtype=bool)
         width = self.width
-        for n, node in enumerate(state.nodes):
-            self.free[n * width : n * width + node.gpus] = node.gpu_bytes
-        for n, i in state.engine_gpus():
-            engine[n * width + i] = True
-            self.free[n * width + i] = state.lent((n, i))
-        for (n, i), nbytes in state.used_by_gpu().items():
-            self.free[n * width + i] -= nbytes
-        # per level, for each group: total score / count of kept replicas over every group nested with it,
-        # kept up to date on each change (one indexed add) instead of recomputed per replica
+        real = (np.arange(width) < gpus[:, None]).ravel()  # padding GPUs belong to no node
+        budget = np.fromiter((node.gpu_bytes for node in nodes), np.int64, len(nodes))
+        self.free = np.where(real, np.repeat(budget, width), -1)  # budget minus used; padding GPUs hold nothing
+        lent = state.lent_by_gpu()  # an entry per GPU that runs an engine
+        engine_at = np.fromiter((n * width + i for n, i in lent), np.intp, len(lent))
+        self.free[engine_at] = np.fromiter(lent.values(), np.int64, len(lent))
+        self.free[real] -= np.fromiter(state.used_by_gpu().values(), np.int64, int(gpus.sum()))
+        total = len(self.free)
+        # per level, for each group: total score of the replicas over every group nested with it, kept up to
+        # date on each change (one indexed add) instead of recomputed per replica
         self.ov_score = _Levels(total, self.levels, np.float64)
-        self.ov_kept = _Levels(total, self.levels, np.int32)
-        self.ov_pending = _Levels(total, self.levels, np.float64)  # over not-yet-visited replicas only
-        self.exact_score = [np.zeros(total >> level) for level in range(self.levels)]  # replicas exactly on a group
-        # per level, 2 for the groups with a running engine on any of their GPUs (engines do not change in a
-        # round): the first key of a new replica's preference (see _place_one)
-        self.engine_rank = [
-            engine.reshape(-1, 1 << level).any(axis=1).astype(np.int8) * 2 for level in range(self.levels)
-        ]
+        self.exact_score = _Levels(total, self.levels, np.float64)  # replicas exactly on a group
+        # the same over the existing replicas not visited yet (those a newcomer may evict), and their bytes per
+        # GPU: read only when no group has room, so visits are logged and applied then (`evictable`)
+        self.ov_pending = _Levels(total, self.levels, np.float64)
+        self.pending = np.zeros(total, dtype=np.int64)
+        self._visited: list[tuple[int, int, int, float]] = []
+        # Room only shrinks during a round (free plus evictable bytes per GPU never grow, a model's GPUs never
+        # shrink), so a replica no group can take even by evicting stays unplaceable: per level, the least bytes
+        # per GPU no group has that room for, and the models no group off their own GPUs has it for
+        self.hopeless: list[float] = [math.inf] * self.levels
+        self.stuck: set[str] = set()
+        # per level, the first key of a new replica's preference (see _place_one): 2 for a group with a running
+        # engine on any of its GPUs (engines do not change in a round), plus 1 once a kept replica overlaps it
+        # (a round only ever adds kept replicas)
+        self.rank = _Levels(total, self.levels, np.int8)
+        self.engine_in: list[list[bool]] = []  # per level and group: does an engine run on any of its GPUs?
+        engine = np.zeros(total, dtype=bool)
+        engine[engine_at] = True
+        for level in range(self.levels):
+            if level:
+                engine = engine[0::2] | engine[1::2]
+            self.rank.at[level][:] = engine * 2
+            self.engine_in.append(engine.tolist())
+        self._offsets = tuple(self.ov_score.offsets)
 
     def overlap(self, level: int, arrays: list[np.ndarray]) -> np.ndarray:
         """Per size-``2**level`` group, the total of ``arrays`` over every group nested with it."""
@@ -178,39 +217,72 @@ class _Grid:
                 total += np.repeat(values, 1 << (other - level))
         return total
 
-    def flat(self, node: int, gpu: int) -> int:
-        return node * self.width + gpu
-
-    def level_index(self, group: GpuGroup) -> tuple[int, int]:
-        level = group.size.bit_length() - 1
-        return level, self.flat(group.node, group.start) >> level
-
-    def span(self, group: GpuGroup) -> slice:
-        start = self.flat(group.node, group.start)
-        return slice(start, start + group.size)
+    def locate(self, group: GpuGroup) -> tuple[int, int]:
+        """``(start, level)`` of ``group``."""
+        return group.node * self.width + group.start, group.size.bit_length() - 1
 
     def group_of(self, level: int, index: int) -> GpuGroup:
         size = 1 << level
         flat = index * size
         return GpuGroup(flat // self.width, flat % self.width, size)
 
-    def nested(self, level: int, index: int) -> np.ndarray:
-        """Positions in a `_Levels` flat array of every group nested with group ``index`` of ``level``."""
-        return _nested_positions(tuple(self.ov_score.offsets), level, index)
+    def nested(self, start: int, level: int) -> np.ndarray:
+        """Positions in a `_Levels` flat array of every group nested with a group (inside it or around it)."""
+        return _nested_positions(self._offsets, level, start >> level)
 
-    def bump(self, values: _Levels, group: GpuGroup, delta: float) -> None:
-        """Add ``delta`` to every group nested with ``group`` (inside it or around it), at every level."""
-        values.flat[self.nested(*self.level_index(group))] += delta
+    def add(self, start: int, level: int, nbytes: int, score: float) -> None:
+        """A new replica: kept from now on."""
+        nested = self.nested(start, level)
+        self.free[start : start + (1 << level)] -= nbytes
+        self.ov_score.flat[nested] += score
+        self.rank.flat[nested] |= 1
 
-    def add(self, group: GpuGroup, nbytes: int, score: float, kept: bool) -> None:
-        self.free[self.span(group)] -= nbytes
-        self.bump(self.ov_score, group, score)
-        if kept:
-            self.bump(self.ov_kept, group, 1)
+    def keep(self, start: int, level: int, nbytes: int, score: float) -> None:
+        """An existing replica is visited: kept, so no longer evictable."""
+        self.rank.flat[self.nested(start, level)] |= 1
+        self._visited.append((start, level, nbytes, score))
 
-    def remove(self, group: GpuGroup, nbytes: int, score: float) -> None:
-        self.free[self.span(group)] += nbytes
-        self.bump(self.ov_score, group, -score)
+    def evictable(self) -> tuple[np.ndarray, _Levels]:
+        """Bytes per GPU and overlapping score per group of the replicas that may still be evicted."""
+        if self._visited:
+            np.subtract.at(
+                self.pending, *_per_gpu([(start, 1 << level, nbytes) for start, level, nbytes, _ in self._visited])
+            )
+            nested = [self.nested(start, level) for start, level, _, _ in self._visited]
+            scores = np.repeat([score for *_, score in self._visited], [len(positions) for positions in nested])
+            # unbuffered and in visiting order: each group's total is the one a change at a time would leave
+            np.subtract.at(self.ov_pending.flat, np.concatenate(nested), scores)
+            self._visited.clear()
+        return self.pending, self.ov_pending
+
+    def remove(self, start: int, level: int, nbytes: int, score: float) -> None:
+        """A not-yet-visited replica is evicted (after `evictable`)."""
+        nested = self.nested(start, level)
+        span = slice(start, start + (1 << level))
+        self.free[span] += nbytes
+        self.pending[span] -= nbytes
+        self.ov_score.flat[nested] -= score
+        self.ov_pending.flat[nested] -= score
+
+    def best(self, level: int, fits: np.ndarray) -> int | None:
+        """The preferred group of ``level`` among those ``fits`` marks (see _place_one), or None."""
+        rank = np.where(fits, self.rank.at[level], 4)
+        lowest = rank.min()
+        if lowest == 4:
+            return None
+        candidates = (rank == lowest).nonzero()[0]
+        return int(candidates[self.ov_score.at[level][candidates].argmin()])
+
+
+class _Held(NamedTuple):
+    """An existing replica that holds one of its model's slots this round."""
+
+    model: str
+    start: int
+    level: int
+    nbytes: int
+    score: float
+    slot: int
 
 
 def plan_placement(
@@ -233,134 +305,154 @@ def plan_placement(
     }
     grid = _Grid(state)
 
-    # Existing replicas take their model's first slots (warm before loading); the rest score 0 and go.
-    existing: list[tuple[float, int]] = []  # (score, rid)
-    slot_of: dict[int, int] = {}  # existing replica → the index of the slot it holds
-    by_model: dict[str, list] = {}
-    for replica in state.replicas.values():
-        by_model.setdefault(replica.model, []).append(replica)
-    for model, replicas in sorted(by_model.items()):
-        # Promotable replicas first: warm ones, then those not sitting in an engine's lent KV space.
-        replicas.sort(key=lambda r: (not r.warm, state.group_has_engine(r.group), r.rid))
-        model_slots = slots.get(model, [])
-        for position, replica in enumerate(replicas):
-            if position < len(model_slots):
-                score = model_slots[position].score
-                existing.append((score, replica.rid))
-                slot_of[replica.rid] = position
-                level, index = grid.level_index(replica.group)
-                grid.exact_score[level][index] += score
-                grid.pending[grid.span(replica.group)] += replica.bytes_per_gpu
-            else:
-                decision.evict.append(replica.rid)
-                grid.free[grid.span(replica.group)] += replica.bytes_per_gpu
-        if model in slots:
-            slots[model] = model_slots[len(replicas) :]
+    # Model → flat GPU indices it already occupies (same-model replicas never share a GPU).
+    occupied: dict[str, set[int]] = {name: set() for name in profiles}
+    for instance in state.instances.values():
+        start, level = grid.locate(instance.group)
+        occupied.setdefault(instance.model, set()).update(range(start, start + (1 << level)))
 
+    # Existing replicas take their model's first slots (warm before loading); the rest score 0 and go. Per
+    # model, promotable replicas first: warm ones, then those not sitting in an engine's lent KV space.
+    ordered = []
+    for replica in state.replicas.values():
+        start, level = grid.locate(replica.group)
+        in_engine = grid.engine_in[level][start >> level]
+        ordered.append((replica.model, not replica.warm, in_engine, replica.rid, start, level, replica.bytes_per_gpu))
+    ordered.sort()
+    held: dict[int, _Held] = {}
+    exact: dict[int, float] = {}  # position in grid.exact_score → score of the replicas exactly on that group
+    kept_spans: list[tuple[int, int, int]] = []  # (start, size, bytes)
+    dropped_spans: list[tuple[int, int, int]] = []
+    position, previous = 0, None
+    model_slots: list[Slot] = []
+    for model, _, _, rid, start, level, nbytes in ordered:
+        if model != previous:
+            position, previous, model_slots = 0, model, slots.get(model, [])
+        if position < len(model_slots):
+            score = model_slots[position].score
+            held[rid] = _Held(model, start, level, nbytes, score, position)
+            at = grid.exact_score.offsets[level] + (start >> level)
+            exact[at] = exact.get(at, 0.0) + score
+            kept_spans.append((start, 1 << level, nbytes))
+            occupied.setdefault(model, set()).update(range(start, start + (1 << level)))
+        else:
+            decision.evict.append(rid)
+            dropped_spans.append((start, 1 << level, nbytes))
+        position += 1
+    for model, count in Counter(row[0] for row in ordered).items():
+        if model in slots:
+            slots[model] = slots[model][count:]
+    grid.exact_score.flat[list(exact)] = list(exact.values())
+    np.add.at(grid.pending, *_per_gpu(kept_spans))
+    np.add.at(grid.free, *_per_gpu(dropped_spans))
     for level in range(grid.levels):
-        grid.ov_score.at[level][:] = grid.overlap(level, grid.exact_score)
+        grid.ov_score.at[level][:] = grid.overlap(level, grid.exact_score.at)
     grid.ov_pending.flat[:] = grid.ov_score.flat  # only replicas that may still be evicted
 
-    # Model → flat GPU indices it already occupies (same-model replicas never share a GPU).
-    occupied: dict[str, list[int]] = {}
-    for instance in state.instances.values():
-        start = grid.flat(instance.group.node, instance.group.start)
-        occupied.setdefault(instance.model, []).extend(range(start, start + instance.group.size))
-    scores: dict[int, float] = {}
-    for score, rid in existing:
-        replica = state.replicas[rid]
-        scores[rid] = score
-        start = grid.flat(replica.group.node, replica.group.start)
-        occupied.setdefault(replica.model, []).extend(range(start, start + replica.group.size))
-
     # A heap, because a replica evicted to make room re-enters it as a new slot of its (lower) score.
-    queue: list[tuple[float, int, str, int]] = [(-s, 0, state.replicas[r].model, r) for s, r in existing]
+    queue: list[tuple[float, int, str, int]] = [(-h.score, 0, h.model, rid) for rid, h in held.items()]
     queue += [(-slot.score, 1, slot.model, slot.index) for model_slots in slots.values() for slot in model_slots]
     heapq.heapify(queue)
-    pending = dict(scores)  # existing replicas not visited yet (all of a lower score than the visitor)
+    pending = set(held)  # existing replicas not visited yet (all of a lower score than the visitor)
 
     while queue:
         neg_score, is_new, model, key = heapq.heappop(queue)
         score = -neg_score
         if not is_new:
             if key in pending:  # visited: from now on it is protected from lower-score replicas
-                del pending[key]
-                replica = state.replicas[key]
-                grid.pending[grid.span(replica.group)] -= replica.bytes_per_gpu
-                grid.bump(grid.ov_kept, replica.group, 1)
-                grid.bump(grid.ov_pending, replica.group, -score)
+                pending.remove(key)
+                h = held[key]
+                grid.keep(h.start, h.level, h.nbytes, score)
                 decision.kept[key] = score
             continue
         profile = profiles[model]
+        nbytes = profile.shard_bytes
         evicted_before = len(decision.evict)
-        placed = _place_one(grid, state, profile, score, occupied.get(model, []), pending, decision)
+        placed = _place_one(grid, state, model, profile.tp, nbytes, occupied[model], held, pending, decision)
         for rid in decision.evict[evicted_before:]:  # still wanted: try to place it elsewhere, later
-            victim = state.replicas[rid]
-            heapq.heappush(queue, (-scores[rid], 1, victim.model, slot_of[rid]))
+            victim = held[rid]
+            heapq.heappush(queue, (-victim.score, 1, victim.model, victim.slot))
         if placed is None:
             decision.unplaced.append(Slot(model, key, score))
             continue
-        decision.add.append(NewReplica(model, placed, profile.shard_bytes, score))
-        grid.add(placed, profile.shard_bytes, score, kept=True)
-        start = grid.flat(placed.node, placed.start)
-        occupied.setdefault(model, []).extend(range(start, start + placed.size))
+        start, level = placed
+        decision.add.append(NewReplica(model, grid.group_of(level, start >> level), nbytes, score))
+        grid.add(start, level, nbytes, score)
+        occupied[model].update(range(start, start + (1 << level)))
     return decision
 
 
 def _place_one(
     grid: _Grid,
     state: ClusterState,
-    profile: ModelProfile,
-    score: float,
-    occupied: list[int],
-    pending: dict[int, float],
+    model: str,
+    size: int,
+    need: int,
+    occupied: set[int],
+    held: Mapping[int, _Held],
+    pending: set[int],
     decision: PlacementDecision,
-) -> GpuGroup | None:
-    """Choose (and reserve room for) the group of one new replica; evicts lower-score replicas if needed."""
-    size = profile.tp
+) -> tuple[int, int] | None:
+    """Choose (and reserve room for) the group of one new replica of ``model``, ``size`` GPUs and ``need`` bytes
+    per GPU, as ``(start, level)``; evicts lower-score replicas if needed."""
     if size > grid.width:
         return None
     level = size.bit_length() - 1
-    need = profile.shard_bytes
-    free = grid.free
-    fits = (free if size == 1 else free.reshape(-1, size).min(axis=1)) >= need
-    if occupied:  # same-model replicas never share a GPU
-        fits[np.asarray(occupied) >> level] = False
-    if fits.any():
-        # In order of preference: no running engine, no kept replica overlapping (the two as one rank, engine
-        # first), then the least overlapping score, then the lowest index.
-        rank = np.where(fits, grid.engine_rank[level] + (grid.ov_kept.at[level] > 0), 4)
-        candidates = np.flatnonzero(rank == rank.min())
-        return grid.group_of(level, int(candidates[np.argmin(grid.ov_score.at[level][candidates])]))
-    reclaimable = (free + grid.pending).reshape(-1, size).min(axis=1) >= need
+    if need >= grid.hopeless[level] or model in grid.stuck:
+        return None
+    # In order of preference: no running engine, no kept replica overlapping (the two as one rank, engine
+    # first), then the least overlapping score, then the lowest index (`_Grid.best`). Same-model replicas
+    # never share a GPU, but the model's own GPUs seldom hold the best group (its replicas are kept, its
+    # engines run): they are masked out only when they do.
+    fits = _all_of(grid.free >= need, size)
+    best = grid.best(level, fits)
+    if best is not None and not occupied.isdisjoint(range(best << level, (best + 1) << level)):
+        fits[_groups_of(occupied, level)] = False
+        best = grid.best(level, fits)
+    if best is not None:
+        return best << level, level
+    pending_bytes, pending_score = grid.evictable()
+    reclaimable = _all_of(grid.free + pending_bytes >= need, size)
+    if not reclaimable.any():
+        grid.hopeless[level] = need
+        return None
     if occupied:
-        reclaimable[np.asarray(occupied) >> level] = False
+        reclaimable[_groups_of(occupied, level)] = False
     candidates = np.flatnonzero(reclaimable)
-    if not len(candidates):
+    if not len(candidates):  # for good (see _Grid.hopeless)
+        grid.stuck.add(model)
         return None
     # the group whose evictable replicas carry the least score: a victim never outranks the newcomer
-    best = int(candidates[np.argmin(grid.ov_pending.at[level][candidates] + candidates * 1e-12)])
-    group = grid.group_of(level, best)
-    # Only replicas not visited yet can be victims, and those all score at most ``score``. Lowest score
+    best = int(candidates[np.argmin(pending_score.at[level][candidates] + candidates * 1e-12)])
+    start = best << level
+    span = slice(start, start + size)
+    # Only replicas not visited yet can be victims, and those all score at most the newcomer. Lowest score
     # first, and only those that sit on a GPU of the group that is still short of room.
-    victims = sorted((pending[r.rid], r.rid) for r in state.replicas_overlapping(group) if r.rid in pending)
-    span = grid.span(group)
-    for victim_score, rid in victims:
+    overlapping = state.replicas_overlapping(grid.group_of(level, best))
+    for victim_score, rid in sorted((held[r.rid].score, r.rid) for r in overlapping if r.rid in pending):
         short = grid.free[span] < need
         if not short.any():
             break
-        replica = state.replicas[rid]
-        inside = range(
-            max(replica.group.start, group.start),
-            min(replica.group.start + replica.group.size, group.start + group.size),
-        )
-        if not any(short[i - group.start] for i in inside):
+        victim = held[rid]
+        if not short[max(victim.start - start, 0) : victim.start + (1 << victim.level) - start].any():
             continue
-        grid.remove(replica.group, replica.bytes_per_gpu, victim_score)
-        grid.bump(grid.ov_pending, replica.group, -victim_score)
-        grid.pending[grid.span(replica.group)] -= replica.bytes_per_gpu
-        del pending[rid]
+        grid.remove(victim.start, victim.level, victim.nbytes, victim_score)
+        pending.remove(rid)
         decision.evict.append(rid)
-    if grid.free[grid.span(group)].min() < need:
+    if grid.free[span].min() < need:
         return None
-    return group
+    return start, level
+
+
+def _groups_of(gpus: set[int], level: int) -> np.ndarray:
+    """The size-``2**level`` groups (indices) holding the flat GPU indices ``gpus``."""
+    return np.fromiter(gpus, np.intp, len(gpus)) >> level
+
+
+def _per_gpu(spans: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat GPU indices and bytes of ``(start, size, bytes)`` spans, one entry per GPU (for ``ufunc.at``)."""
+    if not spans:
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.int64)
+    starts, sizes, nbytes = (np.array(column) for column in zip(*spans, strict=True))
+    offsets = np.cumsum(sizes) - sizes  # where each span begins in the result
+    return np.repeat(starts - offsets, sizes) + np.arange(sizes.sum()), np.repeat(nbytes, sizes)
