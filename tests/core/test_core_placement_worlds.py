@@ -9,15 +9,13 @@ steps), and the vectorised helpers are checked against plain numpy.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given
 from placement_reference import reference_plan_placement
+from test_core_placement_differential import bench
 from test_core_placement_properties import PARAMS, SMALL, World, world_st
 
 import warmserve.core.policy as policy_module
@@ -25,13 +23,6 @@ from warmserve.core.cluster import ClusterState
 from warmserve.core.placement import _all_of, _per_gpu, plan_placement
 from warmserve.core.policy import WarmServePolicy
 from warmserve.core.types import GB, Demand, ModelProfile, NodeSpec
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-_spec = importlib.util.spec_from_file_location("bench_placement", BENCH / "placement.py")
-assert _spec is not None and _spec.loader is not None
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_placement"] = bench
-_spec.loader.exec_module(bench)
 
 
 def assert_same(state, profiles, demand, params) -> None:
