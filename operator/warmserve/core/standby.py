@@ -36,7 +36,7 @@ def standby_replicas(
         return frozenset()
     candidates: dict[int, list[tuple[bool, float, str, int]]] = {}
     for rep in state.replicas.values():
-        if rep.model in skip_models or any(state.engine_on(gpu) is not None for gpu in state.gpus_of(rep.group)):
+        if rep.model in skip_models or state.group_has_engine(rep.group):
             continue
         rank = (rep.rid not in keep, -scores.get(rep.rid, 0.0), rep.model, rep.rid)
         candidates.setdefault(rep.group.node, []).append(rank)
@@ -45,8 +45,7 @@ def standby_replicas(
         taken: set[int] = set()
         count = 0
         for _, _, _, rid in sorted(ranked):
-            group = state.replicas[rid].group
-            gpus = set(range(group.start, group.start + group.size))
+            gpus = set(state.replicas[rid].group.gpus)
             if not taken & gpus:
                 taken |= gpus
                 chosen.add(rid)
