@@ -10,6 +10,7 @@ steps), and the vectorised helpers are checked against plain numpy.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -75,3 +76,51 @@ def test_per_gpu_lists_every_gpu_of_every_span() -> None:
     assert nbytes.tolist() == [10, 10, 10, 10, 7, 5, 5]
     gpus, nbytes = _per_gpu([])
     assert gpus.size == 0 and nbytes.size == 0
+
+
+@pytest.mark.parametrize(("share", "seed"), [(0.5, 5), (0.85, 6)])
+def test_placement_decides_what_the_reference_decides_with_priority_zero_models(monkeypatch, share, seed) -> None:
+    """A model of priority 0 (the schema's minimum) scores its replicas 0, so a group holding one looks empty by
+    its score: the placement must not take its empty-group shortcut then (`_Grid.no_shortcut`)."""
+    compared = Counter[str]()
+
+    def both(state, profiles, demand, params):
+        assert_same(state, profiles, demand, params)
+        compared["rounds"] += 1
+        return plan_placement(state, profiles, demand, params)
+
+    monkeypatch.setattr(policy_module, "plan_placement", both)
+    workload = bench.build_workload(24, 128, seed, share)
+    zero = {name: replace(p, priority=0.0) for i, (name, p) in enumerate(workload.profiles.items()) if i % 4 == 0}
+    policy = WarmServePolicy(workload.profiles | zero)
+    state = bench.build_cluster(128)
+    for window in range(20):
+        step = bench.control_step(state, policy, workload.demand(window), window * bench.WINDOW_S)
+        compared["zero_added"] += sum(1 for new in step.decision.add if new.model in zero)
+        state.check_invariants()
+    assert compared["rounds"] == 20 and compared["zero_added"] > 0, compared
+
+
+def test_the_empty_group_shortcut_is_what_the_full_search_chooses() -> None:
+    """Round by round on the benchmark's workload: every choice the shortcut makes is `_Grid.best`'s."""
+    import warmserve.core.placement as placement_module
+
+    checked = Counter[str]()
+    original = placement_module._Grid.first_empty
+
+    def checked_first_empty(grid, level, need):
+        choice = original(grid, level, need)
+        if choice is not None:
+            size = 1 << level
+            assert choice == grid.best(level, _all_of(grid.free >= need, size))
+            checked["shortcut"] += 1
+        return choice
+
+    workload = bench.build_workload(40, 256, 7, 0.5)
+    policy = WarmServePolicy(workload.profiles)
+    state = bench.build_cluster(256)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(placement_module._Grid, "first_empty", checked_first_empty)
+        for window in range(12):
+            bench.control_step(state, policy, workload.demand(window), window * bench.WINDOW_S)
+    assert checked["shortcut"] > 50, checked

@@ -210,21 +210,21 @@ class ClusterState:
             raise PlanError(f"group {group} does not exist in this cluster")
         if bytes_per_gpu <= 0:
             raise PlanError("a replica must hold a positive number of bytes")
-        for gpu in self.gpus_of(group):
+        gpus = self.gpus_of(group)
+        for gpu in gpus:
             engine = self.engine_on(gpu)
             if engine is not None and engine.model == model:
                 raise PlanError(f"{model} already runs an engine on GPU {gpu}")
-            if any(r.model == model for r in self.replicas_on(gpu)):
+            if any(self.replicas[r].model == model for r in self._replicas_on[gpu]):
                 raise PlanError(f"{model} already has a replica on GPU {gpu}")
             if self.free(gpu) < bytes_per_gpu:
                 raise PlanError(f"GPU {gpu} has {self.free(gpu)} free bytes, replica of {model} needs {bytes_per_gpu}")
-        before = self._roles(group)
+        # a GPU goes idle → universal or keeps its role: always an allowed transition, nothing to check
         replica = WarmReplica(next(self._ids), model, group, bytes_per_gpu, phase)
         self.replicas[replica.rid] = replica
-        for gpu in self.gpus_of(group):
+        for gpu in gpus:
             self._replicas_on[gpu].add(replica.rid)
             self._used[gpu] += bytes_per_gpu
-        self._check_transitions(group, before)
         return replica
 
     def mark_warm(self, rid: int) -> None:
@@ -248,12 +248,11 @@ class ClusterState:
             raise PlanError(f"group {group} does not exist in this cluster")
         if self.group_has_engine(group):
             raise PlanError(f"group {group} already runs an engine")
-        for gpu in self.gpus_of(group):
-            if weight_bytes_per_gpu > self.capacity(gpu):
-                raise PlanError(
-                    f"GPU {gpu} holds {self.capacity(gpu)} bytes, an engine of {model} needs {weight_bytes_per_gpu}"
-                )
-        before = self._roles(group)
+        gpus = self.gpus_of(group)
+        capacity = self.nodes[group.node].gpu_bytes
+        if weight_bytes_per_gpu > capacity:
+            raise PlanError(f"GPU {gpus[0]} holds {capacity} bytes, an engine of {model} needs {weight_bytes_per_gpu}")
+        # no GPU of the group runs an engine: each goes idle or universal → dedicated, always allowed
         source = StartSource.COLD
         evicted: list[WarmReplica] = []
         consumed: WarmReplica | None = None
@@ -265,10 +264,9 @@ class ClusterState:
                 evicted.append(self.evict(replica.rid))
         instance = Instance(next(self._ids), model, group, weight_bytes_per_gpu, now)
         self.instances[instance.iid] = instance
-        for gpu in self.gpus_of(group):
+        for gpu in gpus:
             self._engine_on[gpu] = instance.iid
             self._lent[gpu] = 0
-        self._check_transitions(group, before)
         return Promotion(instance, source, evicted, consumed)
 
     def stop_instance(self, iid: int) -> WarmReplica:
@@ -292,10 +290,10 @@ class ClusterState:
 
     def set_lent(self, gpu: Gpu, lent_bytes: int) -> None:
         """Set how much of its KV space the engine on ``gpu`` lends to warm replicas."""
-        engine = self.engine_on(gpu)
-        if engine is None:
+        iid = self._engine_on.get(gpu)
+        if iid is None:
             raise PlanError(f"GPU {gpu} runs no engine, it has nothing to lend")
-        if lent_bytes < 0 or lent_bytes > self.capacity(gpu) - engine.weight_bytes_per_gpu:
+        if lent_bytes < 0 or lent_bytes > self.nodes[gpu[0]].gpu_bytes - self.instances[iid].weight_bytes_per_gpu:
             raise PlanError(f"GPU {gpu}: cannot lend {lent_bytes} bytes")
         if lent_bytes < self._used[gpu]:
             raise PlanError(f"GPU {gpu}: evict lent replicas before taking {self._used[gpu] - lent_bytes} bytes back")

@@ -58,8 +58,7 @@ class PlacementParams:
     load_bandwidth: float = 25e9  # bytes/s used to rank replicas by the cold load they save
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     """One warm replica a model asks for, with its score."""
 
     model: str
@@ -67,8 +66,7 @@ class Slot:
     score: float
 
 
-@dataclass(frozen=True)
-class NewReplica:
+class NewReplica(NamedTuple):
     model: str
     group: GpuGroup
     bytes_per_gpu: int
@@ -122,23 +120,30 @@ class _Levels:
         self.at = [self.flat[self.offsets[level] : self.offsets[level + 1]] for level in range(levels)]
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _nested_positions(offsets: tuple[int, ...], level: int, index: int) -> np.ndarray:
-    """Positions, in a `_Levels` flat array laid out by ``offsets``, of every group nested with group ``index``
-    of ``level`` (the groups inside it at the levels below, the one around it at each level above).
+@functools.lru_cache(maxsize=8)
+def _nested_table(offsets: tuple[int, ...]) -> list[np.ndarray]:
+    """Per level, one row per group of that level: the positions, in a `_Levels` flat array laid out by
+    ``offsets``, of every group nested with it (the groups inside it at the levels below, the one around it at
+    each level above).
 
-    Cached across rounds: a cluster of a given size asks for the same groups round after round.
+    Made at once for every group, and kept across rounds: a cluster of a given size asks for the same groups
+    round after round.
     """
-    parts = []
-    for other in range(len(offsets) - 1):
-        if other <= level:
-            shift = level - other
-            parts.append(np.arange(index << shift, (index + 1) << shift) + offsets[other])
-        else:
-            parts.append(np.array([(index >> (other - level)) + offsets[other]]))
-    positions = np.concatenate(parts)
-    positions.flags.writeable = False
-    return positions
+    levels, total = len(offsets) - 1, offsets[1]
+    tables = []
+    for level in range(levels):
+        index = np.arange(total >> level)[:, None]
+        parts = []
+        for other in range(levels):
+            if other <= level:
+                shift = level - other
+                parts.append((index << shift) + np.arange(1 << shift) + offsets[other])
+            else:
+                parts.append((index >> (other - level)) + offsets[other])
+        table = np.concatenate(parts, axis=1)
+        table.flags.writeable = False
+        tables.append(table)
+    return tables
 
 
 _WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}  # an unsigned integer of 2, 4 and 8 bytes
@@ -205,7 +210,12 @@ class _Grid:
                 engine = engine[0::2] | engine[1::2]
             self.rank.at[level][:] = engine * 2
             self.engine_in.append(engine.tolist())
-        self._offsets = tuple(self.ov_score.offsets)
+        self._nested = _nested_table(tuple(self.ov_score.offsets))
+        # groups whose rank a kept or new replica raises, applied when a rank is next read (`ranks`)
+        self._raise: list[np.ndarray] = []
+        # per level, the empty groups (see `first_empty`) in descending index order, made on first use; None for
+        # the rest of the round once a key may have fallen below an empty group's (`remove`)
+        self._empty: list[list[int] | None] | None = [None] * self.levels
 
     def overlap(self, level: int, arrays: list[np.ndarray]) -> np.ndarray:
         """Per size-``2**level`` group, the total of ``arrays`` over every group nested with it."""
@@ -217,10 +227,6 @@ class _Grid:
                 total += np.repeat(values, 1 << (other - level))
         return total
 
-    def locate(self, group: GpuGroup) -> tuple[int, int]:
-        """``(start, level)`` of ``group``."""
-        return group.node * self.width + group.start, group.size.bit_length() - 1
-
     def group_of(self, level: int, index: int) -> GpuGroup:
         size = 1 << level
         flat = index * size
@@ -228,19 +234,30 @@ class _Grid:
 
     def nested(self, start: int, level: int) -> np.ndarray:
         """Positions in a `_Levels` flat array of every group nested with a group (inside it or around it)."""
-        return _nested_positions(self._offsets, level, start >> level)
+        return self._nested[level][start >> level]
 
     def add(self, start: int, level: int, nbytes: int, score: float) -> None:
         """A new replica: kept from now on."""
         nested = self.nested(start, level)
         self.free[start : start + (1 << level)] -= nbytes
         self.ov_score.flat[nested] += score
-        self.rank.flat[nested] |= 1
+        self._raise.append(nested)
 
     def keep(self, start: int, level: int, nbytes: int, score: float) -> None:
         """An existing replica is visited: kept, so no longer evictable."""
-        self.rank.flat[self.nested(start, level)] |= 1
+        self._raise.append(self.nested(start, level))
         self._visited.append((start, level, nbytes, score))
+
+    def ranks(self, level: int) -> np.ndarray:
+        """The rank of every group of ``level`` (see `__init__`), with every kept replica so far counted.
+
+        Marks are applied in one operation when a rank is read: `first_empty`, which most new replicas take,
+        reads no rank a kept replica could change (a group nested with one has a score).
+        """
+        if self._raise:
+            self.rank.flat[np.concatenate(self._raise)] |= 1
+            self._raise.clear()
+        return self.rank.at[level]
 
     def evictable(self) -> tuple[np.ndarray, _Levels]:
         """Bytes per GPU and overlapping score per group of the replicas that may still be evicted."""
@@ -263,15 +280,72 @@ class _Grid:
         self.pending[span] -= nbytes
         self.ov_score.flat[nested] -= score
         self.ov_pending.flat[nested] -= score
+        self.no_shortcut()  # a score may now be slightly below 0 (floating point)
+
+    def no_shortcut(self) -> None:
+        """`first_empty` no longer answers this round: `best` decides every choice."""
+        self._empty = None
+
+    def first_empty(self, level: int, need: int) -> int | None:
+        """`best`'s choice for a replica of ``need`` bytes per GPU when an empty group has room for it, else None.
+
+        While every replica's score is positive (see `no_shortcut`), an empty group (rank 0 and overlapping
+        score 0: no engine, no replica on any of its GPUs) has the least key `best` can find, so the empty group
+        of the lowest index wins if it has room; most new replicas go to one. Groups only fill during a round
+        (until `remove`), so the empty groups are listed once per level and those that filled are dropped from
+        the front as they come up. The model's own GPUs are never empty.
+        """
+        if self._empty is None:
+            return None
+        empty = self._empty[level]
+        rank, score = self.rank.at[level], self.ov_score.at[level]  # a rank not yet raised has a score
+        if empty is None:
+            empty = self._empty[level] = np.flatnonzero((rank == 0) & (score == 0))[::-1].tolist()
+        while empty:
+            index = empty[-1]
+            if rank[index] or score[index]:  # filled since
+                empty.pop()
+                continue
+            start = index << level
+            if self.free[start : start + (1 << level)].min() >= need:
+                return index
+            return None  # a smaller GPU: `best` looks further
+        return None
 
     def best(self, level: int, fits: np.ndarray) -> int | None:
         """The preferred group of ``level`` among those ``fits`` marks (see _place_one), or None."""
-        rank = np.where(fits, self.rank.at[level], 4)
+        rank = np.where(fits, self.ranks(level), 4)
         lowest = rank.min()
         if lowest == 4:
             return None
         candidates = (rank == lowest).nonzero()[0]
         return int(candidates[self.ov_score.at[level][candidates].argmin()])
+
+
+class _Taken:
+    """Per model, the flat GPU indices its engines and replicas hold (same-model replicas never share a GPU).
+
+    Kept as spans and made into a set for a model only when a choice needs it (`_place_one`: not for an empty
+    group, which holds nothing of any model).
+    """
+
+    def __init__(self) -> None:
+        self._spans: dict[str, list[tuple[int, int]]] = {}
+        self._sets: dict[str, set[int]] = {}
+
+    def add(self, model: str, start: int, size: int) -> None:
+        gpus = self._sets.get(model)
+        if gpus is None:
+            self._spans.setdefault(model, []).append((start, size))
+        else:
+            gpus.update(range(start, start + size))
+
+    def of(self, model: str) -> set[int]:
+        gpus = self._sets.get(model)
+        if gpus is None:
+            spans = self._spans.pop(model, [])
+            gpus = self._sets[model] = {gpu for start, size in spans for gpu in range(start, start + size)}
+        return gpus
 
 
 class _Held(NamedTuple):
@@ -294,8 +368,13 @@ def plan_placement(
     """Decide which warm replicas to keep, drop and add for the coming window. Pure: ``state`` is not changed."""
     params = params or PlacementParams()
     decision = PlacementDecision()
-    running = {name: 0 for name in profiles}
+    grid = _Grid(state)
+    width = grid.width
+    taken = _Taken()
+    running = dict.fromkeys(profiles, 0)
     for instance in state.instances.values():
+        group = instance.group
+        taken.add(instance.model, group.node * width + group.start, group.size)
         if instance.phase != EnginePhase.DRAINING and instance.model in running:
             running[instance.model] += 1
 
@@ -303,21 +382,27 @@ def plan_placement(
         name: replica_slots(profile, demand.get(name, Demand(0.0, 0.0)), running[name], params)
         for name, profile in sorted(profiles.items())
     }
-    grid = _Grid(state)
-
-    # Model → flat GPU indices it already occupies (same-model replicas never share a GPU).
-    occupied: dict[str, set[int]] = {name: set() for name in profiles}
-    for instance in state.instances.values():
-        start, level = grid.locate(instance.group)
-        occupied.setdefault(instance.model, set()).update(range(start, start + (1 << level)))
+    if any(model_slots[-1].score <= 0 for model_slots in slots.values() if model_slots):
+        grid.no_shortcut()  # a priority of 0: a group holding a replica can have a score of 0 (`first_empty`)
 
     # Existing replicas take their model's first slots (warm before loading); the rest score 0 and go. Per
     # model, promotable replicas first: warm ones, then those not sitting in an engine's lent KV space.
     ordered = []
+    engine_in = grid.engine_in
     for replica in state.replicas.values():
-        start, level = grid.locate(replica.group)
-        in_engine = grid.engine_in[level][start >> level]
-        ordered.append((replica.model, not replica.warm, in_engine, replica.rid, start, level, replica.bytes_per_gpu))
+        group = replica.group
+        start, level = group.node * width + group.start, group.size.bit_length() - 1
+        ordered.append(
+            (
+                replica.model,
+                not replica.warm,
+                engine_in[level][start >> level],
+                replica.rid,
+                start,
+                level,
+                replica.bytes_per_gpu,
+            )
+        )
     ordered.sort()
     held: dict[int, _Held] = {}
     exact: dict[int, float] = {}  # position in grid.exact_score → score of the replicas exactly on that group
@@ -334,7 +419,7 @@ def plan_placement(
             at = grid.exact_score.offsets[level] + (start >> level)
             exact[at] = exact.get(at, 0.0) + score
             kept_spans.append((start, 1 << level, nbytes))
-            occupied.setdefault(model, set()).update(range(start, start + (1 << level)))
+            taken.add(model, start, 1 << level)
         else:
             decision.evict.append(rid)
             dropped_spans.append((start, 1 << level, nbytes))
@@ -368,7 +453,7 @@ def plan_placement(
         profile = profiles[model]
         nbytes = profile.shard_bytes
         evicted_before = len(decision.evict)
-        placed = _place_one(grid, state, model, profile.tp, nbytes, occupied[model], held, pending, decision)
+        placed = _place_one(grid, state, model, profile.tp, nbytes, taken, held, pending, decision)
         for rid in decision.evict[evicted_before:]:  # still wanted: try to place it elsewhere, later
             victim = held[rid]
             heapq.heappush(queue, (-victim.score, 1, victim.model, victim.slot))
@@ -378,7 +463,7 @@ def plan_placement(
         start, level = placed
         decision.add.append(NewReplica(model, grid.group_of(level, start >> level), nbytes, score))
         grid.add(start, level, nbytes, score)
-        occupied[model].update(range(start, start + (1 << level)))
+        taken.add(model, start, 1 << level)
     return decision
 
 
@@ -388,7 +473,7 @@ def _place_one(
     model: str,
     size: int,
     need: int,
-    occupied: set[int],
+    taken: _Taken,
     held: Mapping[int, _Held],
     pending: set[int],
     decision: PlacementDecision,
@@ -404,6 +489,10 @@ def _place_one(
     # first), then the least overlapping score, then the lowest index (`_Grid.best`). Same-model replicas
     # never share a GPU, but the model's own GPUs seldom hold the best group (its replicas are kept, its
     # engines run): they are masked out only when they do.
+    best = grid.first_empty(level, need)
+    if best is not None:
+        return best << level, level
+    occupied = taken.of(model)
     fits = _all_of(grid.free >= need, size)
     best = grid.best(level, fits)
     if best is not None and not occupied.isdisjoint(range(best << level, (best + 1) << level)):
