@@ -58,7 +58,8 @@ class PlacementParams:
     load_bandwidth: float = 25e9  # bytes/s used to rank replicas by the cold load they save
 
 
-class Slot(NamedTuple):
+@dataclass(slots=True)  # not frozen: a frozen dataclass is several times slower to make, and a round makes many
+class Slot:
     """One warm replica a model asks for, with its score."""
 
     model: str
