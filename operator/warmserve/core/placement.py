@@ -164,6 +164,9 @@ def _all_of(mask: np.ndarray, size: int) -> np.ndarray:
     return mask
 
 
+_UNFIT = np.int8(4)  # added to the rank (0 to 3) of a group without room (`_Grid.best`)
+
+
 class _Grid:
     """Per-round numpy view of the cluster: one padded row of ``width`` GPUs per node.
 
@@ -315,12 +318,12 @@ class _Grid:
 
     def best(self, level: int, fits: np.ndarray) -> int | None:
         """The preferred group of ``level`` among those ``fits`` marks (see _place_one), or None."""
-        rank = np.where(fits, self.ranks(level), 4)
+        rank = self.ranks(level) + (~fits).view(np.int8) * _UNFIT  # a group without room ranks after every other
         lowest = rank.min()
-        if lowest == 4:
+        if lowest >= _UNFIT:
             return None
-        candidates = (rank == lowest).nonzero()[0]
-        return int(candidates[self.ov_score.at[level][candidates].argmin()])
+        # the least score among the lowest rank; argmin takes the first, so the lowest index among equals
+        return int(np.where(rank == lowest, self.ov_score.at[level], np.inf).argmin())
 
 
 class _Taken:
