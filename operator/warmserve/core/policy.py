@@ -266,7 +266,8 @@ class WarmServePolicy:
         for rid in lend.evict:
             self._evict(state, rid, "kv-reclaim", effects, record)
         for gpu, lent in lend.lent.items():
-            state.set_lent(gpu, lent)
+            if lent != state.lent(gpu):  # most engines lend what they lent last round
+                state.set_lent(gpu, lent)
         if inp.demand is not None:
             decision = self.place(state, inp.demand)
             for rid in decision.evict:
