@@ -28,9 +28,12 @@ replica, this keeps the cluster's warm memory on the replicas that matter now.
 Groups are aligned buddy groups, so tensor-parallel replicas nest by construction and the candidate set of
 a size-``tp`` replica is just ``gpus / tp`` groups. A round reads the cluster once into padded per-node numpy
 arrays (free bytes per GPU; per group size, each group's overlapping score and preference rank), keeps them
-up to date with one indexed operation per change, and chooses a new replica's group with a fixed handful of
-vectorised operations over the groups of its size; what only the eviction path reads is brought up to date
-when that path runs. A round over 1,024 GPUs and 200 models takes a few milliseconds.
+up to date with one indexed operation per change, and defers what only some reads need: the ranks kept
+replicas raise are applied when the vectorised search reads them (`_Grid.ranks`), what only the eviction
+path reads when that path runs (`_Grid.evictable`). An empty group beats every other for a new replica, so
+most new replicas take the lowest-index empty group with room from a list made once per round
+(`_Grid.first_empty`); the rest take a fixed handful of vectorised operations over the groups of their size
+(`_Grid.best`). A round over 1,024 GPUs and 200 models takes about 2 ms.
 """
 
 from __future__ import annotations
